@@ -1,0 +1,208 @@
+"""EarlyExitNet: a chain of stages with side-branch classifiers (DESIGN.md §2).
+
+The backbone's modules are registered under the dotted names the spec gives
+them (``features.3``, ``layer1.0``, ``fc``), so state-dict keys match
+torchvision where a torchvision model exists; the stages are plain lists of
+references into that tree, which keeps every parameter under one key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from popex.errors import SpecError
+from popex.nets.spec import build_layer, validate_spec
+
+__all__ = ["EarlyExitNet", "exit_confidence", "CONFIDENCE_METHODS"]
+
+from popex.decision.calibration import CONFIDENCE_METHODS  # noqa: E402  one list for both sides
+
+
+_RESERVED_NAMES = {"branches", "spec", "input_shape", "class_names", "stage_names", "branch_after_stage"}
+
+
+class _Container(nn.Module):
+    """A node in the dotted-name tree; it only holds children."""
+
+
+def _register(root: nn.Module, dotted_name: str, module: nn.Module, where: str) -> None:
+    parts = dotted_name.split(".")
+    node = root
+    for part in parts[:-1]:
+        child = node._modules.get(part)
+        if child is None:
+            child = _Container()
+            node.add_module(part, child)
+        elif not isinstance(child, _Container):
+            raise SpecError(f"{where}: name {dotted_name!r} nests inside layer {part!r}, which is not a container")
+        node = child
+    if parts[0] in _RESERVED_NAMES or hasattr(type(root), parts[0]):
+        raise SpecError(f"{where}: layer name {dotted_name!r} is reserved")
+    if parts[-1] in node._modules:
+        raise SpecError(f"{where}: layer name {dotted_name!r} is used twice")
+    node.add_module(parts[-1], module)
+
+
+class EarlyExitNet(nn.Module):
+    """Stages 1..N and branches after stage k_b, built from a validated spec.
+
+    Parameters
+    ----------
+    spec : dict
+        A model spec (see :mod:`popex.nets.spec`); validated here, and its
+        shapes checked by a dry run on the declared input shape.
+
+    Raises
+    ------
+    SpecError
+        If the spec is invalid or a layer does not fit its input.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        validate_spec(spec)
+        self.spec = spec
+        self.input_shape: tuple[int, int, int] = tuple(spec["input_shape"])
+        self.class_names: tuple[str, ...] = tuple(spec["class_names"])
+        self.stage_names: tuple[str, ...] = tuple(
+            stage.get("name", f"stage{i + 1}") for i, stage in enumerate(spec["stages"])
+        )
+        self.branch_after_stage: tuple[int, ...] = tuple(b["after_stage"] for b in spec.get("branches", []))
+        self._stages: list[list[nn.Module]] = []
+        for i, stage in enumerate(spec["stages"]):
+            modules = []
+            for j, layer in enumerate(stage["layers"]):
+                module = build_layer(layer)
+                _register(self, layer.get("name") or f"stage{i + 1}.{j}", module, f"stages[{i}].layers[{j}]")
+                modules.append(module)
+            self._stages.append(modules)
+        self.branches = nn.ModuleList(
+            nn.Sequential(*(build_layer(layer) for layer in branch["layers"])) for branch in spec.get("branches", [])
+        )
+        self._dry_run()
+
+    @property
+    def n_stages(self) -> int:
+        return len(self._stages)
+
+    @property
+    def n_branches(self) -> int:
+        return len(self.branches)
+
+    @property
+    def n_exits(self) -> int:
+        return len(self.branches) + 1
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def run_stages(self, x: torch.Tensor, *, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run stages start+1..stop (a split index on each side: 0..N)."""
+        stop = self.n_stages if stop is None else stop
+        if not 0 <= start <= stop <= self.n_stages:
+            raise ValueError(f"need 0 <= start <= stop <= {self.n_stages}, got start={start}, stop={stop}")
+        for modules in self._stages[start:stop]:
+            for module in modules:
+                x = module(x)
+        return x
+
+    def run_branch(self, branch: int, features: torch.Tensor) -> torch.Tensor:
+        """Logits of branch ``branch`` (0-based) from the output of its stage."""
+        return self.branches[branch](features)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every exit: branches in order, then the final exit."""
+        logits = []
+        start = 0
+        for b, after_stage in enumerate(self.branch_after_stage):
+            x = self.run_stages(x, start=start, stop=after_stage)
+            logits.append(self.run_branch(b, x))
+            start = after_stage
+        logits.append(self.run_stages(x, start=start))
+        return logits
+
+    def stage_output_shapes(self) -> list[tuple[int, ...]]:
+        """Shape (without batch) of the tensor after each split 0..N."""
+        shapes = [self.input_shape]
+        x = torch.zeros(1, *self.input_shape)
+        with torch.inference_mode():
+            for i in range(self.n_stages):
+                x = self.run_stages(x, start=i, stop=i + 1)
+                shapes.append(tuple(x.shape[1:]))
+        return shapes
+
+    def _dry_run(self) -> None:
+        was_training = self.training
+        self.eval()
+        x = torch.zeros(1, *self.input_shape)
+        outputs = [x]
+        with torch.inference_mode():
+            for i in range(self.n_stages):
+                try:
+                    x = self.run_stages(x, start=i, stop=i + 1)
+                except RuntimeError as err:
+                    shape = list(outputs[-1].shape[1:])
+                    raise SpecError(
+                        f"stage {i + 1} ({self.stage_names[i]!r}) does not fit its input of shape {shape}: {err}"
+                    ) from err
+                outputs.append(x)
+            if tuple(x.shape) != (1, self.n_classes):
+                raise SpecError(
+                    f"the last stage must end in the classifier with {self.n_classes} outputs "
+                    f"(one per class name); it produces shape {list(x.shape[1:])}"
+                )
+            for b, after_stage in enumerate(self.branch_after_stage):
+                features = outputs[after_stage]
+                try:
+                    logits = self.run_branch(b, features)
+                except RuntimeError as err:
+                    raise SpecError(
+                        f"branch {b} (after stage {after_stage}) does not fit its input of shape "
+                        f"{list(features.shape[1:])}: {err}"
+                    ) from err
+                if tuple(logits.shape) != (1, self.n_classes):
+                    raise SpecError(
+                        f"branch {b} must produce {self.n_classes} logits, it produces shape {list(logits.shape[1:])}"
+                    )
+        self.train(was_training)
+
+
+def exit_confidence(
+    logits: torch.Tensor, *, temperature: float = 1.0, method: str = "max_softmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence and predicted class of one exit for a batch of logits.
+
+    Parameters
+    ----------
+    logits : Tensor, shape (n, n_classes)
+    temperature : float
+        Per-exit temperature; logits are divided by it before the softmax.
+    method : {"max_softmax", "entropy"}
+        ``max_softmax``: the largest probability. ``entropy``: 1 − H(p)/log(n_classes),
+        so that higher means more confident for both.
+
+    Returns
+    -------
+    (confidence, predicted) : Tensor (n,) float, Tensor (n,) int64
+
+    Examples
+    --------
+    >>> conf, pred = exit_confidence(torch.tensor([[0.0, 0.0]]))
+    >>> round(conf.item(), 3), pred.item()
+    (0.5, 0)
+    """
+    if method not in CONFIDENCE_METHODS:
+        raise ValueError(f"method must be one of {CONFIDENCE_METHODS}, got {method!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    probs = torch.softmax(logits.float() / temperature, dim=1)
+    top, predicted = probs.max(dim=1)
+    if method == "max_softmax":
+        return top, predicted
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
+    return 1.0 - entropy / math.log(probs.shape[1]), predicted
