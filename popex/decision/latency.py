@@ -1,0 +1,431 @@
+"""Latency model of DESIGN.md §3: profile, link and the reference formulas.
+
+The two formula functions here are deliberately plain loops: they are the
+reference that the vectorised strategy table and the shortest-path graph are
+tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from popex.errors import ConfigError, ProfileError
+
+__all__ = [
+    "Profile",
+    "Link",
+    "expected_latency_ms",
+    "worst_latency_ms",
+]
+
+# Tolerance on "sum of exit probabilities <= 1", which are ratios of counts.
+_PROB_TOLERANCE = 1e-9
+
+
+def _float_vector(name: str, value: object, length: int) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ProfileError(f"profile {name!r} must be a list of numbers, got {value!r}") from err
+    if array.shape != (length,):
+        raise ProfileError(f"profile {name!r} must have length {length}, got shape {array.shape}")
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise ProfileError(f"profile {name!r} must be finite and >= 0, got {array.tolist()}")
+    array.flags.writeable = False
+    return array
+
+
+def _byte_vector(name: str, value: object, length: int) -> np.ndarray:
+    try:
+        raw = np.asarray(value)
+        as_float = raw.astype(np.float64)
+    except (TypeError, ValueError) as err:
+        raise ProfileError(
+            f"profile {name!r} must be a list of byte counts, got {value!r}"
+        ) from err
+    if raw.dtype.kind == "b" or raw.shape != (length,):
+        raise ProfileError(
+            f"profile {name!r} must be {length} byte counts, got dtype {raw.dtype} "
+            f"and shape {raw.shape}"
+        )
+    if (
+        not np.all(np.isfinite(as_float))
+        or np.any(as_float < 0)
+        or np.any(as_float != np.round(as_float))
+    ):
+        raise ProfileError(f"profile {name!r} must be whole numbers >= 0, got {raw.tolist()}")
+    array = as_float.astype(np.int64)
+    array.flags.writeable = False
+    return array
+
+
+def _non_negative(owner: str, name: str, value: object, error: type[Exception]) -> float:
+    if isinstance(value, bool):
+        raise error(f"{owner} {name} must be a number, got {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise error(f"{owner} {name} must be a number, got {value!r}") from err
+    if not math.isfinite(number) or number < 0:
+        raise error(f"{owner} {name} must be finite and >= 0, got {value!r}")
+    return number
+
+
+def _checked_split(profile: Profile, split: object) -> int:
+    if isinstance(split, bool) or not isinstance(split, (int, np.integer)):
+        raise ConfigError(f"split must be an integer, got {split!r}")
+    if not 0 <= split <= profile.n_stages:
+        raise ConfigError(f"split must be in 0..{profile.n_stages}, got {split}")
+    return int(split)
+
+
+def _exit_config(
+    profile: Profile, exit_probs: object, active: object
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``(exit_probs, active)`` for all B branches; shared with the graph builder."""
+    n_branches = profile.n_branches
+    probs = np.asarray(exit_probs, dtype=np.float64)
+    flags = np.asarray(active)
+    if probs.shape != (n_branches,):
+        raise ConfigError(f"exit_probs must have shape ({n_branches},), got {probs.shape}")
+    if flags.shape != (n_branches,) or (n_branches and flags.dtype.kind != "b"):
+        raise ConfigError(
+            f"active must be a boolean array of shape ({n_branches},), got dtype "
+            f"{flags.dtype} and shape {flags.shape}"
+        )
+    if not np.all(np.isfinite(probs)) or np.any(probs < 0) or np.any(probs > 1):
+        raise ConfigError(f"exit_probs must lie in [0, 1], got {probs.tolist()}")
+    total = float(probs[flags.astype(bool)].sum())
+    if total > 1 + _PROB_TOLERANCE:
+        raise ConfigError(f"exit probabilities of active branches sum to {total} > 1")
+    return probs, flags.astype(bool)
+
+
+@dataclass(frozen=True, eq=False)
+class Profile:
+    """Measured timings and tensor sizes of one model on one edge/cloud pair.
+
+    Stages are numbered 1..N in the text and indexed 0..N-1 in the arrays.
+    ``eq=False`` because numpy arrays have no single truth value; compare
+    :meth:`to_dict` results instead.
+
+    Parameters
+    ----------
+    stage_names : tuple of str, length N
+    stage_edge_ms : np.ndarray, shape (N,)
+        Edge time t^e_i of each stage, ms.
+    stage_cloud_ms : np.ndarray, shape (N,)
+        Cloud time t^c_i of each stage, ms.
+    branch_after_stage : tuple of int, length B
+        Stage k_b (1-based) after which branch b is attached; 1 <= k_b < N,
+        strictly increasing.
+    branch_edge_ms : np.ndarray, shape (B,)
+        Edge time e_b of each branch, ms.
+    split_bytes : np.ndarray, shape (N + 1,), int64
+        Bytes α_s crossing the link at split s (α_0: preprocessed input).
+    offload_overhead_ms : float
+        Per-offload overhead O (serialisation, HTTP, deserialisation), ms.
+
+    Raises
+    ------
+    ProfileError
+        On wrong lengths, negative or non-finite values, or bad branch positions.
+
+    Examples
+    --------
+    >>> p = Profile(stage_names=("a", "b"), stage_edge_ms=[1.0, 2.0],
+    ...             stage_cloud_ms=[0.1, 0.2], branch_after_stage=(1,),
+    ...             branch_edge_ms=[0.5], split_bytes=[100, 50, 4],
+    ...             offload_overhead_ms=1.0)
+    >>> p.n_stages, p.n_branches
+    (2, 1)
+    """
+
+    stage_names: tuple[str, ...]
+    stage_edge_ms: np.ndarray
+    stage_cloud_ms: np.ndarray
+    branch_after_stage: tuple[int, ...]
+    branch_edge_ms: np.ndarray
+    split_bytes: np.ndarray
+    offload_overhead_ms: float
+
+    def __post_init__(self) -> None:
+        names = self.stage_names
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise ProfileError(f"profile stage_names must be a sequence of str, got {names!r}")
+        names = tuple(names)
+        if not names or not all(isinstance(name, str) for name in names):
+            raise ProfileError(f"profile stage_names must be >= 1 strings, got {names!r}")
+        n_stages = len(names)
+        positions = self.branch_after_stage
+        if isinstance(positions, (str, bytes)) or not isinstance(positions, (Sequence, np.ndarray)):
+            raise ProfileError(
+                f"profile branch_after_stage must be a sequence of int, got {positions!r}"
+            )
+        positions = tuple(positions)
+        for position in positions:
+            if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
+                raise ProfileError(
+                    f"profile branch_after_stage must hold integers, got {positions!r}"
+                )
+            if not 1 <= position < n_stages:
+                raise ProfileError(
+                    f"profile branch position {position} is outside 1..{n_stages - 1} "
+                    f"(a branch sits after stage k with 1 <= k < N = {n_stages})"
+                )
+        if any(a >= b for a, b in zip(positions, positions[1:])):
+            raise ProfileError(
+                f"profile branch_after_stage must be strictly increasing, got {positions!r}"
+            )
+        n_branches = len(positions)
+        object.__setattr__(self, "stage_names", names)
+        object.__setattr__(self, "branch_after_stage", tuple(int(k) for k in positions))
+        object.__setattr__(
+            self, "stage_edge_ms", _float_vector("stage_edge_ms", self.stage_edge_ms, n_stages)
+        )
+        object.__setattr__(
+            self, "stage_cloud_ms", _float_vector("stage_cloud_ms", self.stage_cloud_ms, n_stages)
+        )
+        object.__setattr__(
+            self, "branch_edge_ms", _float_vector("branch_edge_ms", self.branch_edge_ms, n_branches)
+        )
+        object.__setattr__(
+            self, "split_bytes", _byte_vector("split_bytes", self.split_bytes, n_stages + 1)
+        )
+        object.__setattr__(
+            self,
+            "offload_overhead_ms",
+            _non_negative("profile", "offload_overhead_ms", self.offload_overhead_ms, ProfileError),
+        )
+
+    @property
+    def n_stages(self) -> int:
+        """Number of stages N."""
+        return len(self.stage_names)
+
+    @property
+    def n_branches(self) -> int:
+        """Number of side branches B."""
+        return len(self.branch_after_stage)
+
+    def to_dict(self) -> dict:
+        """Return the public JSON form (the CLI prints it).
+
+        Returns
+        -------
+        dict
+            ``{"input_bytes", "offload_overhead_ms", "stages": [{"name",
+            "edge_ms", "cloud_ms", "out_bytes"}], "branches": [{"after_stage",
+            "edge_ms"}]}``; stage i's ``out_bytes`` is α_i. Plain Python types.
+        """
+        return {
+            "input_bytes": int(self.split_bytes[0]),
+            "offload_overhead_ms": float(self.offload_overhead_ms),
+            "stages": [
+                {
+                    "name": name,
+                    "edge_ms": float(self.stage_edge_ms[i]),
+                    "cloud_ms": float(self.stage_cloud_ms[i]),
+                    "out_bytes": int(self.split_bytes[i + 1]),
+                }
+                for i, name in enumerate(self.stage_names)
+            ],
+            "branches": [
+                {"after_stage": int(k), "edge_ms": float(self.branch_edge_ms[b])}
+                for b, k in enumerate(self.branch_after_stage)
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Profile:
+        """Build a profile from :meth:`to_dict` output.
+
+        Parameters
+        ----------
+        data : Mapping
+            The JSON form (see :meth:`to_dict`).
+
+        Returns
+        -------
+        Profile
+
+        Raises
+        ------
+        ProfileError
+            If a key is missing, a list has the wrong type, or a value is invalid.
+        """
+        try:
+            stages = data["stages"]
+            branches = data["branches"]
+            if not isinstance(stages, Sequence) or not isinstance(branches, Sequence):
+                raise ProfileError("profile 'stages' and 'branches' must be lists")
+            return cls(
+                stage_names=tuple(stage["name"] for stage in stages),
+                stage_edge_ms=[stage["edge_ms"] for stage in stages],
+                stage_cloud_ms=[stage["cloud_ms"] for stage in stages],
+                branch_after_stage=tuple(branch["after_stage"] for branch in branches),
+                branch_edge_ms=[branch["edge_ms"] for branch in branches],
+                split_bytes=[data["input_bytes"]] + [stage["out_bytes"] for stage in stages],
+                offload_overhead_ms=data["offload_overhead_ms"],
+            )
+        except KeyError as err:
+            raise ProfileError(f"profile is missing the key {err.args[0]!r}") from err
+        except TypeError as err:
+            raise ProfileError(f"profile has a malformed entry: {err}") from err
+
+
+@dataclass(frozen=True)
+class Link:
+    """Uplink estimate between edge and cloud.
+
+    Parameters
+    ----------
+    uplink_mbps : float
+        Uplink rate B in Mbit/s, > 0.
+    rtt_ms : float
+        Round-trip time R in ms, >= 0.
+
+    Raises
+    ------
+    ConfigError
+        On a non-finite or out-of-range value.
+
+    Examples
+    --------
+    >>> Link(uplink_mbps=10.0, rtt_ms=20.0)
+    Link(uplink_mbps=10.0, rtt_ms=20.0)
+    """
+
+    uplink_mbps: float
+    rtt_ms: float
+
+    def __post_init__(self) -> None:
+        uplink = _non_negative("link", "uplink_mbps", self.uplink_mbps, ConfigError)
+        if uplink == 0:
+            raise ConfigError(f"link uplink_mbps must be > 0, got {self.uplink_mbps!r}")
+        object.__setattr__(self, "uplink_mbps", uplink)
+        rtt_ms = _non_negative("link", "rtt_ms", self.rtt_ms, ConfigError)
+        object.__setattr__(self, "rtt_ms", rtt_ms)
+
+    def transfer_ms(self, n_bytes: float) -> float:
+        """Time to push ``n_bytes`` through the uplink, ms: ``8·n/(1000·B)``."""
+        return 8.0 * n_bytes / (1000.0 * self.uplink_mbps)
+
+
+def expected_latency_ms(
+    profile: Profile, link: Link, exit_probs: object, active: object, split: int
+) -> float:
+    """Expected latency E[T(θ, s)] of DESIGN.md §3, evaluated term by term.
+
+    A branch attached after the split (k_b > s) is never evaluated, so it is
+    treated as off whatever ``active`` says.
+
+    Parameters
+    ----------
+    profile : Profile
+    link : Link
+    exit_probs : array-like, shape (B,)
+        q_b, fraction of all samples exiting at branch b (ignored where inactive).
+    active : array-like of bool, shape (B,)
+        Whether branch b has a threshold (is not off).
+    split : int
+        Number of stages run on the edge, 0..N.
+
+    Returns
+    -------
+    float
+        Expected latency in ms.
+
+    Raises
+    ------
+    ConfigError
+        On a bad split, wrong shapes, or probabilities outside [0, 1] or summing above 1.
+
+    Examples
+    --------
+    >>> p = Profile(stage_names=("a", "b"), stage_edge_ms=[1.0, 2.0],
+    ...             stage_cloud_ms=[0.0, 0.5], branch_after_stage=(1,),
+    ...             branch_edge_ms=[0.5], split_bytes=[1000, 1000, 4],
+    ...             offload_overhead_ms=1.0)
+    >>> link = Link(uplink_mbps=8.0, rtt_ms=10.0)
+    >>> expected_latency_ms(p, link, [0.5], [True], 1)  # 1 + 0.5 + 0.5 * (1 + 1 + 10 + 0.5)
+    7.75
+    """
+    probs, flags = _exit_config(profile, exit_probs, active)
+    split = _checked_split(profile, split)
+    n_stages = profile.n_stages
+    on = [b for b, k in enumerate(profile.branch_after_stage) if flags[b] and k <= split]
+
+    def reach(stage: int) -> float:
+        return 1.0 - sum(probs[b] for b in on if profile.branch_after_stage[b] < stage)
+
+    total = 0.0
+    for stage in range(1, split + 1):
+        total += reach(stage) * profile.stage_edge_ms[stage - 1]
+    for b in on:
+        total += reach(profile.branch_after_stage[b]) * profile.branch_edge_ms[b]
+    if split < n_stages:
+        p_offload = 1.0 - sum(probs[b] for b in on)
+        cloud_ms = sum(profile.stage_cloud_ms[i - 1] for i in range(split + 1, n_stages + 1))
+        total += p_offload * (
+            profile.offload_overhead_ms
+            + link.transfer_ms(float(profile.split_bytes[split]))
+            + link.rtt_ms
+            + cloud_ms
+        )
+    return float(total)
+
+
+def worst_latency_ms(profile: Profile, link: Link, active: object, split: int) -> float:
+    """Per-sample worst-case latency of (θ, s): pass every active branch, then offload.
+
+    Parameters
+    ----------
+    profile : Profile
+    link : Link
+    active : array-like of bool, shape (B,)
+        Whether branch b is on; branches with k_b > split are ignored.
+    split : int
+        Number of stages run on the edge, 0..N.
+
+    Returns
+    -------
+    float
+        Latency in ms of a sample that no active branch lets exit.
+
+    Raises
+    ------
+    ConfigError
+        On a bad split or a wrongly shaped ``active``.
+
+    Examples
+    --------
+    >>> p = Profile(stage_names=("a", "b"), stage_edge_ms=[1.0, 2.0],
+    ...             stage_cloud_ms=[0.0, 0.5], branch_after_stage=(1,),
+    ...             branch_edge_ms=[0.5], split_bytes=[1000, 1000, 4],
+    ...             offload_overhead_ms=1.0)
+    >>> worst_latency_ms(p, Link(uplink_mbps=8.0, rtt_ms=10.0), [True], 2)
+    3.5
+    """
+    _, flags = _exit_config(profile, np.zeros(profile.n_branches), active)
+    split = _checked_split(profile, split)
+    n_stages = profile.n_stages
+    total = 0.0
+    for stage in range(1, split + 1):
+        total += profile.stage_edge_ms[stage - 1]
+    for b, k in enumerate(profile.branch_after_stage):
+        if flags[b] and k <= split:
+            total += profile.branch_edge_ms[b]
+    if split < n_stages:
+        cloud_ms = sum(profile.stage_cloud_ms[i - 1] for i in range(split + 1, n_stages + 1))
+        total += (
+            profile.offload_overhead_ms
+            + link.transfer_ms(float(profile.split_bytes[split]))
+            + link.rtt_ms
+            + cloud_ms
+        )
+    return float(total)
