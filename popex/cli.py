@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from popex.errors import PopexError
+from popex.errors import PopexError, ProfileError
 
 __all__ = ["main"]
 
@@ -53,7 +53,138 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_cmd_train)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
+def _measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads: int | None,
+                     cloud_speedup: float, offload_overhead_ms: float) -> tuple[object, object, str]:
+    """Measure the edge here; the cloud is an assumption until a cloud profile exists."""
+    from popex.background.profiler import build_profile, time_stages
+    from popex.nets.io import load_model
+
+    model = load_model(model_dir)
+    timings = time_stages(model.net, n_warmup=n_warmup, n_repeats=n_repeats, n_threads=n_threads,
+                          progress=sys.stderr.isatty())
+    profile = build_profile(timings, branch_after_stage=model.net.branch_after_stage,
+                            offload_overhead_ms=offload_overhead_ms, cloud_speedup=cloud_speedup)
+    note = (f"edge times measured on this machine ({timings.n_repeats} repeats, {timings.n_threads} threads); "
+            f"cloud times ASSUMED = edge / {cloud_speedup:g} (no cloud profile); "
+            f"offload overhead O = {offload_overhead_ms:g} ms (config value)")
+    return profile, timings, note
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from popex.background.profiler import plot_profile, save_profile
+
+    profile, timings, note = _measure_profile(args.model, n_repeats=args.repeats, n_warmup=args.warmup,
+                                              n_threads=args.threads, cloud_speedup=args.cloud_speedup,
+                                              offload_overhead_ms=args.offload_overhead_ms)
+    out_dir = args.out or args.model
+    paths = save_profile(profile, out_dir, timings=timings, note=note)
+    png = plot_profile(profile, f"{out_dir}/profile.png", title=f"Profile of {args.model}")
+    print(note)
+    print(f"{'stage':<14}{'edge_ms':>10}{'spread_ms':>11}{'cloud_ms':>10}{'out_bytes':>11}")
+    for i, name in enumerate(profile.stage_names):
+        print(f"{name:<14}{profile.stage_edge_ms[i]:>10.3f}{timings.stage_spread_ms[i]:>11.3f}"
+              f"{profile.stage_cloud_ms[i]:>10.3f}{int(profile.split_bytes[i + 1]):>11}")
+    for b, k in enumerate(profile.branch_after_stage):
+        print(f"{f'branch{b}@{k}':<14}{profile.branch_edge_ms[b]:>10.3f}{timings.branch_spread_ms[b]:>11.3f}")
+    print(f"wrote {paths['json']}, {paths['csv']}, {png}")
+    return 0
+
+
+def _add_profile(subparsers: argparse._SubParsersAction) -> None:
+    from popex.background.profiler import DEFAULT_OFFLOAD_OVERHEAD_MS
+
+    p = subparsers.add_parser("profile", help="measure per-stage/branch time and bytes; write JSON, CSV, PNG")
+    p.add_argument("--model", required=True, help="model directory (spec.json, weights.safetensors)")
+    p.add_argument("--out", help="output directory (default: the model directory)")
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")
+    p.add_argument("--cloud-speedup", type=float, default=4.0,
+                   help="assumed cloud speed relative to this machine, until the cloud is profiled")
+    p.add_argument("--offload-overhead-ms", type=float, default=DEFAULT_OFFLOAD_OVERHEAD_MS)
+    p.set_defaults(run=_cmd_profile)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from popex.background.profiler import load_profile
+    from popex.decision import DecisionIndex, Link, Planner, load_calibration, sweep_exit_stats
+    from popex.nets.io import CALIBRATION_FILE
+
+    assumptions = []
+    profile_path = Path(args.profile) if args.profile else Path(args.model) / "profile.json"
+    if profile_path.is_file():
+        profile = load_profile(profile_path)
+        note = json.loads(profile_path.read_text()).get("note")
+        assumptions.append(f"profile from {profile_path}" + (f": {note}" if note else ""))
+    elif args.profile:
+        raise ProfileError(f"profile file {args.profile!r} not found")
+    else:
+        profile, _, note = _measure_profile(args.model, n_repeats=20, n_warmup=5, n_threads=None,
+                                            cloud_speedup=args.cloud_speedup,
+                                            offload_overhead_ms=args.offload_overhead_ms)
+        assumptions.append(f"no profile file: {note}")
+    calibration = load_calibration(Path(args.model) / CALIBRATION_FILE)
+    thresholds = None
+    if args.thresholds:
+        grid = [float(v) for v in args.thresholds.split(",")]
+        thresholds = [grid] * profile.n_branches
+    stats = sweep_exit_stats(calibration, branch_after_stage=profile.branch_after_stage, thresholds=thresholds)
+    table = Planner(stats, profile).table(Link(uplink_mbps=args.uplink_mbps, rtt_ms=args.rtt_ms))
+    decision = DecisionIndex(table, objective=args.objective).lookup(args.deadline_ms)
+    chosen = table.row(decision.row)
+    if args.json:
+        print(json.dumps({
+            "chosen": chosen,
+            "feasible": decision.feasible,
+            "objective": args.objective,
+            "deadline_ms": args.deadline_ms,
+            "link": {"uplink_mbps": args.uplink_mbps, "rtt_ms": args.rtt_ms},
+            "assumptions": assumptions,
+            "profile": profile.to_dict(),
+            "strategies": table.to_rows(),
+        }))
+        return 0
+    for line in assumptions:
+        print(f"note: {line}")
+    column = "expected_latency_ms" if args.objective == "mean" else "worst_latency_ms"
+    print(f"{len(table)} strategies; Pareto front (accuracy vs {column}) at {args.uplink_mbps:g} Mbit/s, "
+          f"{args.rtt_ms:g} ms RTT:")
+    print(f"  {'thresholds':<28}{'split':>6}{'accuracy':>10}{'E[T] ms':>10}{'worst ms':>10}{'p_off':>7}{'bytes':>9}")
+    for index in table.pareto_front(args.objective):
+        row = table.row(int(index))
+        mark = "*" if index == decision.row else " "
+        thresholds_text = ",".join("off" if t is None else f"{t:.2f}" for t in row["thresholds"]) or "-"
+        print(f"{mark} {thresholds_text:<28}{row['split']:>6}{row['accuracy']:>10.4f}"
+              f"{row['expected_latency_ms']:>10.2f}{row['worst_latency_ms']:>10.2f}"
+              f"{row['offload_prob']:>7.2f}{row['bytes_sent']:>9.0f}")
+    verdict = "meets" if decision.feasible else "CANNOT meet (fastest strategy shown)"
+    print(f"chosen (*): split {chosen['split']}, thresholds {chosen['thresholds']}, accuracy "
+          f"{chosen['accuracy']:.4f}, {column} {chosen[column]:.2f}: {verdict} the {args.deadline_ms:g} ms requirement")
+    return 0
+
+
+def _add_plan(subparsers: argparse._SubParsersAction) -> None:
+    from popex.background.profiler import DEFAULT_OFFLOAD_OVERHEAD_MS
+
+    p = subparsers.add_parser("plan", help="strategy table and decision for a link and a latency requirement")
+    p.add_argument("--model", required=True, help="model directory (calibration.npz, optional profile.json)")
+    p.add_argument("--uplink-mbps", type=float, required=True)
+    p.add_argument("--rtt-ms", type=float, required=True)
+    p.add_argument("--deadline-ms", type=float, required=True, help="latency requirement D")
+    p.add_argument("--objective", choices=("mean", "tail"), default="mean")
+    p.add_argument("--profile", help="profile.json (default: MODEL/profile.json, else measured here)")
+    p.add_argument("--thresholds", help="comma-separated threshold grid for every branch (default 0.50..0.95)")
+    p.add_argument("--cloud-speedup", type=float, default=4.0, help="assumed when no profile file exists")
+    p.add_argument("--offload-overhead-ms", type=float, default=DEFAULT_OFFLOAD_OVERHEAD_MS,
+                   help="used when no profile file exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_cmd_plan)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_profile, _add_plan]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,112 @@
+"""The `popex` command as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from popex.decision import load_calibration, save_calibration
+from popex.nets import EarlyExitNet, save_model, zoo_spec
+from popex.nets.train import calibrate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _popex(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "popex.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A small B-LeNet with a real calibration file (random weights, random inputs)."""
+    directory = tmp_path_factory.mktemp("lenet")
+    torch.manual_seed(0)
+    net = EarlyExitNet(zoo_spec("b-lenet")).eval()
+    save_model(net, directory)
+    inputs = np.random.default_rng(0).normal(size=(300, *net.input_shape)).astype(np.float32)
+    with torch.inference_mode():
+        labels = net(torch.from_numpy(inputs))[-1].argmax(1).numpy()
+    labels[::3] = (labels[::3] + 1) % net.n_classes  # make a third of the final answers wrong
+    save_calibration(calibrate(net, inputs, labels), directory / "calibration.npz")
+    return directory
+
+
+def test_profile_writes_json_csv_png(model_dir: Path) -> None:
+    result = _popex("profile", "--model", str(model_dir), "--repeats", "5", "--warmup", "1")
+    assert result.returncode == 0, result.stderr
+    profile = json.loads((model_dir / "profile.json").read_text())
+    assert [s["name"] for s in profile["stages"]] == ["conv1", "conv2", "classifier"]
+    assert profile["input_bytes"] == 28 * 28 * 4
+    assert "ASSUMED" in profile["note"]
+    assert (model_dir / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((model_dir / "profile.csv").read_text().splitlines()) == 1 + 1 + 3 + 1
+
+
+@pytest.mark.parametrize("objective", ["mean", "tail"])
+def test_plan_json_contract(model_dir: Path, objective: str) -> None:
+    if not (model_dir / "profile.json").exists():
+        assert _popex("profile", "--model", str(model_dir), "--repeats", "5").returncode == 0
+    result = _popex("plan", "--model", str(model_dir), "--uplink-mbps", "5.85", "--rtt-ms", "50",
+                    "--deadline-ms", "40", "--objective", objective, "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert set(plan) >= {"chosen", "feasible", "profile", "strategies"}
+    assert set(plan["profile"]) == {"input_bytes", "offload_overhead_ms", "stages", "branches"}
+    assert set(plan["profile"]["stages"][0]) == {"name", "edge_ms", "cloud_ms", "out_bytes"}
+    assert plan["profile"]["branches"] == [{"after_stage": 1, "edge_ms": plan["profile"]["branches"][0]["edge_ms"]}]
+    rows = plan["strategies"]
+    keys = {"thresholds", "split", "accuracy", "exit_probs", "offload_prob", "expected_latency_ms",
+            "worst_latency_ms", "bytes_sent"}
+    assert all(set(row) == keys for row in rows)
+    assert {row["split"] for row in rows} == {0, 1, 2, 3}
+    # the chosen row is the best feasible row (checked here by brute force over the printed table)
+    column = "expected_latency_ms" if objective == "mean" else "worst_latency_ms"
+    feasible = [row for row in rows if row[column] <= 40]
+    assert plan["feasible"] == bool(feasible)
+    best = max(feasible, key=lambda row: (row["accuracy"], -row[column]))
+    assert plan["chosen"]["accuracy"] == best["accuracy"]
+    assert plan["chosen"][column] == best[column]
+    # accuracy and exit rates agree with the calibration file
+    calibration = load_calibration(model_dir / "calibration.npz")
+    all_off = next(row for row in rows if row["split"] == 3 and row["thresholds"] == [None])
+    assert all_off["accuracy"] == pytest.approx(calibration.correct[:, -1].mean())
+
+
+def test_plan_readable_output_and_infeasible_requirement(model_dir: Path) -> None:
+    result = _popex("plan", "--model", str(model_dir), "--uplink-mbps", "1.1", "--rtt-ms", "100",
+                    "--deadline-ms", "0.001")
+    assert result.returncode == 0, result.stderr
+    assert "Pareto front" in result.stdout
+    assert "CANNOT meet" in result.stdout
+
+
+def test_bad_inputs_fail_with_one_line_and_no_traceback(model_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    spec = json.loads((model_dir / "spec.json").read_text())
+    spec["stages"][0]["layers"].append({"type": "exec", "code": "print(1)"})
+    (bad / "spec.json").write_text(json.dumps(spec))
+    (bad / "weights.safetensors").write_bytes((model_dir / "weights.safetensors").read_bytes())
+    result = _popex("profile", "--model", str(bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "unknown layer type 'exec'" in result.stderr
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "spec.json").write_text((model_dir / "spec.json").read_text())
+    (pickled / "weights.safetensors").write_bytes(pickle.dumps({"x": 1}))
+    result = _popex("profile", "--model", str(pickled))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "pickle" in result.stderr
+
+    result = _popex("plan", "--model", str(tmp_path / "missing"), "--uplink-mbps", "1", "--rtt-ms", "1",
+                    "--deadline-ms", "10", "--profile", str(model_dir / "profile.json"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
