@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create .venv and install requirements.txt; a no-op when nothing changed.
+# Sourced by run_tests.sh and run_demo.sh so that each of them is the only
+# command a fresh machine needs.
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+python_bin="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "[bootstrap] creating .venv with $("$python_bin" --version 2>&1)"
+    "$python_bin" -m venv .venv
+fi
+
+stamp=.venv/.requirements.sha256
+wanted="$(sha256sum requirements.txt | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
+    echo "[bootstrap] installing requirements.txt (torch==2.13.0 CPU; first run takes a few minutes)"
+    # POPEX_PIP_ARGS lets a machine without a local CPU wheel point pip at one,
+    # e.g. POPEX_PIP_ARGS="--extra-index-url <PyTorch CPU wheel index>".
+    # shellcheck disable=SC2086
+    .venv/bin/python -m pip install --quiet ${POPEX_PIP_ARGS:-} -r requirements.txt
+    echo "$wanted" > "$stamp"
+fi
+
+# Full Fashion-MNIST is optional (training, full-size experiments); the demo and
+# tests fall back to the 1,000-image subset shipped in data/.
+fm_root=/usr/share/datasets/fashion-mnist
+if [ ! -f "$fm_root/t10k-images-idx3-ubyte.gz" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+        && [ -z "${POPEX_NO_APT:-}" ]; then
+    echo "[bootstrap] installing Debian's dataset-fashion-mnist (set POPEX_NO_APT=1 to skip)"
+    if ! { apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }; }; then
+        echo "[bootstrap] could not install dataset-fashion-mnist; using the shipped test subset"
+    fi
+fi
