@@ -11,6 +11,7 @@ for people to judge the measurement.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -76,6 +77,24 @@ class StageTimings:
     split_bytes: np.ndarray
     n_repeats: int
     n_threads: int
+
+    def scaled(self, factor: float) -> StageTimings:
+        """These timings on a device ``factor`` times slower (edge-device emulation).
+
+        >>> from popex.nets.zoo import b_lenet_spec
+        >>> t = time_stages(EarlyExitNet(b_lenet_spec()), n_warmup=0, n_repeats=1)
+        >>> bool((t.scaled(3.0).stage_ms == 3.0 * t.stage_ms).all())
+        True
+        """
+        if not factor > 0:
+            raise ConfigError(f"slowdown factor must be positive, got {factor!r}")
+        return dataclasses.replace(
+            self,
+            stage_ms=self.stage_ms * factor,
+            stage_spread_ms=self.stage_spread_ms * factor,
+            branch_ms=self.branch_ms * factor,
+            branch_spread_ms=self.branch_spread_ms * factor,
+        )
 
 
 def time_stages(

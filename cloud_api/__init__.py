@@ -1,0 +1,59 @@
+"""The cloud service: a Flask app factory over popex.runtime.cloud_runner.
+
+Run it with ``./run_cloud.sh`` (gunicorn ``'cloud_api:create_app()'``).
+Nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flask import Flask
+
+from cloud_api.auth import CONFIG_KEY
+from cloud_api.config import CloudConfig, load_config
+from cloud_api.errors import init_errors
+from cloud_api.routes import RUNNER_KEY, init_routes
+from popex.runtime.cloud_runner import CloudRunner
+
+__all__ = ["create_app", "init_runner", "CloudConfig"]
+
+log = logging.getLogger(__name__)
+
+
+def init_runner(app: Flask, config: CloudConfig) -> CloudRunner:
+    """Attach a :class:`CloudRunner` on ``config.state_dir`` (it loads the stored models)."""
+    if config.n_threads is not None:
+        torch.set_num_threads(config.n_threads)
+    runner = CloudRunner(config.state_dir, n_threads=config.n_threads)
+    app.extensions[RUNNER_KEY] = runner
+    log.info("cloud runner on %s with %d stored models", config.state_dir, runner.n_models)
+    return runner
+
+
+def create_app(config: CloudConfig | Mapping[str, Any] | None = None) -> Flask:
+    """Build the cloud app.
+
+    Parameters
+    ----------
+    config : CloudConfig or mapping, optional
+        A ready config, or overrides layered on YAML and the environment
+        (see :func:`cloud_api.config.load_config`).
+
+    Raises
+    ------
+    popex.errors.ConfigError
+        If the configuration is invalid, e.g. there is no real token.
+    """
+    config = config if isinstance(config, CloudConfig) else load_config(config)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions[CONFIG_KEY] = config
+    init_errors(app)
+    init_runner(app, config)
+    init_routes(app)
+    return app

@@ -1,0 +1,126 @@
+"""The cloud's HTTP API: thin routes over :class:`popex.runtime.cloud_runner.CloudRunner`.
+
+Every route under ``/api/v1`` requires the shared token; ``/healthz`` does not.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, jsonify, request
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import BadRequest
+
+from cloud_api.auth import CONFIG_KEY, require_token
+from cloud_api.config import CloudConfig
+from popex.runtime.cloud_runner import MAX_PROFILE_N_REPEATS, CloudRunner
+
+__all__ = ["RUNNER_KEY", "bp", "get_runner", "init_routes"]
+
+RUNNER_KEY = "popex_cloud_runner"  # app.extensions key of the CloudRunner
+_CHUNK_BYTES = 256 * 1024
+
+bp = Blueprint("cloud_api", __name__, url_prefix="/api/v1")
+
+
+def get_runner() -> CloudRunner:
+    """The app's :class:`CloudRunner`."""
+    return current_app.extensions[RUNNER_KEY]
+
+
+def _config() -> CloudConfig:
+    return current_app.extensions[CONFIG_KEY]
+
+
+def _uploaded(name: str) -> bytes:
+    """Bytes of multipart file ``name``, or a 400 naming it."""
+    file = request.files.get(name)
+    if file is None:
+        raise BadRequest(f"multipart file {name!r} is missing: send the files 'spec' (spec.json) "
+                         "and 'weights' (weights.safetensors)")
+    return file.read()
+
+
+def _profile_n_repeats() -> int:
+    """``n_repeats`` from the optional JSON body, checked and bounded."""
+    body = request.get_data(cache=False)
+    if not body.strip():
+        return _config().profile_n_repeats
+    try:
+        options = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise BadRequest(f"the body must be JSON like {{\"n_repeats\": 30}}: {err}") from err
+    if not isinstance(options, dict) or set(options) - {"n_repeats"}:
+        raise BadRequest('the body must be a JSON object with at most the key "n_repeats"')
+    n_repeats = options.get("n_repeats", _config().profile_n_repeats)
+    if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or not 1 <= n_repeats <= MAX_PROFILE_N_REPEATS:
+        raise BadRequest(f"n_repeats must be an int in 1..{MAX_PROFILE_N_REPEATS}, got {n_repeats!r}")
+    return n_repeats
+
+
+def _model_info(model_id: str, n_stages: int) -> dict[str, Any]:
+    return {"model_id": model_id, "n_stages": n_stages}
+
+
+@bp.post("/infer")
+@require_token
+def infer() -> ResponseReturnValue:
+    """Finish one offloaded inference from its safetensors payload."""
+    reply = get_runner().infer_payload(request.get_data(cache=False), max_bytes=_config().max_body_bytes)
+    return jsonify(asdict(reply))
+
+
+@bp.put("/models/<model_id>")
+@require_token
+def put_model(model_id: str) -> ResponseReturnValue:
+    """Register a model from multipart files ``spec`` and ``weights`` (201 new, 200 known)."""
+    spec_bytes, weights_bytes = _uploaded("spec"), _uploaded("weights")
+    runner = get_runner()
+    existed = runner.has(model_id)
+    loaded = runner.register(model_id, spec_bytes, weights_bytes)
+    return jsonify(_model_info(loaded.model_id, loaded.net.n_stages)), 200 if existed else 201
+
+
+@bp.get("/models/<model_id>")
+@require_token
+def get_model(model_id: str) -> ResponseReturnValue:
+    """Whether a model is registered (404 if not), so the edge can skip an upload."""
+    loaded = get_runner().get(model_id)
+    return jsonify(_model_info(loaded.model_id, loaded.net.n_stages))
+
+
+@bp.post("/models/<model_id>/profile")
+@require_token
+def profile_model(model_id: str) -> ResponseReturnValue:
+    """Time each stage of a registered model on this machine (median ms per stage)."""
+    n_repeats = _profile_n_repeats()
+    runner = get_runner()
+    stage_names = runner.get(model_id).net.stage_names
+    stage_ms = runner.profile(model_id, n_repeats=n_repeats)
+    stages = [{"name": name, "cloud_ms": ms} for name, ms in zip(stage_names, stage_ms)]
+    return jsonify({"model_id": model_id, "stages": stages})
+
+
+@bp.post("/probe")
+@require_token
+def probe() -> ResponseReturnValue:
+    """Uplink probe sink: read and discard the body, report its size and the time reading took."""
+    start_s = time.perf_counter()
+    n_bytes = 0
+    while chunk := request.stream.read(_CHUNK_BYTES):
+        n_bytes += len(chunk)
+    return jsonify({"n_bytes": n_bytes, "server_ms": (time.perf_counter() - start_s) * 1000.0})
+
+
+def healthz() -> ResponseReturnValue:
+    """Liveness: no token needed."""
+    return jsonify({"status": "ok", "n_models": get_runner().n_models})
+
+
+def init_routes(app: Flask) -> None:
+    """Register the API blueprint and ``/healthz``."""
+    app.register_blueprint(bp)
+    app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])

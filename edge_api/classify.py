@@ -1,0 +1,82 @@
+"""``POST /api/v1/classify``: one image in, one answer out."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from flask import Blueprint, current_app, g, jsonify, request
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import BadRequest, UnsupportedMediaType
+
+from popex.errors import DataError
+from popex.runtime.edge_runner import EdgeRunner
+
+__all__ = ["RUNNER_KEY", "MAX_IMAGE_BYTES_KEY", "bp", "get_runner"]
+
+RUNNER_KEY = "popex_edge_runner"  # app.extensions key of the EdgeRunner
+MAX_IMAGE_BYTES_KEY = "popex_edge_max_image_bytes"  # app.extensions key of the classify body limit
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+bp = Blueprint("classify", __name__, url_prefix="/api/v1")
+
+
+def get_runner() -> EdgeRunner:
+    """The app's :class:`EdgeRunner`."""
+    return current_app.extensions[RUNNER_KEY]
+
+
+@bp.before_request
+def _mark_arrival() -> None:
+    # The request's budget counts from here, before its body is read.
+    g.arrival_s = time.perf_counter()
+    request.max_content_length = current_app.extensions[MAX_IMAGE_BYTES_KEY]
+
+
+def _parameter(name: str) -> str | None:
+    """A form field, else the query string; None when absent."""
+    value = request.form.get(name) if request.mimetype in _FORM_TYPES else None
+    return request.args.get(name) if value is None else value
+
+
+def _deadline_ms() -> float | None:
+    raw = _parameter("deadline_ms")
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        deadline_ms = float(raw)
+    except ValueError as err:
+        raise BadRequest(f"deadline_ms must be a number of milliseconds, got {raw[:40]!r}") from err
+    if not math.isfinite(deadline_ms) or deadline_ms < 0:
+        raise BadRequest(f"deadline_ms must be a finite number >= 0, got {raw[:40]!r}")
+    return deadline_ms
+
+
+def _image_bytes() -> bytes:
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        file = request.files.get("image")
+        if file is None:
+            raise BadRequest("multipart field 'image' is missing: send the picture as the file 'image'")
+        data = file.read()
+    elif mimetype == "application/json" or mimetype.endswith("+json"):
+        raise UnsupportedMediaType("send an image (PNG, JPEG or BMP) as the body or as the multipart file "
+                                   "'image', not JSON")
+    elif mimetype == "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType("send the image as the multipart file 'image' or as the raw body")
+    else:
+        data = request.get_data(cache=False)
+    if not data:
+        raise DataError("empty image: 0 bytes received")
+    return data
+
+
+@bp.post("/classify")
+def classify() -> ResponseReturnValue:
+    """Classify an image (multipart file 'image' or raw body) under ``deadline_ms`` with ``policy``."""
+    image_bytes = _image_bytes()
+    result = get_runner().classify(
+        image_bytes, model_id=_parameter("model"), deadline_ms=_deadline_ms(),
+        policy=_parameter("policy") or "adaptive", arrival_s=g.arrival_s,
+    )
+    return jsonify(result.to_dict())

@@ -1,0 +1,80 @@
+"""``/api/v1/models``: register models and look at their plans."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import BadRequest
+
+from popex.runtime.edge_service import EdgeService
+
+__all__ = ["SERVICE_KEY", "MAX_MODEL_BYTES_KEY", "bp", "get_service"]
+
+SERVICE_KEY = "popex_edge_service"  # app.extensions key of the EdgeService
+MAX_MODEL_BYTES_KEY = "popex_edge_max_model_bytes"  # app.extensions key of the upload limit
+_FILES = {"spec": "spec.json", "weights": "weights.safetensors", "calibration": "calibration.npz"}
+
+bp = Blueprint("models", __name__, url_prefix="/api/v1/models")
+
+
+def get_service() -> EdgeService:
+    """The app's :class:`EdgeService`."""
+    return current_app.extensions[SERVICE_KEY]
+
+
+def _uploaded(name: str) -> bytes:
+    """Bytes of multipart file ``name``, or a 400 naming what to send."""
+    file = request.files.get(name)
+    if file is None:
+        wanted = ", ".join(f"'{key}' ({filename})" for key, filename in _FILES.items())
+        raise BadRequest(f"multipart file {name!r} is missing: send the files {wanted}")
+    return file.read()
+
+
+def _float_arg(name: str) -> float | None:
+    raw = request.args.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return float(raw)
+    except ValueError as err:
+        raise BadRequest(f"{name} must be a number, got {raw[:40]!r}") from err
+
+
+@bp.post("")
+def register_model() -> ResponseReturnValue:
+    """Register a model from multipart files spec, weights, calibration (202 new, 200 known)."""
+    request.max_content_length = current_app.extensions[MAX_MODEL_BYTES_KEY]
+    spec_bytes, weights_bytes, calibration_bytes = (_uploaded(name) for name in _FILES)
+    service = get_service()
+    registration = service.register(spec_bytes, weights_bytes, calibration_bytes)
+    if registration.created:
+        return jsonify({"model_id": registration.model_id, "state": "registered"}), 202
+    model = service.registry.get(registration.model_id)
+    return jsonify({"model_id": registration.model_id, "state": model.state}), 200
+
+
+@bp.get("")
+def list_models() -> ResponseReturnValue:
+    """Every registered model: id, name, state."""
+    return jsonify({"models": get_service().list_models()})
+
+
+@bp.get("/<model_id>")
+def describe_model(model_id: str) -> ResponseReturnValue:
+    """One model: state, classes, profile and current decision."""
+    return jsonify(get_service().describe(model_id))
+
+
+@bp.get("/<model_id>/strategies")
+def strategies(model_id: str) -> ResponseReturnValue:
+    """The current strategy table (JSON rows, or ``?format=csv``) and the chosen row."""
+    output_format = request.args.get("format", "json")
+    if output_format == "csv":
+        csv_text = get_service().strategies_csv(model_id)
+        return Response(csv_text, mimetype="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="strategies-{model_id[:12]}.csv"'})
+    if output_format != "json":
+        raise BadRequest(f"format must be 'json' or 'csv', got {output_format[:20]!r}")
+    return jsonify(get_service().strategies(model_id, deadline_ms=_float_arg("deadline_ms"),
+                                            objective=request.args.get("objective") or None))

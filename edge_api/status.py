@@ -1,0 +1,29 @@
+"""``GET /api/v1/status`` and ``GET /healthz``."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Flask, jsonify
+from flask.typing import ResponseReturnValue
+
+from edge_api.models import get_service
+
+__all__ = ["bp", "init_status"]
+
+bp = Blueprint("status", __name__, url_prefix="/api/v1")
+
+
+@bp.get("/status")
+def status() -> ResponseReturnValue:
+    """Uplink estimate, cloud health, models and their current strategies."""
+    return jsonify(get_service().status())
+
+
+def healthz() -> ResponseReturnValue:
+    """Liveness of the edge itself (the cloud's health is in /api/v1/status)."""
+    return jsonify({"status": "ok", "n_models": len(get_service().registry)})
+
+
+def init_status(app: Flask) -> None:
+    """Register the status blueprint and ``/healthz``."""
+    app.register_blueprint(bp)
+    app.add_url_rule("/healthz", "healthz", healthz, methods=["GET"])

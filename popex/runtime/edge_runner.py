@@ -1,0 +1,585 @@
+"""The edge runner: classify one image under a latency requirement.
+
+For each request the runner reads the model's current strategy (split s,
+thresholds θ) in O(1), runs stages 1..s, evaluates each *active* branch
+(k_b <= s and θ_b not off) with that exit's calibration temperature and the
+calibration's confidence method, and exits at the first branch whose
+confidence reaches its threshold, compared in float64 exactly as the sweep
+does. At s = N the final exit answers locally; otherwise the tensor at the
+split goes to the cloud with a timeout equal to what is left of the
+request's budget (the deadline, measured from the request's arrival).
+
+If the cloud is late, refuses or cannot be reached, the edge answers with its
+best local exit, marked ``fallback``: the most confident branch already
+evaluated; if none was, the rest of the network on the edge when the
+profile says it fits in the remaining budget, else the cheapest branch at or
+before the split (evaluated even if it was off), else the whole network.
+
+Each offload feeds the uplink monitor a passive sample and the overhead
+tracker a measurement of O (encode time plus round trip minus cloud compute
+minus the link part); the median of recent O values re-plans when it moves.
+Preparing a model (cloud upload, profiling, planning) is
+:mod:`popex.runtime.preparation`'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from popex.data.images import decode_image
+from popex.data.preprocess import preprocess
+from popex.decision.latency import Link
+from popex.decision.table import OBJECTIVES
+from popex.errors import ConfigError, PopexError
+from popex.nets.early_exit import exit_confidence
+from popex.runtime.cloud_client import CloudError, CloudRejected
+from popex.runtime.plans import ModelPlan, PlanBook, Strategy, _check_deadline
+from popex.runtime.registry import ModelRegistry, StoredModel, UnknownModelError
+from popex.runtime.wire import encode_offload
+
+__all__ = [
+    "LatencyBreakdown",
+    "Classification",
+    "OverheadTracker",
+    "EdgeRunner",
+]
+
+_log = logging.getLogger(__name__)
+
+# O changes by less than this are noise (a scheduler tick), not a reason to re-plan.
+_OVERHEAD_SLACK_MS = 0.5
+
+
+def _public_name(err: Exception) -> str:
+    """The error's most specific public class name (CloudUnavailable, not a private subclass)."""
+    return next(cls.__name__ for cls in type(err).__mro__ if not cls.__name__.startswith("_"))
+
+
+@dataclass(frozen=True)
+class LatencyBreakdown:
+    """Where the time of one request went, ms.
+
+    ``transfer_ms`` is the cloud call's round trip minus the cloud's compute
+    time (for a failed call: the time spent waiting); ``edge_ms`` is the rest.
+    """
+
+    edge_ms: float
+    transfer_ms: float
+    cloud_ms: float
+    total_ms: float
+
+    def to_dict(self) -> dict[str, float]:
+        """JSON form with the API's key names."""
+        return {"edge": self.edge_ms, "transfer": self.transfer_ms, "cloud": self.cloud_ms, "total": self.total_ms}
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The answer to one request.
+
+    Attributes
+    ----------
+    label : int
+    class_name : str
+    confidence : float
+        Of the exit that answered (temperature-scaled).
+    exit : int or str
+        Branch index, or "final".
+    where : str
+        "edge" or "cloud".
+    split : int
+        The strategy's split.
+    thresholds : tuple of (float or None)
+        The strategy's thresholds (None = off).
+    fallback : bool
+        True when the cloud failed and the edge answered instead.
+    fallback_reason : str or None
+    latency : LatencyBreakdown
+    predicted_latency_ms : float
+        The strategy's expected latency.
+    model_id : str
+    feasible : bool
+        Whether the strategy meets the deadline by the model's prediction.
+    deadline_ms : float
+    request_id : str
+    policy : str
+        The policy that chose the strategy ("adaptive" is POPEX).
+    """
+
+    label: int
+    class_name: str
+    confidence: float
+    exit: int | str
+    where: str
+    split: int
+    thresholds: tuple[float | None, ...]
+    fallback: bool
+    fallback_reason: str | None
+    latency: LatencyBreakdown
+    predicted_latency_ms: float
+    model_id: str
+    feasible: bool
+    deadline_ms: float
+    request_id: str
+    policy: str = "adaptive"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body of ``POST /api/v1/classify``."""
+        return {
+            "label": self.label,
+            "class_name": self.class_name,
+            "confidence": self.confidence,
+            "exit": self.exit,
+            "where": self.where,
+            "split": self.split,
+            "thresholds": list(self.thresholds),
+            "fallback": self.fallback,
+            "fallback_reason": self.fallback_reason,
+            "latency_ms": self.latency.to_dict(),
+            "predicted_latency_ms": self.predicted_latency_ms,
+            "model": self.model_id,
+            "feasible": self.feasible,
+            "deadline_ms": self.deadline_ms,
+            "request_id": self.request_id,
+            "policy": self.policy,
+        }
+
+
+class OverheadTracker:
+    """Median of the recent per-offload overheads O, ms.
+
+    Parameters
+    ----------
+    initial_ms : float
+        O until the first measurement.
+    window_n : int
+        Measurements kept.
+
+    Examples
+    --------
+    >>> tracker = OverheadTracker(initial_ms=2.0, window_n=3)
+    >>> for value in (1.0, 5.0, 3.0, 4.0):
+    ...     tracker.add(value)
+    >>> tracker.current_ms  # median of 5, 3, 4
+    4.0
+    """
+
+    def __init__(self, *, initial_ms: float, window_n: int = 21) -> None:
+        if not math.isfinite(initial_ms) or initial_ms < 0:
+            raise ConfigError(f"initial offload overhead must be finite and >= 0, got {initial_ms!r}")
+        if window_n < 1:
+            raise ConfigError(f"window_n must be >= 1, got {window_n!r}")
+        self.initial_ms = float(initial_ms)
+        self._samples: deque[float] = deque(maxlen=int(window_n))
+        self._lock = threading.Lock()
+
+    def add(self, overhead_ms: float) -> None:
+        """Add one measurement (negative values, from timer noise, count as 0)."""
+        if math.isfinite(overhead_ms):
+            with self._lock:
+                self._samples.append(max(0.0, float(overhead_ms)))
+
+    @property
+    def n_samples(self) -> int:
+        """Measurements in the window."""
+        return len(self._samples)
+
+    @property
+    def current_ms(self) -> float:
+        """Median of the window, or the initial value without measurements."""
+        with self._lock:
+            samples = list(self._samples)
+        return float(statistics.median(samples)) if samples else self.initial_ms
+
+
+@dataclass
+class _Run:
+    """Mutable bookkeeping of one request while it runs (never leaves the module)."""
+
+    arrival_s: float
+    deadline_ms: float
+    features: list[torch.Tensor]
+    evaluated: list[tuple[int, float, int]]  # (branch, confidence, predicted)
+    transfer_ms: float = 0.0
+    cloud_ms: float = 0.0
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.arrival_s) * 1000.0
+
+    def remaining_ms(self) -> float:
+        return self.deadline_ms - self.elapsed_ms()
+
+
+class EdgeRunner:
+    """Classify images with the current plans and measure each offload.
+
+    Parameters
+    ----------
+    registry : ModelRegistry
+    plans : PlanBook
+    client : CloudClient
+        The seam to the cloud (a fake in tests).
+    monitor : UplinkMonitor, optional
+        Receives passive samples from offloads.
+    objective : {"mean", "tail"}
+        Default objective for decisions.
+    default_deadline_ms : float
+        Latency requirement of a request that names none, ms.
+    max_image_pixels : int
+        Largest declared width x height accepted.
+    wire_dtype : {"float32", "float16", "int8"}
+    overhead : OverheadTracker
+        The smoothed O shared with planning.
+    replan_hysteresis_fraction : float
+        Relative change of O that re-plans.
+    edge_slowdown : float
+        Emulate an edge device this many times slower than this machine: after
+        each stage or branch the runner waits (factor − 1) times its compute
+        time, and profiles are scaled alike (1 = no emulation). For demos on a
+        server-class machine, where the edge would otherwise always win.
+
+    Raises
+    ------
+    ConfigError
+        On an unknown objective or a bad default deadline.
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        plans: PlanBook,
+        client: Any,
+        *,
+        monitor: Any | None = None,
+        objective: str = "mean",
+        default_deadline_ms: float = 100.0,
+        max_image_pixels: int = 4096 * 4096,
+        wire_dtype: str = "float32",
+        overhead: OverheadTracker | None = None,
+        replan_hysteresis_fraction: float = 0.2,
+        edge_slowdown: float = 1.0,
+    ) -> None:
+        if not (math.isfinite(edge_slowdown) and edge_slowdown >= 1.0):
+            raise ConfigError(f"edge_slowdown must be a finite number >= 1, got {edge_slowdown!r}")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.registry = registry
+        self.plans = plans
+        self.client = client
+        self.monitor = monitor
+        self.objective = objective
+        self.default_deadline_ms = _check_deadline(default_deadline_ms)
+        self.max_image_pixels = int(max_image_pixels)
+        self.wire_dtype = wire_dtype
+        self.overhead = overhead if overhead is not None else OverheadTracker(initial_ms=2.0)
+        self.replan_hysteresis_fraction = float(replan_hysteresis_fraction)
+        self.edge_slowdown = float(edge_slowdown)
+        self.default_model_id: str | None = None
+        self._planned_overhead_ms = self.overhead.current_ms
+        self._counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+        #: Called with the model id when the cloud refuses an offload (e.g. it
+        #: lost the model on a restart), so the model can be pushed again.
+        self.on_cloud_rejected: Callable[[str], None] | None = None
+
+    # -- models -------------------------------------------------------------------
+
+    def resolve_model(self, model: str | None) -> StoredModel:
+        """The model a request names (id or unique spec name), or the default one.
+
+        Raises
+        ------
+        UnknownModelError
+            If nothing matches, or no model is registered.
+        ConfigError
+            If ``model`` is omitted and several models are registered without a default.
+        """
+        if model is None or model == "":
+            if self.default_model_id is not None and self.default_model_id in self.registry:
+                return self.registry.get(self.default_model_id)
+            ids = self.registry.ids()
+            if not ids:
+                raise UnknownModelError("no model is registered on this edge; POST one to /api/v1/models")
+            if len(ids) > 1:
+                raise ConfigError(f"{len(ids)} models are registered and none is the default; name one with 'model'")
+            return self.registry.get(ids[0])
+        if model in self.registry:
+            return self.registry.get(model)
+        named = [i for i in self.registry.ids() if self.registry.get(i).name == model]
+        if len(named) == 1:
+            return self.registry.get(named[0])
+        if len(named) > 1:
+            raise ConfigError(f"{len(named)} models are named {model!r}; name one by its id")
+        raise UnknownModelError(f"no model {model!r} is registered on this edge")
+
+    def plan_of(self, model: StoredModel) -> ModelPlan:
+        """The model's plan (installed at registration, see :mod:`popex.runtime.preparation`)."""
+        try:
+            return self.plans.get(model.model_id)
+        except ConfigError as err:
+            raise UnknownModelError(f"model {model.model_id!r} is registered but has no plan yet") from err
+
+    def strategy(self, model_id: str | None, *, deadline_ms: float | None = None,
+                 objective: str | None = None) -> Strategy:
+        """The current strategy of a model for a deadline (defaults from the config).
+
+        Raises
+        ------
+        UnknownModelError, ConfigError
+        """
+        model = self.resolve_model(model_id)
+        deadline_ms = self.default_deadline_ms if deadline_ms is None else _check_deadline(deadline_ms)
+        return self.plan_of(model).strategy(deadline_ms, self.objective if objective is None else objective)
+
+    # -- classify -----------------------------------------------------------------
+
+    def classify(
+        self,
+        image_bytes: bytes,
+        *,
+        model_id: str | None = None,
+        deadline_ms: float | None = None,
+        objective: str | None = None,
+        policy: str = "adaptive",
+        arrival_s: float | None = None,
+    ) -> Classification:
+        """Classify one encoded image under a latency requirement.
+
+        Parameters
+        ----------
+        image_bytes : bytes
+            PNG, JPEG or BMP (untrusted; decoded safely).
+        model_id : str, optional
+            Model id or unique name; default: the default model.
+        deadline_ms : float, optional
+            Latency requirement, ms, finite and >= 0; default from the config.
+        objective : {"mean", "tail"}, optional
+        policy : str
+            "adaptive" (POPEX) or a baseline of :data:`popex.decision.policies.POLICIES`.
+        arrival_s : float, optional
+            ``time.perf_counter()`` when the request arrived; the budget
+            counts from here. Default: now.
+
+        Returns
+        -------
+        Classification
+
+        Raises
+        ------
+        DataError
+            If the bytes are not a complete, small enough image.
+        UnknownModelError, ConfigError
+            On an unknown model or a bad deadline or objective.
+        """
+        arrival_s = time.perf_counter() if arrival_s is None else float(arrival_s)
+        outcome = "rejected"
+        try:
+            deadline_ms = self.default_deadline_ms if deadline_ms is None else _check_deadline(deadline_ms)
+            model = self.resolve_model(model_id)
+            plan = self.plan_of(model)
+            strategy = plan.strategy(deadline_ms, self.objective if objective is None else objective, policy)
+            image = decode_image(image_bytes, max_pixels=self.max_image_pixels)
+            x = torch.from_numpy(preprocess(image, model.preprocessing))
+            run = _Run(arrival_s=arrival_s, deadline_ms=deadline_ms, features=[x], evaluated=[])
+            with torch.inference_mode():
+                result = self._run(model, plan, strategy, run)
+            outcome = ("fallback" if result.fallback else
+                       "cloud" if result.where == "cloud" else
+                       "edge_final" if result.exit == "final" else "edge_branch")
+            return result
+        finally:
+            with self._counts_lock:  # each request is counted once, whatever happened
+                self._counts["n_requests"] += 1
+                self._counts[f"n_{outcome}"] += 1
+
+    def counts(self) -> dict[str, int]:
+        """Requests so far, in total and by outcome (edge_branch, edge_final, cloud, fallback, rejected)."""
+        with self._counts_lock:
+            counts = dict(self._counts)
+        keys = ("n_requests", "n_edge_branch", "n_edge_final", "n_cloud", "n_fallback", "n_rejected")
+        return {key: counts.get(key, 0) for key in keys}
+
+    def _run(self, model: StoredModel, plan: ModelPlan, strategy: Strategy, run: _Run) -> Classification:
+        net = model.loaded.net
+        request_id = uuid.uuid4().hex
+        active = set(strategy.active_branches)
+        h = run.features[0]
+        for stage in range(1, strategy.split + 1):
+            h = self._on_edge(net.run_stages, h, start=stage - 1, stop=stage)
+            run.features.append(h)
+            for b, after_stage in enumerate(net.branch_after_stage):
+                if after_stage != stage or b not in active:
+                    continue
+                confidence, label = self._evaluate_branch(model, b, h)
+                run.evaluated.append((b, confidence, label))
+                # float64 on both sides, exactly as popex.decision.sweep compares
+                if confidence >= float(strategy.thresholds[b]):
+                    return self._answer(model, strategy, run, request_id, label=label, confidence=confidence,
+                                        exit_=b)
+        if strategy.split == net.n_stages:
+            confidence, label = self._final(model, h)
+            return self._answer(model, strategy, run, request_id, label=label, confidence=confidence, exit_="final")
+        return self._offload(model, plan, strategy, run, request_id, h)
+
+    def _on_edge(self, compute: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run edge compute, stretched by ``edge_slowdown`` when a slower device is emulated."""
+        if self.edge_slowdown == 1.0:
+            return compute(*args, **kwargs)
+        started = time.perf_counter()
+        result = compute(*args, **kwargs)
+        time.sleep((self.edge_slowdown - 1.0) * (time.perf_counter() - started))
+        return result
+
+    def _evaluate_branch(self, model: StoredModel, branch: int, features: torch.Tensor) -> tuple[float, int]:
+        calibration = model.calibration
+        logits = self._on_edge(model.loaded.net.run_branch, branch, features)
+        confidence, predicted = exit_confidence(
+            logits, temperature=float(calibration.temperature[branch]), method=calibration.confidence_method
+        )
+        return float(confidence[0]), int(predicted[0])
+
+    def _final(self, model: StoredModel, logits: torch.Tensor) -> tuple[float, int]:
+        calibration = model.calibration
+        confidence, predicted = exit_confidence(
+            logits, temperature=float(calibration.temperature[-1]), method=calibration.confidence_method
+        )
+        return float(confidence[0]), int(predicted[0])
+
+    def _offload(self, model: StoredModel, plan: ModelPlan, strategy: Strategy, run: _Run, request_id: str,
+                 h: torch.Tensor) -> Classification:
+        encode_started = time.perf_counter()
+        try:
+            payload = encode_offload(h, model_id=model.model_id, split=strategy.split, request_id=request_id,
+                                     wire_dtype=self.wire_dtype)
+        except PopexError as err:  # e.g. NaN activations: the edge still answers
+            return self._fallback(model, plan, strategy, run, request_id, f"cannot encode the tensor: {err}")
+        encode_ms = (time.perf_counter() - encode_started) * 1000.0
+        remaining_ms = run.remaining_ms()
+        if remaining_ms <= 0:
+            return self._fallback(model, plan, strategy, run, request_id,
+                                  "no time left in the budget for the cloud")
+        # The emulator's delay for these bytes if sent now: the exact link part of the round trip.
+        link = getattr(self.client, "link", None)
+        link_ms = None if link is None else float(link.delay_ms(len(payload)))
+        call_started = time.perf_counter()
+        try:
+            result = self.client.infer(payload, timeout_s=remaining_ms / 1000.0)
+        except CloudError as err:
+            run.transfer_ms = (time.perf_counter() - call_started) * 1000.0
+            if isinstance(err, CloudRejected) and self.on_cloud_rejected is not None:
+                self.on_cloud_rejected(model.model_id)
+            return self._fallback(model, plan, strategy, run, request_id, f"{_public_name(err)}: {err}")
+        round_trip_ms = float(result.round_trip_ms)
+        run.cloud_ms = max(0.0, float(result.cloud_ms))
+        run.transfer_ms = max(0.0, round_trip_ms - run.cloud_ms)
+        self.record_offload(len(payload), encode_ms=encode_ms, round_trip_ms=round_trip_ms, cloud_ms=run.cloud_ms,
+                            emulated_link_ms=link_ms)
+        label = int(result.label)
+        class_names = model.class_names
+        class_name = class_names[label] if 0 <= label < len(class_names) else str(result.class_name)
+        return self._answer(model, strategy, run, request_id, label=label, confidence=float(result.confidence),
+                            exit_="final", where="cloud", class_name=class_name)
+
+    def _fallback(self, model: StoredModel, plan: ModelPlan, strategy: Strategy, run: _Run, request_id: str,
+                  reason: str) -> Classification:
+        net = model.loaded.net
+        split = strategy.split
+        answer = dict(fallback=True, fallback_reason=reason)
+        if run.evaluated:
+            branch, confidence, label = max(run.evaluated, key=lambda item: item[1])
+            return self._answer(model, strategy, run, request_id, label=label, confidence=confidence,
+                                exit_=branch, **answer)
+        profile = plan.profile
+        rest_ms = float(profile.stage_edge_ms[split:].sum())
+        candidates = [b for b, k in enumerate(net.branch_after_stage) if k <= split]
+        if rest_ms <= run.remaining_ms() or not candidates:
+            logits = self._on_edge(net.run_stages, run.features[split], start=split)
+            confidence, label = self._final(model, logits)
+            return self._answer(model, strategy, run, request_id, label=label, confidence=confidence,
+                                exit_="final", **answer)
+        branch = min(candidates, key=lambda b: float(profile.branch_edge_ms[b]))
+        confidence, label = self._evaluate_branch(model, branch, run.features[net.branch_after_stage[branch]])
+        return self._answer(model, strategy, run, request_id, label=label, confidence=confidence,
+                            exit_=branch, **answer)
+
+    def _answer(self, model: StoredModel, strategy: Strategy, run: _Run, request_id: str, *, label: int,
+                confidence: float, exit_: int | str, where: str = "edge", class_name: str | None = None,
+                fallback: bool = False, fallback_reason: str | None = None) -> Classification:
+        total_ms = run.elapsed_ms()
+        edge_ms = max(0.0, total_ms - run.transfer_ms - run.cloud_ms)
+        return Classification(
+            label=label,
+            class_name=class_name if class_name is not None else model.class_names[label],
+            confidence=confidence,
+            exit=exit_,
+            where=where,
+            split=strategy.split,
+            thresholds=strategy.thresholds,
+            fallback=fallback,
+            fallback_reason=fallback_reason,
+            latency=LatencyBreakdown(edge_ms=edge_ms, transfer_ms=run.transfer_ms, cloud_ms=run.cloud_ms,
+                                     total_ms=total_ms),
+            predicted_latency_ms=strategy.latency_ms,
+            model_id=model.model_id,
+            feasible=strategy.feasible,
+            deadline_ms=run.deadline_ms,
+            request_id=request_id,
+            policy=strategy.policy,
+        )
+
+    # -- measurements from offloads ----------------------------------------------------
+
+    def link_part_ms(self, n_bytes: int, *, emulated_link_ms: float | None = None) -> float:
+        """The link's share of an offload's round trip, ms.
+
+        Exact when the client emulates the link (the emulator's delay,
+        ``emulated_link_ms``), otherwise estimated from the current uplink
+        estimate: ``8·n_bytes/(1000·B) + R``.
+        """
+        if emulated_link_ms is not None:
+            return float(emulated_link_ms)
+        link: Link = self.monitor.link() if self.monitor is not None else self.plans.link
+        return link.transfer_ms(n_bytes) + link.rtt_ms
+
+    def record_overhead(self, n_bytes: int, *, encode_ms: float, round_trip_ms: float, cloud_ms: float,
+                        emulated_link_ms: float | None = None) -> float:
+        """Add one measurement of the per-offload overhead O and re-plan if its median moved.
+
+        ``O = encode_ms + (round_trip_ms − cloud_ms − link part)``; see :meth:`link_part_ms`.
+
+        Returns
+        -------
+        float
+            This measurement, ms.
+        """
+        link_ms = self.link_part_ms(n_bytes, emulated_link_ms=emulated_link_ms)
+        overhead_ms = encode_ms + (round_trip_ms - cloud_ms - link_ms)
+        self.overhead.add(overhead_ms)
+        current_ms = self.overhead.current_ms
+        planned_ms = self._planned_overhead_ms
+        if abs(current_ms - planned_ms) > max(self.replan_hysteresis_fraction * planned_ms, _OVERHEAD_SLACK_MS):
+            self._planned_overhead_ms = current_ms
+            try:
+                self.plans.set_offload_overhead(current_ms)
+            except PopexError:
+                _log.exception("re-plan with offload overhead %.3f ms failed", current_ms)
+        return overhead_ms
+
+    def record_offload(self, n_bytes: int, *, encode_ms: float, round_trip_ms: float, cloud_ms: float,
+                       emulated_link_ms: float | None = None) -> None:
+        """Feed one successful offload to the uplink monitor (passive sample) and the O tracker."""
+        if self.monitor is not None:
+            self.monitor.add_passive_sample(n_bytes, round_trip_ms - cloud_ms)
+        self.record_overhead(n_bytes, encode_ms=encode_ms, round_trip_ms=round_trip_ms, cloud_ms=cloud_ms,
+                             emulated_link_ms=emulated_link_ms)

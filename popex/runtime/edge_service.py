@@ -1,0 +1,448 @@
+"""The edge's model lifecycle: register, plan at once, then prepare in the background.
+
+A registered model is classifiable at once: :meth:`EdgeService.register`
+stores it, times its stages on the edge quickly (a few repeats), assumes the
+cloud is ``cloud_speedup`` times faster and plans with the current link
+estimate. One background worker (a single daemon thread, started by the
+first job, never by a constructor) then prepares it properly:
+
+1. push it to the cloud unless the cloud has it;
+2. profile the edge (``profile_n_repeats``) and the cloud (its profile
+   endpoint); if the cloud is unreachable, cloud = edge / cloud_speedup,
+   marked "assumed";
+3. measure the per-offload overhead O with a few real offloads;
+4. build the profile (bytes on the wire measured from real payloads) and
+   re-plan; the state becomes "ready" (or "failed" with the error).
+
+Stored models are planned again when the service opens: from their saved
+profile if they were ready, else with the quick assumed plan and a new
+preparation. When the cloud later refuses an offload (for example it lost
+the model on a restart), the model is pushed again, at most once per
+``resync_interval_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+
+from popex.background.profiler import StageTimings, build_profile, time_stages
+from popex.decision.latency import Profile
+from popex.errors import ConfigError
+from popex.runtime.cloud_client import CloudError
+from popex.runtime.edge_runner import EdgeRunner
+from popex.runtime.registry import Registration, StoredModel
+from popex.runtime.wire import encode_offload
+
+__all__ = ["EdgeService"]
+
+_log = logging.getLogger(__name__)
+
+_QUICK_N_WARMUP = 1
+_QUICK_N_REPEATS = 3
+_N_WARMUP = 5
+_N_OVERHEAD_OFFLOADS = 5
+_HEALTH_TIMEOUT_S = 1.0
+
+
+def _wire_split_bytes(model: StoredModel, wire_dtype: str) -> np.ndarray:
+    """Exact payload bytes α_s at each split s < N (the tensor plus the wire header); 0 at s = N."""
+    net = model.loaded.net
+    shapes = net.stage_output_shapes()
+    sizes = [
+        len(encode_offload(torch.zeros(1, *shape), model_id=model.model_id, split=s, request_id=uuid.uuid4().hex,
+                           wire_dtype=wire_dtype))
+        for s, shape in enumerate(shapes[:-1])
+    ]
+    return np.array(sizes + [0], dtype=np.int64)
+
+
+class _Worker:
+    """One daemon thread running jobs in order; started by the first job.
+
+    A daemon, unlike ``ThreadPoolExecutor``'s workers, so that a long
+    profiling job cannot hold up the process when the server stops.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, job: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the worker is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._queue.put((future, job))
+        return future
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, job = item
+            if self._closed:
+                future.cancel()
+                continue
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as err:  # handed to whoever waits on the future
+                future.set_exception(err)
+
+
+class EdgeService:
+    """Registered models, their preparation, and the edge's status.
+
+    Parameters
+    ----------
+    runner : EdgeRunner
+        Gives the registry, plans, cloud client, monitor and O tracker.
+    cloud_url : str
+        Shown in the status.
+    emulated_link : LinkEmulator, optional
+        Shown in the status.
+    cloud_speedup : float
+        Cloud = edge / cloud_speedup when the cloud cannot be profiled.
+    profile_n_repeats : int
+        Timed runs per stage when preparing (edge and cloud).
+    cloud_timeout_s : float
+        Timeout of control calls to the cloud (upload, profile, overhead offloads).
+    resync_interval_s : float
+        Least time between two pushes of one model after the cloud refused it.
+
+    Raises
+    ------
+    ConfigError
+        On a non-positive speedup, repeat count or timeout.
+    """
+
+    def __init__(
+        self,
+        runner: EdgeRunner,
+        *,
+        cloud_url: str,
+        emulated_link: Any | None = None,
+        cloud_speedup: float = 1.0,
+        profile_n_repeats: int = 30,
+        cloud_timeout_s: float = 30.0,
+        resync_interval_s: float = 10.0,
+    ) -> None:
+        for name, value in (("cloud_speedup", cloud_speedup), ("profile_n_repeats", profile_n_repeats),
+                            ("cloud_timeout_s", cloud_timeout_s)):
+            if isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value!r}")
+        self.runner = runner
+        self.registry = runner.registry
+        self.plans = runner.plans
+        self.client = runner.client
+        self.cloud_url = cloud_url
+        self.emulated_link = emulated_link
+        self.cloud_speedup = float(cloud_speedup)
+        self.profile_n_repeats = int(profile_n_repeats)
+        self.cloud_timeout_s = float(cloud_timeout_s)
+        self.resync_interval_s = float(resync_interval_s)
+        self._worker = _Worker("popex-prepare")
+        self._jobs: dict[tuple[str, str], Future[Any]] = {}
+        self._jobs_lock = threading.Lock()
+        self._last_sync_s: dict[str, float] = {}
+        runner.on_cloud_rejected = self.request_sync
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Plan every stored model and queue the work it still needs (no wait)."""
+        for model_id in self.registry.ids():
+            model = self.registry.get(model_id)
+            if model.state == "ready" and model.profile is not None:
+                self.plans.install(model_id, model.calibration, model.profile)
+                with torch.inference_mode():  # the first run of a network is slow; not a request's
+                    model.loaded.net(torch.zeros(1, *model.loaded.net.input_shape))
+                self._submit("sync", model_id, self._sync)
+            else:
+                self._install_assumed_plan(model)
+                self._submit("prepare", model_id, self.prepare)
+
+    def close(self) -> None:
+        """Drop queued jobs; a job already running finishes in its daemon thread."""
+        self._worker.close()
+
+    def wait_idle(self, timeout_s: float = 60.0) -> bool:
+        """Wait until no job is queued or running; False if ``timeout_s`` passed first."""
+        deadline_s = time.monotonic() + timeout_s
+        while True:
+            with self._jobs_lock:
+                pending = [job for job in self._jobs.values() if not job.done()]
+            if not pending:
+                return True
+            left_s = deadline_s - time.monotonic()
+            if left_s <= 0:
+                return False
+            try:
+                pending[0].result(timeout=left_s)
+            except Exception:  # jobs log their own failures
+                pass
+
+    # -- registration and preparation ------------------------------------------------
+
+    def register(self, spec_bytes: bytes, weights_bytes: bytes, calibration_bytes: bytes) -> Registration:
+        """Validate and store a model, plan it with assumptions, queue its preparation.
+
+        Parameters
+        ----------
+        spec_bytes, weights_bytes, calibration_bytes : bytes
+            spec.json, weights.safetensors, calibration.npz.
+
+        Returns
+        -------
+        Registration
+            ``created`` is False when it was registered already; its
+            preparation is queued again only if it had failed.
+
+        Raises
+        ------
+        SpecError, WeightsError, CalibrationError
+            Nothing is stored in that case.
+        """
+        registration = self.registry.add(spec_bytes, weights_bytes, calibration_bytes)
+        model = self.registry.get(registration.model_id)
+        if registration.model_id not in self.plans:
+            self._install_assumed_plan(model)
+        if registration.created or model.state == "failed":
+            self._submit("prepare", registration.model_id, self.prepare)
+        return registration
+
+    def register_directory(self, directory: str) -> str:
+        """Register the model files of a directory (the default model at start); return its id."""
+        model_id = self.registry.register_directory(directory)
+        model = self.registry.get(model_id)
+        if model_id not in self.plans:
+            self._install_assumed_plan(model)
+            if model.state != "ready":
+                self._submit("prepare", model_id, self.prepare)
+        return model_id
+
+    def prepare(self, model_id: str) -> StoredModel:
+        """Push, profile both sides, measure O and re-plan, synchronously (the worker's job).
+
+        Failures are recorded in the model's state ("failed" with the
+        error), not raised: the model stays classifiable with its assumed plan.
+        """
+        model = self.registry.get(model_id)
+        self.registry.set_state(model_id, "profiling")
+        try:
+            on_cloud = self._push(model)
+            timings = time_stages(model.loaded.net, n_warmup=_N_WARMUP, n_repeats=self.profile_n_repeats)
+            cloud_stage_ms = self._cloud_profile(model) if on_cloud else None
+            if on_cloud:
+                self._measure_overhead(model)
+            profile = self._profile(model, timings, cloud_stage_ms)
+            self.plans.install(model_id, model.calibration, profile)
+            cloud_profile = "measured" if cloud_stage_ms is not None else "assumed"
+            return self.registry.set_state(model_id, "ready", profile=profile, cloud_profile=cloud_profile)
+        except Exception as err:  # any failure leaves a usable model and a visible error
+            _log.exception("preparing model %s failed", model_id)
+            return self.registry.set_state(model_id, "failed", error=f"{type(err).__name__}: {err}")
+
+    def request_sync(self, model_id: str) -> None:
+        """Push a model to the cloud again soon (after the cloud refused an offload); rate-limited."""
+        now_s = time.monotonic()
+        if now_s - self._last_sync_s.get(model_id, -float("inf")) < self.resync_interval_s:
+            return
+        self._last_sync_s[model_id] = now_s
+        self._submit("sync", model_id, self._sync)
+
+    # -- views --------------------------------------------------------------------
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Every registered model: id, name, state."""
+        return [
+            {"model_id": m.model_id, "name": m.name, "state": m.state}
+            for m in (self.registry.get(i) for i in self.registry.ids())
+        ]
+
+    def describe(self, model_id: str) -> dict[str, Any]:
+        """One model: state, names, profile in use, current decision for the default deadline.
+
+        Raises
+        ------
+        UnknownModelError
+        """
+        model = self.registry.get(model_id)
+        plan = self.runner.plan_of(model)
+        strategy = plan.strategy(self.runner.default_deadline_ms, self.runner.objective)
+        return {
+            "model_id": model.model_id,
+            "name": model.name,
+            "state": model.state,
+            "error": model.error,
+            "class_names": list(model.class_names),
+            "n_stages": model.loaded.net.n_stages,
+            "branch_after_stage": list(model.loaded.net.branch_after_stage),
+            "profile": plan.profile.to_dict(),
+            "cloud_profile": model.cloud_profile or "assumed",
+            "link": {"uplink_mbps": plan.link.uplink_mbps, "rtt_ms": plan.link.rtt_ms},
+            "strategy": strategy.to_dict(),
+        }
+
+    def strategies(self, model_id: str, *, deadline_ms: float | None = None,
+                   objective: str | None = None) -> dict[str, Any]:
+        """The current strategy table of a model as JSON rows, and the row chosen for a deadline.
+
+        Parameters
+        ----------
+        model_id : str
+        deadline_ms : float, optional
+            Default: the config's default deadline.
+        objective : {"mean", "tail"}, optional
+            Default: the config's objective.
+
+        Raises
+        ------
+        UnknownModelError, ConfigError
+        """
+        model = self.registry.get(model_id)
+        plan = self.runner.plan_of(model)
+        table = plan.table
+        deadline_ms = self.runner.default_deadline_ms if deadline_ms is None else deadline_ms
+        strategy = plan.strategy(deadline_ms, self.runner.objective if objective is None else objective)
+        return {
+            "model_id": model.model_id,
+            "link": {"uplink_mbps": table.link.uplink_mbps, "rtt_ms": table.link.rtt_ms},
+            "n_rows": len(table),
+            "chosen": strategy.to_dict(),
+            "rows": table.to_rows(),
+        }
+
+    def strategies_csv(self, model_id: str) -> str:
+        """The current strategy table of a model as CSV text.
+
+        Raises
+        ------
+        UnknownModelError
+        """
+        return self.runner.plan_of(self.registry.get(model_id)).table_csv()
+
+    def status(self) -> dict[str, Any]:
+        """The edge at a glance: uplink estimate, cloud health, models and their strategies."""
+        monitor = self.runner.monitor
+        if monitor is not None:
+            uplink = monitor.status()
+        else:
+            link = self.plans.link
+            uplink = {"uplink_mbps": link.uplink_mbps, "rtt_ms": link.rtt_ms, "source": "configured",
+                      "n_samples": 0, "history": []}
+        try:
+            healthy = bool(self.client.health(timeout_s=_HEALTH_TIMEOUT_S))
+        except CloudError:
+            healthy = False
+        models = []
+        for info in self.list_models():
+            model = self.registry.get(info["model_id"])
+            strategy = self.runner.plan_of(model).strategy(self.runner.default_deadline_ms, self.runner.objective)
+            models.append({**info, "strategy": strategy.to_dict()})
+        emulated = self.emulated_link
+        return {
+            "uplink": uplink,
+            "cloud": {"url": self.cloud_url, "healthy": healthy},
+            "models": models,
+            "emulated_link": None if emulated is None else {"uplink_mbps": emulated.uplink_mbps,
+                                                            "rtt_ms": emulated.rtt_ms},
+            "emulated_edge_slowdown": self.runner.edge_slowdown,
+            "default_deadline_ms": self.runner.default_deadline_ms,
+            "objective": self.runner.objective,
+            "offload_overhead_ms": self.runner.overhead.current_ms,
+            "requests": self.runner.counts(),
+        }
+
+    # -- private ------------------------------------------------------------------
+
+    def _submit(self, kind: str, model_id: str, job: Any) -> None:
+        key = (kind, model_id)
+        with self._jobs_lock:
+            running = self._jobs.get(key)
+            if running is not None and not running.done():
+                return
+            try:
+                self._jobs[key] = self._worker.submit(lambda: job(model_id))
+            except RuntimeError:  # shut down: the service is closing
+                _log.info("not queueing %s of %s: the service is closing", kind, model_id)
+
+    def _install_assumed_plan(self, model: StoredModel) -> None:
+        timings = time_stages(model.loaded.net, n_warmup=_QUICK_N_WARMUP, n_repeats=_QUICK_N_REPEATS)
+        self.plans.install(model.model_id, model.calibration, self._profile(model, timings, None))
+
+    def _profile(self, model: StoredModel, timings: StageTimings, cloud_stage_ms: list[float] | None) -> Profile:
+        timings = dataclasses.replace(timings.scaled(self.runner.edge_slowdown),
+                                      split_bytes=_wire_split_bytes(model, self.runner.wire_dtype))
+        return build_profile(
+            timings,
+            branch_after_stage=model.loaded.net.branch_after_stage,
+            cloud_stage_ms=cloud_stage_ms,
+            offload_overhead_ms=self.runner.overhead.current_ms,
+            cloud_speedup=self.cloud_speedup,
+        )
+
+    def _push(self, model: StoredModel) -> bool:
+        """Make sure the cloud has the model; False if the cloud cannot be reached."""
+        try:
+            if self.client.has_model(model.model_id, timeout_s=self.cloud_timeout_s):
+                return True
+            spec_bytes, weights_bytes = model.artifact_bytes()
+            self.client.put_model(model.model_id, spec_bytes, weights_bytes, timeout_s=self.cloud_timeout_s)
+            return True
+        except CloudError as err:
+            _log.warning("cannot push model %s to the cloud (%s); assuming cloud times", model.model_id, err)
+            return False
+
+    def _cloud_profile(self, model: StoredModel) -> list[float] | None:
+        try:
+            return self.client.profile(model.model_id, n_repeats=self.profile_n_repeats,
+                                       timeout_s=self.cloud_timeout_s)
+        except CloudError as err:
+            _log.warning("cannot profile model %s on the cloud (%s); assuming cloud times", model.model_id, err)
+            return None
+
+    def _measure_overhead(self, model: StoredModel) -> None:
+        """A few real offloads of the input (split 0) to measure O; failures are skipped."""
+        x = torch.zeros(1, *model.loaded.net.input_shape)
+        link = getattr(self.client, "link", None)
+        for _ in range(_N_OVERHEAD_OFFLOADS):
+            started_s = time.perf_counter()
+            payload = encode_offload(x, model_id=model.model_id, split=0, request_id=uuid.uuid4().hex,
+                                     wire_dtype=self.runner.wire_dtype)
+            encode_ms = (time.perf_counter() - started_s) * 1000.0
+            link_ms = None if link is None else float(link.delay_ms(len(payload)))
+            try:
+                result = self.client.infer(payload, timeout_s=self.cloud_timeout_s)
+            except CloudError as err:
+                _log.warning("overhead offload of model %s failed: %s", model.model_id, err)
+                continue
+            self.runner.record_offload(len(payload), encode_ms=encode_ms, round_trip_ms=float(result.round_trip_ms),
+                                       cloud_ms=float(result.cloud_ms), emulated_link_ms=link_ms)
+
+    def _sync(self, model_id: str) -> None:
+        model = self.registry.get(model_id)
+        on_cloud = self._push(model)
+        if on_cloud and model.cloud_profile != "measured":
+            self.prepare(model_id)  # the cloud is back: measure what was assumed

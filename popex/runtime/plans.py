@@ -1,0 +1,372 @@
+"""Per-model plan state on the edge: the current strategy table and decisions.
+
+Exit statistics are swept once per model (they depend only on the
+calibration); a :class:`~popex.decision.Planner` is built once per profile;
+a new link estimate only rebuilds the table and one
+:class:`~popex.decision.DecisionIndex` per objective, which takes
+milliseconds. The result is swapped in by one reference assignment, so a
+request thread sees either the whole old plan or the whole new one, never a
+mix. Decisions are cached per ``(deadline_ms, objective)`` inside the plan
+object they were made on, so the swap invalidates the cache and a request
+reads its strategy from a dict in O(1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from popex.decision.calibration import Calibration
+from popex.decision.policies import PolicyBook, check_policy
+from popex.decision.latency import Link, Profile
+from popex.decision.sweep import ExitStats, sweep_exit_stats
+from popex.decision.table import OBJECTIVES, Planner, StrategyTable
+from popex.errors import ConfigError
+
+__all__ = [
+    "Strategy",
+    "ModelPlan",
+    "PlanBook",
+]
+
+# Deadlines come from clients as arbitrary floats; bound the cache so a client
+# sweeping deadlines cannot grow it without limit (it is refilled on demand).
+_MAX_CACHED_DECISIONS = 4096
+
+
+def _check_objective(objective: object) -> str:
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    return str(objective)
+
+
+def _check_deadline(deadline_ms: object) -> float:
+    if isinstance(deadline_ms, bool):
+        raise ConfigError(f"deadline_ms must be a number, got {deadline_ms!r}")
+    try:
+        value = float(deadline_ms)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"deadline_ms must be a number, got {deadline_ms!r}") from err
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"deadline_ms must be finite and >= 0, got {deadline_ms!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What the edge does with one request: where to split and when to exit.
+
+    Attributes
+    ----------
+    split : int
+        Stages run on the edge, 0..N (N = edge only).
+    thresholds : tuple of (float or None), length B
+        Confidence threshold of each branch; None = branch off.
+    active_branches : tuple of int
+        Branches evaluated: k_b <= split and threshold not None.
+    latency_ms : float
+        Predicted (expected) latency E[T], ms.
+    worst_latency_ms : float
+        Latency of a sample that passes every active branch, ms.
+    accuracy : float
+        On the calibration data.
+    offload_prob : float
+        Predicted fraction of requests sent to the cloud.
+    feasible : bool
+        False when no strategy meets the deadline (the fastest is used).
+    row : int
+        Row of the strategy table it came from.
+    objective : str
+        "mean" or "tail".
+    deadline_ms : float
+    policy : str
+        Which policy chose it ("adaptive" is POPEX; the others are baselines).
+    """
+
+    split: int
+    thresholds: tuple[float | None, ...]
+    active_branches: tuple[int, ...]
+    latency_ms: float
+    worst_latency_ms: float
+    accuracy: float
+    offload_prob: float
+    feasible: bool
+    row: int
+    objective: str
+    deadline_ms: float
+    policy: str = "adaptive"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (plain Python types)."""
+        return {
+            "split": self.split,
+            "thresholds": list(self.thresholds),
+            "active_branches": list(self.active_branches),
+            "predicted_latency_ms": self.latency_ms,
+            "worst_latency_ms": self.worst_latency_ms,
+            "accuracy": self.accuracy,
+            "offload_prob": self.offload_prob,
+            "feasible": self.feasible,
+            "row": self.row,
+            "objective": self.objective,
+            "deadline_ms": self.deadline_ms,
+            "policy": self.policy,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """Everything a request reads, for one profile and link; replaced, never mutated
+    (except its decision cache, a dict whose single-key writes are atomic)."""
+
+    profile: Profile
+    link: Link
+    table: StrategyTable
+    policies: PolicyBook
+    cache: dict[tuple[float, str, str], Strategy]
+
+
+def _strategy(plan: _Plan, deadline_ms: float, objective: str, policy: str,
+              branch_after_stage: tuple[int, ...]) -> Strategy:
+    decision = plan.policies.decide(policy, deadline_ms=deadline_ms, objective=objective)
+    row = plan.table.row(decision.row)
+    split = row["split"]
+    thresholds = tuple(row["thresholds"])
+    active = tuple(b for b, t in enumerate(thresholds) if t is not None and branch_after_stage[b] <= split)
+    return Strategy(
+        split=split,
+        thresholds=thresholds,
+        active_branches=active,
+        latency_ms=row["expected_latency_ms"],
+        worst_latency_ms=row["worst_latency_ms"],
+        accuracy=row["accuracy"],
+        offload_prob=row["offload_prob"],
+        feasible=decision.feasible,
+        row=decision.row,
+        objective=objective,
+        deadline_ms=deadline_ms,
+        policy=policy,
+    )
+
+
+class ModelPlan:
+    """Plan state of one model: exit statistics, planner, current table and decisions.
+
+    Parameters
+    ----------
+    calibration : Calibration
+        The model's calibration; swept once here.
+    profile : Profile
+        Initial profile (measured or assumed).
+    link : Link
+        Initial link estimate.
+    thresholds : sequence of sequences of float, optional
+        Per-branch threshold grids (default: the sweep's default grid).
+
+    Raises
+    ------
+    CalibrationError, ProfileError
+        If the calibration, profile and branch positions disagree.
+    """
+
+    def __init__(
+        self,
+        calibration: Calibration,
+        *,
+        profile: Profile,
+        link: Link,
+        thresholds: Sequence[Sequence[float]] | None = None,
+    ) -> None:
+        self.stats: ExitStats = sweep_exit_stats(
+            calibration, branch_after_stage=profile.branch_after_stage, thresholds=thresholds
+        )
+        self._lock = threading.Lock()
+        self._planner = Planner(self.stats, profile)
+        self._plan = self._build(link)
+
+    def _build(self, link: Link) -> _Plan:
+        table = self._planner.table(link)
+        return _Plan(profile=self._planner.profile, link=link, table=table, policies=PolicyBook.build(table),
+                     cache={})
+
+    @property
+    def profile(self) -> Profile:
+        """The profile the current plan was built from."""
+        return self._plan.profile
+
+    @property
+    def link(self) -> Link:
+        """The link estimate the current plan was built for."""
+        return self._plan.link
+
+    @property
+    def table(self) -> StrategyTable:
+        """The current strategy table."""
+        return self._plan.table
+
+    def set_link(self, link: Link) -> None:
+        """Rebuild the table for a new link estimate and swap it in.
+
+        Raises
+        ------
+        ConfigError
+            If ``link`` is not a Link.
+        """
+        if not isinstance(link, Link):
+            raise ConfigError(f"expected a Link, got {type(link).__name__}")
+        with self._lock:
+            self._plan = self._build(link)
+
+    def set_profile(self, profile: Profile, *, link: Link | None = None) -> None:
+        """Use a new profile (e.g. measured, or with a new overhead O) and re-plan.
+
+        Raises
+        ------
+        ProfileError
+            If the profile's branches differ from the model's.
+        """
+        with self._lock:
+            self._planner = Planner(self.stats, profile)
+            self._plan = self._build(self._plan.link if link is None else link)
+
+    def set_offload_overhead(self, offload_overhead_ms: float) -> None:
+        """Re-plan with a new per-offload overhead O, ms (other timings kept).
+
+        Raises
+        ------
+        ProfileError
+            If the value is negative or not finite.
+        """
+        with self._lock:
+            profile = dataclasses.replace(self._planner.profile, offload_overhead_ms=offload_overhead_ms)
+            self._planner = Planner(self.stats, profile)
+            self._plan = self._build(self._plan.link)
+
+    def strategy(self, deadline_ms: float, objective: str = "mean", policy: str = "adaptive") -> Strategy:
+        """The strategy for a latency requirement, from the current plan (O(1) when cached).
+
+        Parameters
+        ----------
+        deadline_ms : float
+            Latency requirement, ms, finite and >= 0.
+        objective : {"mean", "tail"}
+        policy : str
+            One of :data:`popex.decision.policies.POLICIES`; baselines share the table.
+
+        Returns
+        -------
+        Strategy
+
+        Raises
+        ------
+        ConfigError
+            On a bad deadline, objective or policy.
+        """
+        deadline_ms = _check_deadline(deadline_ms)
+        plan = self._plan  # one read: the whole request uses this plan
+        key = (deadline_ms, objective, policy)
+        cached = plan.cache.get(key) if isinstance(objective, str) and isinstance(policy, str) else None
+        if cached is not None:
+            return cached
+        strategy = _strategy(plan, deadline_ms, _check_objective(objective), check_policy(policy),
+                             plan.profile.branch_after_stage)
+        if len(plan.cache) >= _MAX_CACHED_DECISIONS:
+            plan.cache.clear()
+        plan.cache[key] = strategy
+        return strategy
+
+    def table_csv(self) -> str:
+        """The current strategy table as CSV text (see ``StrategyTable.to_csv``)."""
+        table = self._plan.table
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "strategies.csv"
+            table.to_csv(path)
+            return path.read_text(encoding="utf-8")
+
+
+class PlanBook:
+    """The plans of every model, and the link estimate they share.
+
+    Parameters
+    ----------
+    link : Link
+        Initial link estimate (configured or emulated).
+    thresholds : sequence of sequences of float, optional
+        Passed to each :class:`ModelPlan`.
+
+    Examples
+    --------
+    >>> book = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0))
+    >>> book.model_ids()
+    []
+    """
+
+    def __init__(self, *, link: Link, thresholds: Sequence[Sequence[float]] | None = None) -> None:
+        if not isinstance(link, Link):
+            raise ConfigError(f"expected a Link, got {type(link).__name__}")
+        self._link = link
+        self._thresholds = thresholds
+        self._plans: dict[str, ModelPlan] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def link(self) -> Link:
+        """The link estimate the plans are built for."""
+        return self._link
+
+    def model_ids(self) -> list[str]:
+        """Ids of the models that have a plan."""
+        return list(self._plans)
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._plans
+
+    def get(self, model_id: str) -> ModelPlan:
+        """The plan of ``model_id``.
+
+        Raises
+        ------
+        ConfigError
+            If the model has no plan yet.
+        """
+        plan = self._plans.get(model_id)
+        if plan is None:
+            raise ConfigError(f"model {model_id!r} has no plan")
+        return plan
+
+    def install(self, model_id: str, calibration: Calibration, profile: Profile) -> ModelPlan:
+        """Plan a model with ``profile``; replaces the profile if it already has a plan."""
+        with self._lock:
+            existing = self._plans.get(model_id)
+            if existing is not None:
+                existing.set_profile(profile, link=self._link)
+                return existing
+            plan = ModelPlan(calibration, profile=profile, link=self._link, thresholds=self._thresholds)
+            self._plans[model_id] = plan
+            return plan
+
+    def set_link(self, link: Link) -> None:
+        """Re-plan every model for a new link estimate."""
+        if not isinstance(link, Link):
+            raise ConfigError(f"expected a Link, got {type(link).__name__}")
+        with self._lock:
+            self._link = link
+            for plan in list(self._plans.values()):
+                plan.set_link(link)
+
+    def set_offload_overhead(self, offload_overhead_ms: float) -> None:
+        """Re-plan every model with a new per-offload overhead O, ms."""
+        with self._lock:
+            for plan in list(self._plans.values()):
+                plan.set_offload_overhead(offload_overhead_ms)
+
+    def strategy(self, model_id: str, deadline_ms: float, objective: str = "mean",
+                 policy: str = "adaptive") -> Strategy:
+        """Shortcut for ``get(model_id).strategy(deadline_ms, objective, policy)``."""
+        return self.get(model_id).strategy(deadline_ms, objective, policy)

@@ -1,0 +1,396 @@
+"""The edge Flask app through its test client, with a fake cloud client injected."""
+
+import io
+import json
+import pickle
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from edge_api import close_app, create_app
+from edge_api.config import EdgeConfig, load_config
+from popex.data import encode_png
+from popex.errors import ConfigError
+from popex.nets import EarlyExitNet, compute_model_id, weights_to_bytes, zoo_spec
+from popex.runtime.cloud_client import CloudInference, CloudTimeout, CloudUnavailable
+from popex.runtime.plans import Strategy
+
+TOKEN = "test-token-0123456789"
+CLASSIFY_KEYS = {"label", "class_name", "confidence", "exit", "where", "split", "thresholds", "fallback",
+                 "latency_ms", "predicted_latency_ms", "model", "feasible"}
+
+
+class FakeCloud:
+    """The cloud client's methods, answering from memory; ``down`` makes every call fail."""
+
+    def __init__(self):
+        self.link = None
+        self.down = False
+        self.models = set()
+        self.infer_error = None
+        self.gate = threading.Event()
+        self.gate.set()
+        self.n_infer = 0
+
+    def _check(self):
+        if self.down:
+            raise CloudUnavailable("connection refused")
+
+    def has_model(self, model_id, *, timeout_s):
+        self.gate.wait(10.0)
+        self._check()
+        return model_id in self.models
+
+    def put_model(self, model_id, spec_bytes, weights_bytes, *, timeout_s):
+        self._check()
+        self.models.add(model_id)
+
+    def profile(self, model_id, *, n_repeats, timeout_s):
+        self._check()
+        return [0.05, 0.05, 0.02]
+
+    def infer(self, payload, *, timeout_s):
+        self.n_infer += 1
+        self._check()
+        if self.infer_error is not None:
+            raise self.infer_error
+        return CloudInference(label=4, class_name="class4", confidence=0.9, cloud_ms=1.0, transfer_ms=3.0,
+                              round_trip_ms=4.0, n_bytes=len(payload))
+
+    def probe(self, n_bytes, *, timeout_s):
+        self._check()
+        raise CloudTimeout("probe not needed in these tests")
+
+    def health(self, *, timeout_s):
+        return not self.down
+
+
+def _calibration_bytes(n_exits=2, n_samples=200, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n_samples)
+    predicted = rng.integers(0, 10, (n_samples, n_exits))
+    buffer = io.BytesIO()
+    np.savez(buffer, confidence=rng.random((n_samples, n_exits)), predicted=predicted,
+             correct=predicted == labels[:, None], labels=labels, temperature=np.ones(n_exits),
+             confidence_method=np.array("max_softmax"))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_files():
+    torch.manual_seed(0)
+    spec = zoo_spec("b-lenet")
+    weights_bytes = weights_to_bytes(EarlyExitNet(spec))
+    return {"spec": json.dumps(spec).encode(), "weights": weights_bytes, "calibration": _calibration_bytes(),
+            "model_id": compute_model_id(spec, weights_bytes)}
+
+
+@pytest.fixture
+def cloud():
+    return FakeCloud()
+
+
+@pytest.fixture
+def config(tmp_path):
+    return {"token": TOKEN, "state_dir": str(tmp_path / "edge"), "default_model_dir": None,
+            "start_background": False, "profile_n_repeats": 2, "max_image_bytes": 64 * 1024,
+            "cloud_url": "http://127.0.0.1:9"}
+
+
+@pytest.fixture
+def app(config, cloud):
+    app = create_app(config, cloud_client=cloud)
+    yield app
+    close_app(app)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def _service(app):
+    return app.extensions["popex_edge_service"]
+
+
+def _post_model(client, files, **changes):
+    files = {**files, **changes}
+    data = {name: (io.BytesIO(files[name]), f"{name}.bin") for name in ("spec", "weights", "calibration")
+            if files.get(name) is not None}
+    return client.post("/api/v1/models", data=data, content_type="multipart/form-data")
+
+
+@pytest.fixture
+def registered(app, client, model_files):
+    response = _post_model(client, model_files)
+    assert response.status_code == 202, response.json
+    assert _service(app).wait_idle(60.0)
+    return model_files["model_id"]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, model_files):
+    """One app with the model ready, for tests that only read (saves a registration each)."""
+    config = {"token": TOKEN, "state_dir": str(tmp_path_factory.mktemp("shared") / "edge"),
+              "default_model_dir": None, "start_background": False, "profile_n_repeats": 2,
+              "max_image_bytes": 64 * 1024}
+    app = create_app(config, cloud_client=FakeCloud())
+    client = app.test_client()
+    assert _post_model(client, model_files).status_code == 202
+    assert _service(app).wait_idle(60.0)
+    yield {"client": client, "model_id": model_files["model_id"]}
+    close_app(app)
+
+
+def _png(height=28, width=28, seed=1):
+    return encode_png(np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8))
+
+
+def _huge_png_header():
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk
+
+
+def _error(response, status):
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"} and body["error"]["message"]
+    return body["error"]
+
+
+def _force(app, model_id, monkeypatch, *, split):
+    plan = app.extensions["popex_edge_runner"].plans.get(model_id)
+    strategy = Strategy(split=split, thresholds=(None,), active_branches=(), latency_ms=5.0, worst_latency_ms=5.0,
+                        accuracy=0.5, offload_prob=1.0, feasible=True, row=0, objective="mean", deadline_ms=0.0)
+    monkeypatch.setattr(plan, "strategy", lambda deadline_ms, objective, policy="adaptive": strategy)
+
+
+# -- config --------------------------------------------------------------------------------
+
+
+def test_the_edge_refuses_to_start_without_a_token(tmp_path):
+    with pytest.raises(ConfigError, match="token"):
+        load_config({"state_dir": str(tmp_path)}, environ={})
+    with pytest.raises(ConfigError, match="token"):
+        create_app({"token": "", "state_dir": str(tmp_path)})
+
+
+def test_config_layers_and_checks(tmp_path):
+    path = tmp_path / "edge.yaml"
+    path.write_text("objective: tail\ndefault_deadline_ms: 80\nemulate_link:\n")
+    config = load_config({"default_deadline_ms": 50.0}, environ={
+        "POPEX_EDGE_CONFIG": str(path), "POPEX_TOKEN": TOKEN, "POPEX_EMULATE_LINK": "5.85,50",
+        "POPEX_CLOUD_URL": "http://cloud:8001/"})
+    assert (config.objective, config.default_deadline_ms, config.emulate_link) == ("tail", 50.0, "5.85,50")
+    assert config.cloud_url == "http://cloud:8001" and TOKEN not in repr(config)
+    for bad in ({"emulate_link": "fast"}, {"objective": "median"}, {"probe_interval_s": 0},
+                {"max_image_bytes": True}, {"unknown_key": 1}, {"cloud_url": "ftp://x"}):
+        with pytest.raises(ConfigError):
+            load_config({"token": TOKEN, **bad}, environ={})
+    assert isinstance(load_config({"token": TOKEN}, environ={}), EdgeConfig)
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+def test_register_prepares_in_the_background(app, client, cloud, registered, model_files):
+    assert registered in cloud.models  # pushed to the cloud
+    listing = client.get("/api/v1/models").json["models"]
+    assert listing == [{"model_id": registered, "name": "b-lenet", "state": "ready"}]
+    info = client.get(f"/api/v1/models/{registered}").json
+    assert info["state"] == "ready" and info["cloud_profile"] == "measured" and info["error"] is None
+    assert info["class_names"][:2] == ["class0", "class1"]
+    assert [stage["cloud_ms"] for stage in info["profile"]["stages"]] == [0.05, 0.05, 0.02]
+    assert {"split", "thresholds", "predicted_latency_ms", "feasible"} <= set(info["strategy"])
+    again = _post_model(client, model_files)
+    assert again.status_code == 200 and again.json == {"model_id": registered, "state": "ready"}
+
+
+def test_an_unreachable_cloud_means_assumed_cloud_times(app, client, cloud, model_files):
+    cloud.down = True
+    assert _post_model(client, model_files).status_code == 202
+    assert _service(app).wait_idle(60.0)
+    info = client.get(f"/api/v1/models/{model_files['model_id']}").json
+    assert info["state"] == "ready" and info["cloud_profile"] == "assumed"
+    edge_ms = [stage["edge_ms"] for stage in info["profile"]["stages"]]
+    assert [stage["cloud_ms"] for stage in info["profile"]["stages"]] == pytest.approx(edge_ms)  # speedup 1
+
+
+def test_a_model_is_classifiable_before_it_is_ready(app, client, cloud, model_files):
+    cloud.gate.clear()  # hold the preparation at its first cloud call
+    try:
+        assert _post_model(client, model_files).status_code == 202
+        state = client.get(f"/api/v1/models/{model_files['model_id']}").json["state"]
+        assert state in ("registered", "profiling")
+        response = client.post("/api/v1/classify", data=_png(), content_type="image/png")
+        assert response.status_code == 200, response.json
+    finally:
+        cloud.gate.set()
+    assert _service(app).wait_idle(60.0)
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"spec": None}, "'spec' is missing"),
+    ({"calibration": None}, "'calibration' is missing"),
+    ({"weights": pickle.dumps({"a": 1})}, "pickle"),
+    ({"spec": b"[1, 2"}, "JSON"),
+    ({"calibration": _calibration_bytes(n_exits=3)}, "exits"),
+])
+def test_bad_model_uploads_are_400(client, model_files, change, pattern):
+    error = _error(_post_model(client, model_files, **change), 400)
+    assert pattern in error["message"]
+    assert client.get("/api/v1/models").json["models"] == []
+
+
+def test_strategies_as_json_and_csv(shared):
+    client, registered = shared["client"], shared["model_id"]
+    body = client.get(f"/api/v1/models/{registered}/strategies?deadline_ms=5&objective=tail").json
+    assert body["n_rows"] == len(body["rows"]) > 1
+    assert body["chosen"]["objective"] == "tail" and body["chosen"]["deadline_ms"] == 5.0
+    assert body["rows"][body["chosen"]["row"]]["split"] == body["chosen"]["split"]
+    response = client.get(f"/api/v1/models/{registered}/strategies?format=csv")
+    assert response.mimetype == "text/csv"
+    assert len(response.get_data(as_text=True).strip().splitlines()) == body["n_rows"] + 1
+    _error(client.get(f"/api/v1/models/{registered}/strategies?format=xml"), 400)
+    _error(client.get(f"/api/v1/models/{registered}/strategies?objective=median"), 400)
+    _error(client.get("/api/v1/models/nope/strategies"), 404)
+    _error(client.get("/api/v1/models/nope"), 404)
+
+
+def test_models_survive_a_restart(config, registered, model_files):
+    restarted = create_app(config, cloud_client=FakeCloud())
+    try:
+        client = restarted.test_client()
+        assert client.get(f"/api/v1/models/{registered}").json["state"] == "ready"
+        assert client.post("/api/v1/classify", data=_png(), content_type="image/png").status_code == 200
+    finally:
+        close_app(restarted)
+
+
+def test_the_default_model_dir_is_registered_at_start(tmp_path, config, model_files):
+    directory = tmp_path / "default"
+    directory.mkdir()
+    for name, key in (("spec.json", "spec"), ("weights.safetensors", "weights"), ("calibration.npz", "calibration")):
+        (directory / name).write_bytes(model_files[key])
+    app = create_app({**config, "default_model_dir": str(directory)}, cloud_client=FakeCloud())
+    try:
+        response = app.test_client().post("/api/v1/classify", data=_png(), content_type="image/png")
+        assert response.status_code == 200 and response.json["model"] == model_files["model_id"]
+    finally:
+        close_app(app)
+
+
+# -- classify ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["multipart", "raw", "octet-stream"])
+def test_classify_answers_every_field(shared, how):
+    client, registered = shared["client"], shared["model_id"]
+    if how == "multipart":
+        response = client.post("/api/v1/classify", data={"image": (io.BytesIO(_png()), "x.png"),
+                                                         "deadline_ms": "250", "model": registered},
+                               content_type="multipart/form-data")
+    else:
+        content_type = "image/png" if how == "raw" else "application/octet-stream"
+        response = client.post(f"/api/v1/classify?deadline_ms=250&model={registered}", data=_png(),
+                               content_type=content_type)
+    assert response.status_code == 200, response.json
+    body = response.json
+    assert CLASSIFY_KEYS <= set(body)
+    assert set(body["latency_ms"]) == {"edge", "transfer", "cloud", "total"}
+    assert body["model"] == registered and body["where"] in ("edge", "cloud")
+    assert body["exit"] == "final" or isinstance(body["exit"], int)
+    assert len(body["thresholds"]) == 1 and isinstance(body["feasible"], bool)
+    assert body["deadline_ms"] == 250.0
+
+
+def test_a_failing_cloud_gives_a_marked_fallback(app, client, cloud, registered, monkeypatch):
+    _force(app, registered, monkeypatch, split=1)
+    response = client.post("/api/v1/classify", data=_png(), content_type="image/png")
+    assert response.status_code == 200 and response.json["where"] == "cloud"
+    cloud.infer_error = CloudTimeout("late")
+    body = client.post("/api/v1/classify", data=_png(), content_type="image/png").json
+    assert body["fallback"] is True and body["where"] == "edge" and body["exit"] == "final"
+    counts = client.get("/api/v1/status").json["requests"]
+    assert counts["n_requests"] == 2 and counts["n_cloud"] == 1 and counts["n_fallback"] == 1
+
+
+@pytest.mark.parametrize("body, content_type, query, status", [
+    (b"hello, not an image", "application/octet-stream", "", 400),
+    (_png()[:-30], "image/png", "", 400),
+    (b"", "image/png", "", 400),
+    (_huge_png_header(), "image/png", "", 400),
+    (b'{"image": "abc"}', "application/json", "", 415),
+    (_png(), "image/png", "?model=nope", 404),
+    (_png(), "image/png", "?deadline_ms=-1", 400),
+    (_png(), "image/png", "?deadline_ms=abc", 400),
+    (_png(), "image/png", "?deadline_ms=nan", 400),
+    (_png(), "image/png", "?deadline_ms=inf", 400),
+    (bytes(100 * 1024), "image/png", "", 413),
+])
+def test_bad_requests_are_json_4xx(shared, body, content_type, query, status):
+    _error(shared["client"].post(f"/api/v1/classify{query}", data=body, content_type=content_type), status)
+
+
+def test_a_truncated_jpeg_and_a_missing_multipart_field_are_400(shared):
+    import cv2
+
+    client = shared["client"]
+    ok, jpeg = cv2.imencode(".jpg", np.full((28, 28), 128, np.uint8))
+    _error(client.post("/api/v1/classify", data=jpeg.tobytes()[:-10], content_type="image/jpeg"), 400)
+    _error(client.post("/api/v1/classify", data={"deadline_ms": "10"}, content_type="multipart/form-data"), 400)
+
+
+def test_classify_without_models_is_404(client):
+    _error(client.post("/api/v1/classify", data=_png(), content_type="image/png"), 404)
+
+
+def test_unknown_routes_and_methods_are_json(shared):
+    client = shared["client"]
+    assert _error(client.get("/api/v1/nothing"), 404)["code"] == "not_found"
+    assert _error(client.get("/api/v1/classify"), 405)["code"] == "method_not_allowed"
+
+
+def test_an_unexpected_error_is_a_json_500(app, client, registered, monkeypatch):
+    runner = app.extensions["popex_edge_runner"]
+    monkeypatch.setattr(runner, "classify", lambda *a, **k: 1 / 0)
+    assert _error(client.post("/api/v1/classify", data=_png(), content_type="image/png"), 500)["code"] == \
+        "internal_error"
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+def test_status_reports_uplink_cloud_and_models(client, cloud, registered):
+    body = client.get("/api/v1/status").json
+    assert {"uplink_mbps", "rtt_ms", "source", "n_samples", "history"} <= set(body["uplink"])
+    assert body["cloud"] == {"url": "http://127.0.0.1:9", "healthy": True}
+    assert body["emulated_link"] is None
+    (model,) = body["models"]
+    assert model["model_id"] == registered and model["state"] == "ready" and "split" in model["strategy"]
+    cloud.down = True
+    assert client.get("/api/v1/status").json["cloud"]["healthy"] is False
+    assert client.get("/healthz").json == {"status": "ok", "n_models": 1}
+
+
+@pytest.mark.parametrize("policy, split", [("edge-only", 3), ("cloud-only", 0)])
+def test_baseline_policies_share_the_runtime(shared, policy, split):
+    response = shared["client"].post(f"/api/v1/classify?policy={policy}&deadline_ms=1000", data=_png(),
+                                     content_type="image/png")
+    assert response.status_code == 200, response.json
+    body = response.json
+    assert (body["policy"], body["split"]) == (policy, split)
+    assert body["where"] == ("cloud" if split == 0 else "edge")
+    assert body["thresholds"] == [None]
+
+
+def test_unknown_policy_is_400(shared):
+    error = _error(shared["client"].post("/api/v1/classify?policy=magic", data=_png(), content_type="image/png"),
+                   400)
+    assert "policy" in error["message"]
+    assert shared["client"].post("/api/v1/classify", data=_png(), content_type="image/png").status_code == 200

@@ -1,0 +1,338 @@
+"""The edge runner (exit rule, offload, fallback, bookkeeping) and the plan state it reads."""
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from popex.data import Preprocessing, decode_image, encode_png, preprocess
+from popex.decision import DecisionIndex, Link, Profile
+from popex.errors import ConfigError, DataError
+from popex.nets import EarlyExitNet, exit_confidence, weights_to_bytes, zoo_spec
+from popex.runtime.cloud_client import CloudInference, CloudRejected, CloudTimeout, CloudUnavailable
+from popex.runtime.edge_runner import EdgeRunner, OverheadTracker
+from popex.runtime.plans import PlanBook, Strategy
+from popex.runtime.registry import ModelRegistry, UnknownModelError
+from popex.runtime.wire import decode_offload
+
+TEMPERATURES = [1.7, 0.8]
+
+
+class FakeCloud:
+    """Finishes offloads with its own copy of the network; can be told to fail."""
+
+    def __init__(self, net, *, cloud_ms=2.0, round_trip_ms=30.0):
+        self.net = net
+        self.cloud_ms, self.round_trip_ms = cloud_ms, round_trip_ms
+        self.link = None
+        self.error = None
+        self.calls = []
+
+    def infer(self, payload, *, timeout_s):
+        request = decode_offload(payload)
+        self.calls.append({"request": request, "timeout_s": timeout_s})
+        if self.error is not None:
+            raise self.error
+        with torch.inference_mode():
+            logits = self.net.run_stages(request.tensor, start=request.split)
+        confidence, label = exit_confidence(logits, temperature=TEMPERATURES[-1])
+        return CloudInference(label=int(label[0]), class_name="from-cloud", confidence=float(confidence[0]),
+                              cloud_ms=self.cloud_ms, transfer_ms=self.round_trip_ms - self.cloud_ms,
+                              round_trip_ms=self.round_trip_ms, n_bytes=len(payload))
+
+
+class FakeMonitor:
+    def __init__(self, link):
+        self._link = link
+        self.samples = []
+
+    def link(self):
+        return self._link
+
+    def add_passive_sample(self, n_bytes, transfer_ms):
+        self.samples.append((n_bytes, transfer_ms))
+
+
+def _calibration_bytes(n_samples=300, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n_samples)
+    predicted = np.where(rng.random((n_samples, 2)) < [0.6, 0.9], labels[:, None], (labels[:, None] + 1) % 10)
+    buffer = io.BytesIO()
+    np.savez(buffer, confidence=rng.random((n_samples, 2)), predicted=predicted,
+             correct=predicted == labels[:, None], labels=labels, temperature=np.array(TEMPERATURES),
+             confidence_method=np.array("max_softmax"))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return EarlyExitNet(zoo_spec("b-lenet")).eval()
+
+
+def _profile(net, *, stage_edge_ms=(1.0, 1.0, 1.0), branch_edge_ms=(0.5,)):
+    return Profile(stage_names=net.stage_names, stage_edge_ms=list(stage_edge_ms), stage_cloud_ms=[0.1] * 3,
+                   branch_after_stage=net.branch_after_stage, branch_edge_ms=list(branch_edge_ms),
+                   split_bytes=[3416, 4984, 1872, 0], offload_overhead_ms=1.0)
+
+
+@pytest.fixture
+def setup(tmp_path, net):
+    registry = ModelRegistry(tmp_path)
+    model_id = registry.register(json.dumps(net.spec).encode(), weights_to_bytes(net), _calibration_bytes())
+    plans = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0))
+    plans.install(model_id, registry.get(model_id).calibration, _profile(net))
+    cloud = FakeCloud(net)
+    monitor = FakeMonitor(Link(uplink_mbps=10.0, rtt_ms=20.0))
+    runner = EdgeRunner(registry, plans, cloud, monitor=monitor, default_deadline_ms=1000.0,
+                        overhead=OverheadTracker(initial_ms=1.0))
+    return {"runner": runner, "cloud": cloud, "monitor": monitor, "model_id": model_id, "plans": plans,
+            "registry": registry}
+
+
+def _image(seed=1):
+    return encode_png(np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8))
+
+
+def _force(monkeypatch, setup, *, split, thresholds, profile=None):
+    """Make the model's plan answer one strategy, whatever the deadline."""
+    plan = setup["plans"].get(setup["model_id"])
+    if profile is not None:
+        plan.set_profile(profile)
+    active = tuple(b for b, t in enumerate(thresholds) if t is not None and b == 0 and split >= 1)
+    strategy = Strategy(split=split, thresholds=tuple(thresholds), active_branches=active, latency_ms=12.5,
+                        worst_latency_ms=20.0, accuracy=0.9, offload_prob=0.5, feasible=True, row=0,
+                        objective="mean", deadline_ms=0.0)
+    monkeypatch.setattr(plan, "strategy", lambda deadline_ms, objective, policy="adaptive": strategy)
+    return strategy
+
+
+def _reference(net, image_bytes):
+    """Branch-0 confidence/label and final label/confidence, computed directly."""
+    x = torch.from_numpy(preprocess(decode_image(image_bytes), Preprocessing.from_spec_dict(net.spec)))
+    with torch.inference_mode():
+        h1 = net.run_stages(x, stop=1)
+        branch_conf, branch_label = exit_confidence(net.run_branch(0, h1), temperature=TEMPERATURES[0])
+        final_conf, final_label = exit_confidence(net(x)[-1], temperature=TEMPERATURES[1])
+    return {"branch": (float(branch_conf[0]), int(branch_label[0])), "final": (float(final_conf[0]),
+                                                                                int(final_label[0])),
+            "h1": h1}
+
+
+# -- plans -------------------------------------------------------------------------------
+
+
+def test_strategy_matches_the_decision_index_and_is_cached(setup):
+    plan = setup["plans"].get(setup["model_id"])
+    first = plan.strategy(50.0, "mean")
+    assert plan.strategy(50.0, "mean") is first  # O(1) dict hit
+    decision = DecisionIndex(plan.table, objective="mean").lookup(50.0)
+    row = plan.table.row(decision.row)
+    assert (first.split, list(first.thresholds), first.feasible) == (row["split"], row["thresholds"],
+                                                                     decision.feasible)
+    assert first.latency_ms == row["expected_latency_ms"] and first.accuracy == row["accuracy"]
+    assert all(t is not None and plan.profile.branch_after_stage[b] <= first.split
+               for b, t in enumerate(first.thresholds) if b in first.active_branches)
+
+
+def test_a_new_link_swaps_the_plan_and_invalidates_the_cache(setup):
+    plans, plan = setup["plans"], setup["plans"].get(setup["model_id"])
+    before = plan.strategy(30.0, "tail")
+    table_before = plan.table
+    plans.set_link(Link(uplink_mbps=0.01, rtt_ms=500.0))
+    assert plan.table is not table_before and plan.link.rtt_ms == 500.0
+    after = plan.strategy(30.0, "tail")
+    assert after is not before and after.split == 3  # offloading is hopeless on this link
+    plans.set_offload_overhead(7.0)
+    assert plan.profile.offload_overhead_ms == 7.0
+
+
+@pytest.mark.parametrize("deadline_ms, objective", [(-1.0, "mean"), (math.nan, "mean"), (math.inf, "mean"),
+                                                     ("abc", "mean"), (10.0, "median")])
+def test_bad_decision_arguments_are_refused(setup, deadline_ms, objective):
+    with pytest.raises(ConfigError):
+        setup["plans"].strategy(setup["model_id"], deadline_ms, objective)
+
+
+def test_strategies_csv_has_one_line_per_row(setup):
+    plan = setup["plans"].get(setup["model_id"])
+    lines = plan.table_csv().strip().splitlines()
+    assert lines[0].startswith("threshold_0,split,accuracy") and len(lines) == len(plan.table) + 1
+
+
+# -- exits on the edge ---------------------------------------------------------------------
+
+
+def test_edge_only_answers_with_the_final_exit(monkeypatch, setup, net):
+    _force(monkeypatch, setup, split=3, thresholds=[None])
+    reference = _reference(net, _image())
+    result = setup["runner"].classify(_image(), deadline_ms=100.0)
+    assert (result.where, result.exit, result.fallback, result.split) == ("edge", "final", False, 3)
+    assert (result.confidence, result.label) == pytest.approx(reference["final"])
+    assert result.class_name == net.class_names[result.label]
+    assert result.predicted_latency_ms == 12.5 and result.latency.transfer_ms == 0.0
+    assert setup["cloud"].calls == []
+
+
+def test_exit_rule_compares_in_float64_with_the_exits_temperature(monkeypatch, setup, net):
+    confidence, label = _reference(net, _image())["branch"]
+    _force(monkeypatch, setup, split=3, thresholds=[confidence])  # exactly the confidence: exits
+    result = setup["runner"].classify(_image())
+    assert (result.exit, result.label, result.confidence) == (0, label, confidence)
+    _force(monkeypatch, setup, split=3, thresholds=[float(np.nextafter(confidence, 2.0))])  # just above: passes
+    assert setup["runner"].classify(_image()).exit == "final"
+
+
+def test_an_inactive_branch_is_not_evaluated(monkeypatch, setup, net):
+    calls = []
+    original = net.run_branch
+    monkeypatch.setattr(net, "run_branch", lambda b, h: calls.append(b) or original(b, h))
+    _force(monkeypatch, setup, split=3, thresholds=[None])
+    setup["runner"].classify(_image())
+    assert calls == []
+
+
+# -- offloading ------------------------------------------------------------------------------
+
+
+def test_offload_sends_the_split_tensor_within_the_budget(monkeypatch, setup, net):
+    _force(monkeypatch, setup, split=1, thresholds=[None])
+    reference = _reference(net, _image())
+    result = setup["runner"].classify(_image(), deadline_ms=500.0)
+    assert (result.where, result.exit, result.fallback) == ("cloud", "final", False)
+    assert result.label == reference["final"][1] and result.class_name == net.class_names[result.label]
+    (call,) = setup["cloud"].calls
+    request = call["request"]
+    assert request.split == 1 and request.model_id == setup["model_id"]
+    assert torch.equal(request.tensor, reference["h1"])
+    assert 0 < call["timeout_s"] <= 0.5
+    assert result.latency.cloud_ms == 2.0 and result.latency.transfer_ms == 28.0
+    assert result.latency.total_ms >= result.latency.edge_ms >= 0
+    # one passive sample (bytes, round trip minus cloud time) and one overhead measurement
+    assert setup["monitor"].samples == [(request.n_bytes, 28.0)]
+    assert setup["runner"].overhead.n_samples == 1
+
+
+def test_overhead_is_measured_against_the_link_part(setup):
+    runner = setup["runner"]
+    # estimated link part: 8*10_000/(1000*10) + 20 = 28 ms
+    overhead_ms = runner.record_overhead(10_000, encode_ms=0.5, round_trip_ms=40.0, cloud_ms=2.0)
+    assert overhead_ms == pytest.approx(0.5 + 40.0 - 2.0 - 28.0)
+    # exact link part from the emulator
+    assert runner.record_overhead(10_000, encode_ms=0.5, round_trip_ms=40.0, cloud_ms=2.0,
+                                  emulated_link_ms=35.0) == pytest.approx(3.5)
+
+
+def test_a_moving_overhead_replans(setup):
+    runner, plan = setup["runner"], setup["plans"].get(setup["model_id"])
+    for _ in range(5):
+        runner.record_overhead(0, encode_ms=0.0, round_trip_ms=45.0, cloud_ms=0.0, emulated_link_ms=20.0)
+    assert runner.overhead.current_ms == pytest.approx(25.0)
+    assert plan.profile.offload_overhead_ms == pytest.approx(25.0)
+
+
+# -- fallback --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [CloudTimeout("late"), CloudUnavailable("down"),
+                                   CloudRejected(404, "unknown_model", "no such model")])
+def test_fallback_uses_the_most_confident_evaluated_branch(monkeypatch, setup, net, error):
+    _force(monkeypatch, setup, split=2, thresholds=[1.0])  # evaluated, never confident enough
+    setup["cloud"].error = error
+    rejected = []
+    setup["runner"].on_cloud_rejected = rejected.append
+    result = setup["runner"].classify(_image())
+    assert (result.where, result.exit, result.fallback) == ("edge", 0, True)
+    assert (result.confidence, result.label) == pytest.approx(_reference(net, _image())["branch"])
+    assert type(error).__name__ in result.fallback_reason
+    assert rejected == ([setup["model_id"]] if isinstance(error, CloudRejected) else [])
+    assert setup["monitor"].samples == [] and setup["runner"].overhead.n_samples == 0
+
+
+def test_fallback_runs_the_rest_of_the_network_when_the_budget_allows(monkeypatch, setup, net):
+    _force(monkeypatch, setup, split=1, thresholds=[None])
+    setup["cloud"].error = CloudUnavailable("connection refused")
+    result = setup["runner"].classify(_image(), deadline_ms=1000.0)
+    assert (result.where, result.exit, result.fallback) == ("edge", "final", True)
+    assert result.label == _reference(net, _image())["final"][1]
+
+
+def test_fallback_takes_the_cheapest_branch_when_the_rest_does_not_fit(monkeypatch, setup, net):
+    slow = _profile(net, stage_edge_ms=(1.0, 1e6, 1e6))
+    _force(monkeypatch, setup, split=1, thresholds=[None], profile=slow)  # branch 0 is off, yet used
+    setup["cloud"].error = CloudTimeout("late")
+    result = setup["runner"].classify(_image(), deadline_ms=1000.0)
+    assert (result.exit, result.fallback) == (0, True)
+    assert result.label == _reference(net, _image())["branch"][1]
+
+
+def test_fallback_before_any_branch_runs_the_whole_network(monkeypatch, setup, net):
+    slow = _profile(net, stage_edge_ms=(1e6, 1e6, 1e6))
+    _force(monkeypatch, setup, split=0, thresholds=[None], profile=slow)
+    setup["cloud"].error = CloudTimeout("late")
+    result = setup["runner"].classify(_image(), deadline_ms=1000.0)
+    assert (result.exit, result.fallback) == ("final", True)
+    assert result.label == _reference(net, _image())["final"][1]
+
+
+def test_no_budget_left_means_no_cloud_call(monkeypatch, setup):
+    _force(monkeypatch, setup, split=1, thresholds=[None])
+    result = setup["runner"].classify(_image(), deadline_ms=0.0)
+    assert result.fallback and "budget" in result.fallback_reason
+    assert setup["cloud"].calls == []
+
+
+# -- bookkeeping and input ---------------------------------------------------------------------
+
+
+def test_each_request_is_counted_once(monkeypatch, setup):
+    runner = setup["runner"]
+    _force(monkeypatch, setup, split=1, thresholds=[None])
+    runner.classify(_image())  # cloud
+    setup["cloud"].error = CloudUnavailable("down")
+    runner.classify(_image())  # fallback
+    _force(monkeypatch, setup, split=3, thresholds=[0.0])
+    runner.classify(_image())  # branch exit
+    with pytest.raises(DataError):
+        runner.classify(b"not an image")
+    assert runner.counts() == {"n_requests": 4, "n_edge_branch": 1, "n_edge_final": 0, "n_cloud": 1,
+                               "n_fallback": 1, "n_rejected": 1}
+
+
+def test_models_are_resolved_by_id_name_or_default(setup):
+    runner, model_id = setup["runner"], setup["model_id"]
+    assert runner.resolve_model(None).model_id == model_id  # the only one
+    assert runner.resolve_model("b-lenet").model_id == model_id
+    with pytest.raises(UnknownModelError):
+        runner.resolve_model("nope")
+    with pytest.raises(ConfigError):
+        runner.classify(_image(), deadline_ms=-5.0)
+
+
+def test_edge_slowdown_stretches_edge_compute_and_profiles(setup):
+    """An emulated slow edge device waits (factor - 1) x each compute, and its profile is scaled alike."""
+    from popex.background.profiler import time_stages
+
+    runner = setup["runner"]
+    calls = []
+    runner.edge_slowdown = 4.0
+    try:
+        import popex.runtime.edge_runner as module
+
+        real_sleep = module.time.sleep
+        module.time.sleep = lambda seconds: calls.append(seconds)
+        try:
+            net = runner.registry.get(setup["model_id"]).loaded.net
+            runner._on_edge(net.run_stages, torch.zeros(1, *net.input_shape), start=0, stop=1)
+        finally:
+            module.time.sleep = real_sleep
+    finally:
+        runner.edge_slowdown = 1.0
+    assert len(calls) == 1 and calls[0] > 0
+    timings = time_stages(net, n_warmup=0, n_repeats=2)
+    assert np.allclose(timings.scaled(4.0).stage_ms, 4.0 * timings.stage_ms)
+    with pytest.raises(ConfigError):
+        EdgeRunner(runner.registry, runner.plans, runner.client, edge_slowdown=0.5)
