@@ -46,7 +46,7 @@ class TrainRecipe:
     train: TrainConfig = TrainConfig()
 
     def command(self, out_dir: str) -> str:
-        parts = ["popex", "train", "--arch", self.arch, "--width", str(self.width), "--out", out_dir,
+        parts = ["python", "-m", "popex.cli", "train", "--arch", self.arch, "--width", str(self.width), "--out", out_dir,
                  "--epochs", str(self.train.n_epochs), "--seed", str(self.train.seed),
                  "--val-fraction", str(self.val_fraction), "--confidence", self.confidence_method]
         if self.data_root != DEFAULT_FASHION_MNIST_ROOT:
