@@ -98,7 +98,9 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (default: the model directory)")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads while timing (default 1: batch-1 inference of a small network is fastest "
+                        "and steadiest on one thread, as the services run it)")
     p.add_argument("--cloud-speedup", type=float, default=4.0,
                    help="assumed cloud speed relative to this machine, until the cloud is profiled")
     p.add_argument("--offload-overhead-ms", type=float, default=DEFAULT_OFFLOAD_OVERHEAD_MS)
@@ -122,7 +124,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     elif args.profile:
         raise ProfileError(f"profile file {args.profile!r} not found")
     else:
-        profile, _, note = _measure_profile(args.model, n_repeats=20, n_warmup=5, n_threads=None,
+        profile, _, note = _measure_profile(args.model, n_repeats=20, n_warmup=5, n_threads=1,
                                             cloud_speedup=args.cloud_speedup,
                                             offload_overhead_ms=args.offload_overhead_ms)
         assumptions.append(f"no profile file: {note}")

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -146,7 +147,7 @@ def test_a_new_link_swaps_the_plan_and_invalidates_the_cache(setup):
     assert plan.table is not table_before and plan.link.rtt_ms == 500.0
     after = plan.strategy(30.0, "tail")
     assert after is not before and after.split == 3  # offloading is hopeless on this link
-    plans.set_offload_overhead(7.0)
+    plans.update_profile(offload_overhead_ms=7.0)
     assert plan.profile.offload_overhead_ms == 7.0
 
 
@@ -312,27 +313,39 @@ def test_models_are_resolved_by_id_name_or_default(setup):
         runner.classify(_image(), deadline_ms=-5.0)
 
 
-def test_edge_slowdown_stretches_edge_compute_and_profiles(setup):
-    """An emulated slow edge device waits (factor - 1) x each compute, and its profile is scaled alike."""
+def test_edge_slowdown_emulates_a_device_with_the_scaled_profile_times(setup):
+    """An emulated slow edge takes at least each piece's (scaled) profile time, and no more than needed."""
     from popex.background.profiler import time_stages
 
     runner = setup["runner"]
-    calls = []
+    net = runner.registry.get(setup["model_id"]).loaded.net
+    x = torch.zeros(1, *net.input_shape)
+    waits = []
+    import popex.runtime.edge_runner as module
+
+    real_sleep = module.time.sleep
+    module.time.sleep = waits.append
     runner.edge_slowdown = 4.0
     try:
-        import popex.runtime.edge_runner as module
-
-        real_sleep = module.time.sleep
-        module.time.sleep = lambda seconds: calls.append(seconds)
-        try:
-            net = runner.registry.get(setup["model_id"]).loaded.net
-            runner._on_edge(net.run_stages, torch.zeros(1, *net.input_shape), start=0, stop=1)
-        finally:
-            module.time.sleep = real_sleep
+        runner._on_edge(net.run_stages, x, start=0, stop=1, emulated_ms=50.0)
+        runner._on_edge(net.run_stages, x, start=0, stop=1, emulated_ms=0.0)  # compute already took longer
     finally:
         runner.edge_slowdown = 1.0
-    assert len(calls) == 1 and calls[0] > 0
+        module.time.sleep = real_sleep
+    assert len(waits) == 1 and 0.0 < waits[0] <= 0.050
+    runner._on_edge(net.run_stages, x, start=0, stop=1, emulated_ms=1e6)  # emulation off: no wait at all
     timings = time_stages(net, n_warmup=0, n_repeats=2)
     assert np.allclose(timings.scaled(4.0).stage_ms, 4.0 * timings.stage_ms)
     with pytest.raises(ConfigError):
         EdgeRunner(runner.registry, runner.plans, runner.client, edge_slowdown=0.5)
+
+
+def test_fixed_edge_time_is_measured_and_enters_the_plan(setup):
+    """Reading, decoding and preprocessing cost every request the same: measured, then planned with."""
+    runner, plan = setup["runner"], setup["plans"].get(setup["model_id"])
+    assert plan.profile.edge_fixed_ms == 0.0
+    runner.classify(_image(), deadline_ms=1000.0, arrival_s=time.perf_counter() - 0.050)  # arrived 50 ms ago
+    assert runner.edge_fixed.n_samples == 1 and runner.edge_fixed.current_ms >= 50.0
+    assert plan.profile.edge_fixed_ms == runner.edge_fixed.current_ms  # beyond the hysteresis: re-planned
+    strategy = plan.strategy(1000.0, "mean")
+    assert strategy.latency_ms >= 50.0 and strategy.worst_latency_ms >= 50.0

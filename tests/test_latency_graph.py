@@ -54,6 +54,7 @@ def profiles(draw):
         branch_edge_ms=times(n_branches),
         split_bytes=split_bytes,
         offload_overhead_ms=float(times(1)[0]),
+        edge_fixed_ms=float(times(1)[0]),
     )
 
 
@@ -109,6 +110,7 @@ def test_to_dict_shape():
     assert _hand_profile().to_dict() == {
         "input_bytes": 4000,
         "offload_overhead_ms": 3.0,
+        "edge_fixed_ms": 0.0,
         "stages": [
             {"name": "conv", "edge_ms": 2.0, "cloud_ms": 0.5, "out_bytes": 2000},
             {"name": "block", "edge_ms": 4.0, "cloud_ms": 1.0, "out_bytes": 1000},

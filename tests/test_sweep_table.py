@@ -47,6 +47,7 @@ def instances(draw):
         branch_edge_ms=times(n_branches),
         split_bytes=rng.integers(0, 2_000_000, n_stages + 1),
         offload_overhead_ms=float(times(1)[0]),
+        edge_fixed_ms=float(times(1)[0]),
     )
     link = Link(uplink_mbps=draw(st.floats(0.05, 1000.0)), rtt_ms=draw(st.floats(0.0, 300.0)))
     n_samples = draw(st.integers(1, 200))
@@ -75,7 +76,7 @@ def _simulate(calibration, profile, link, thresholds, split):
     positions = profile.branch_after_stage
     exits, latencies = [], []
     for n in range(calibration.n_samples):
-        elapsed_ms, exit_at = 0.0, None
+        elapsed_ms, exit_at = float(profile.edge_fixed_ms), None
         for stage in range(1, split + 1):
             elapsed_ms += float(profile.stage_edge_ms[stage - 1])
             for b, k in enumerate(positions):

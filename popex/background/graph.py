@@ -161,6 +161,8 @@ def build_graph(
             )
         else:
             weight = 0.0
+        # Every path crosses exactly one cut edge, so the per-request fixed edge time rides on it.
+        weight += profile.edge_fixed_ms
         graph.add_edge(point, OUTPUT, latency_ms=float(weight), kind="cut", split=split)
     return graph
 

@@ -180,6 +180,7 @@ def build_profile(
     offload_overhead_ms: float = DEFAULT_OFFLOAD_OVERHEAD_MS,
     cloud_speedup: float = 1.0,
     payload_overhead_bytes: int = 0,
+    edge_fixed_ms: float = 0.0,
 ) -> Profile:
     """Combine edge timings, cloud timings and the transport overhead into a :class:`Profile`.
 
@@ -198,6 +199,8 @@ def build_profile(
         Used only without ``cloud_stage_ms``.
     payload_overhead_bytes : int
         Added to every split's bytes (the wire format's header).
+    edge_fixed_ms : float
+        Edge time of every request before stage 1 (decode, preprocessing).
 
     Raises
     ------
@@ -221,6 +224,7 @@ def build_profile(
         branch_edge_ms=np.asarray(edge.branch_ms, dtype=np.float64),
         split_bytes=edge.split_bytes + int(payload_overhead_bytes),
         offload_overhead_ms=float(offload_overhead_ms),
+        edge_fixed_ms=float(edge_fixed_ms),
     )
 
 

@@ -129,6 +129,9 @@ class Profile:
         Bytes α_s crossing the link at split s (α_0: preprocessed input).
     offload_overhead_ms : float
         Per-offload overhead O (serialisation, HTTP, deserialisation), ms.
+    edge_fixed_ms : float, default 0
+        Edge time every request costs whatever the strategy (receiving and
+        decoding the image, preprocessing), ms; added to E[T] and the worst case.
 
     Raises
     ------
@@ -152,6 +155,7 @@ class Profile:
     branch_edge_ms: np.ndarray
     split_bytes: np.ndarray
     offload_overhead_ms: float
+    edge_fixed_ms: float = 0.0
 
     def __post_init__(self) -> None:
         names = self.stage_names
@@ -201,6 +205,9 @@ class Profile:
             "offload_overhead_ms",
             _non_negative("profile", "offload_overhead_ms", self.offload_overhead_ms, ProfileError),
         )
+        object.__setattr__(
+            self, "edge_fixed_ms", _non_negative("profile", "edge_fixed_ms", self.edge_fixed_ms, ProfileError)
+        )
 
     @property
     def n_stages(self) -> int:
@@ -225,6 +232,7 @@ class Profile:
         return {
             "input_bytes": int(self.split_bytes[0]),
             "offload_overhead_ms": float(self.offload_overhead_ms),
+            "edge_fixed_ms": float(self.edge_fixed_ms),
             "stages": [
                 {
                     "name": name,
@@ -271,6 +279,7 @@ class Profile:
                 branch_edge_ms=[branch["edge_ms"] for branch in branches],
                 split_bytes=[data["input_bytes"]] + [stage["out_bytes"] for stage in stages],
                 offload_overhead_ms=data["offload_overhead_ms"],
+                edge_fixed_ms=data.get("edge_fixed_ms", 0.0),
             )
         except KeyError as err:
             raise ProfileError(f"profile is missing the key {err.args[0]!r}") from err
@@ -363,7 +372,7 @@ def expected_latency_ms(
     def reach(stage: int) -> float:
         return 1.0 - sum(probs[b] for b in on if profile.branch_after_stage[b] < stage)
 
-    total = 0.0
+    total = profile.edge_fixed_ms
     for stage in range(1, split + 1):
         total += reach(stage) * profile.stage_edge_ms[stage - 1]
     for b in on:
@@ -414,7 +423,7 @@ def worst_latency_ms(profile: Profile, link: Link, active: object, split: int) -
     _, flags = _exit_config(profile, np.zeros(profile.n_branches), active)
     split = _checked_split(profile, split)
     n_stages = profile.n_stages
-    total = 0.0
+    total = profile.edge_fixed_ms
     for stage in range(1, split + 1):
         total += profile.stage_edge_ms[stage - 1]
     for b, k in enumerate(profile.branch_after_stage):

@@ -353,8 +353,8 @@ class Planner:
             0.0,
         )
         row_offload_ms = offload_ms[self._split]
-        expected_ms = self._edge_ms + self._offload_prob * row_offload_ms
-        worst_ms = self._worst_edge_ms + row_offload_ms
+        expected_ms = profile.edge_fixed_ms + self._edge_ms + self._offload_prob * row_offload_ms
+        worst_ms = profile.edge_fixed_ms + self._worst_edge_ms + row_offload_ms
         expected_ms.flags.writeable = False
         worst_ms.flags.writeable = False
         return StrategyTable(

@@ -244,9 +244,9 @@ class EdgeRunner:
     replan_hysteresis_fraction : float
         Relative change of O that re-plans.
     edge_slowdown : float
-        Emulate an edge device this many times slower than this machine: after
-        each stage or branch the runner waits (factor − 1) times its compute
-        time, and profiles are scaled alike (1 = no emulation). For demos on a
+        Emulate an edge device this many times slower than this machine: the
+        profile's edge times are scaled by it, and each stage or branch takes
+        at least its scaled profile time (1 = no emulation). For demos on a
         server-class machine, where the edge would otherwise always win.
 
     Raises
@@ -286,7 +286,10 @@ class EdgeRunner:
         self.replan_hysteresis_fraction = float(replan_hysteresis_fraction)
         self.edge_slowdown = float(edge_slowdown)
         self.default_model_id: str | None = None
-        self._planned_overhead_ms = self.overhead.current_ms
+        #: Median time from a request's arrival to its preprocessed input (the
+        #: profile's edge_fixed_ms): reading, decoding, preprocessing.
+        self.edge_fixed = OverheadTracker(initial_ms=0.0)
+        self._planned_ms = {"offload_overhead_ms": self.overhead.current_ms, "edge_fixed_ms": 0.0}
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         #: Called with the model id when the cloud refuses an offload (e.g. it
@@ -391,6 +394,7 @@ class EdgeRunner:
             strategy = plan.strategy(deadline_ms, self.objective if objective is None else objective, policy)
             image = decode_image(image_bytes, max_pixels=self.max_image_pixels)
             x = torch.from_numpy(preprocess(image, model.preprocessing))
+            self.record_edge_fixed((time.perf_counter() - arrival_s) * 1000.0)
             run = _Run(arrival_s=arrival_s, deadline_ms=deadline_ms, features=[x], evaluated=[])
             with torch.inference_mode():
                 result = self._run(model, plan, strategy, run)
@@ -416,12 +420,13 @@ class EdgeRunner:
         active = set(strategy.active_branches)
         h = run.features[0]
         for stage in range(1, strategy.split + 1):
-            h = self._on_edge(net.run_stages, h, start=stage - 1, stop=stage)
+            h = self._on_edge(net.run_stages, h, start=stage - 1, stop=stage,
+                              emulated_ms=float(plan.profile.stage_edge_ms[stage - 1]))
             run.features.append(h)
             for b, after_stage in enumerate(net.branch_after_stage):
                 if after_stage != stage or b not in active:
                     continue
-                confidence, label = self._evaluate_branch(model, b, h)
+                confidence, label = self._evaluate_branch(model, plan, b, h)
                 run.evaluated.append((b, confidence, label))
                 # float64 on both sides, exactly as popex.decision.sweep compares
                 if confidence >= float(strategy.thresholds[b]):
@@ -432,18 +437,28 @@ class EdgeRunner:
             return self._answer(model, strategy, run, request_id, label=label, confidence=confidence, exit_="final")
         return self._offload(model, plan, strategy, run, request_id, h)
 
-    def _on_edge(self, compute: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Run edge compute, stretched by ``edge_slowdown`` when a slower device is emulated."""
+    def _on_edge(self, compute: Callable[..., torch.Tensor], *args: Any, emulated_ms: float,
+                 **kwargs: Any) -> torch.Tensor:
+        """Run edge compute; on an emulated slower device, take at least ``emulated_ms``.
+
+        ``emulated_ms`` is the profile's (already scaled) time of this piece, so
+        the emulated device is a fixed model, "F times this machine's median",
+        and load on this machine is not multiplied by F.
+        """
         if self.edge_slowdown == 1.0:
             return compute(*args, **kwargs)
         started = time.perf_counter()
         result = compute(*args, **kwargs)
-        time.sleep((self.edge_slowdown - 1.0) * (time.perf_counter() - started))
+        remaining_s = emulated_ms / 1000.0 - (time.perf_counter() - started)
+        if remaining_s > 0:
+            time.sleep(remaining_s)
         return result
 
-    def _evaluate_branch(self, model: StoredModel, branch: int, features: torch.Tensor) -> tuple[float, int]:
+    def _evaluate_branch(self, model: StoredModel, plan: ModelPlan, branch: int,
+                         features: torch.Tensor) -> tuple[float, int]:
         calibration = model.calibration
-        logits = self._on_edge(model.loaded.net.run_branch, branch, features)
+        logits = self._on_edge(model.loaded.net.run_branch, branch, features,
+                               emulated_ms=float(plan.profile.branch_edge_ms[branch]))
         confidence, predicted = exit_confidence(
             logits, temperature=float(calibration.temperature[branch]), method=calibration.confidence_method
         )
@@ -504,12 +519,12 @@ class EdgeRunner:
         rest_ms = float(profile.stage_edge_ms[split:].sum())
         candidates = [b for b, k in enumerate(net.branch_after_stage) if k <= split]
         if rest_ms <= run.remaining_ms() or not candidates:
-            logits = self._on_edge(net.run_stages, run.features[split], start=split)
+            logits = self._on_edge(net.run_stages, run.features[split], start=split, emulated_ms=rest_ms)
             confidence, label = self._final(model, logits)
             return self._answer(model, strategy, run, request_id, label=label, confidence=confidence,
                                 exit_="final", **answer)
         branch = min(candidates, key=lambda b: float(profile.branch_edge_ms[b]))
-        confidence, label = self._evaluate_branch(model, branch, run.features[net.branch_after_stage[branch]])
+        confidence, label = self._evaluate_branch(model, plan, branch, run.features[net.branch_after_stage[branch]])
         return self._answer(model, strategy, run, request_id, label=label, confidence=confidence,
                             exit_=branch, **answer)
 
@@ -565,16 +580,23 @@ class EdgeRunner:
         """
         link_ms = self.link_part_ms(n_bytes, emulated_link_ms=emulated_link_ms)
         overhead_ms = encode_ms + (round_trip_ms - cloud_ms - link_ms)
-        self.overhead.add(overhead_ms)
-        current_ms = self.overhead.current_ms
-        planned_ms = self._planned_overhead_ms
-        if abs(current_ms - planned_ms) > max(self.replan_hysteresis_fraction * planned_ms, _OVERHEAD_SLACK_MS):
-            self._planned_overhead_ms = current_ms
-            try:
-                self.plans.set_offload_overhead(current_ms)
-            except PopexError:
-                _log.exception("re-plan with offload overhead %.3f ms failed", current_ms)
+        self._track(self.overhead, "offload_overhead_ms", overhead_ms)
         return overhead_ms
+
+    def record_edge_fixed(self, fixed_ms: float) -> None:
+        """Add one measurement of the per-request fixed edge time and re-plan if its median moved."""
+        self._track(self.edge_fixed, "edge_fixed_ms", fixed_ms)
+
+    def _track(self, tracker: OverheadTracker, field: str, value_ms: float) -> None:
+        tracker.add(value_ms)
+        current_ms = tracker.current_ms
+        planned_ms = self._planned_ms[field]
+        if abs(current_ms - planned_ms) > max(self.replan_hysteresis_fraction * planned_ms, _OVERHEAD_SLACK_MS):
+            self._planned_ms[field] = current_ms
+            try:
+                self.plans.update_profile(**{field: current_ms})
+            except PopexError:
+                _log.exception("re-plan with %s = %.3f ms failed", field, current_ms)
 
     def record_offload(self, n_bytes: int, *, encode_ms: float, round_trip_ms: float, cloud_ms: float,
                        emulated_link_ms: float | None = None) -> None:

@@ -372,6 +372,7 @@ class EdgeService:
             "default_deadline_ms": self.runner.default_deadline_ms,
             "objective": self.runner.objective,
             "offload_overhead_ms": self.runner.overhead.current_ms,
+            "edge_fixed_ms": self.runner.edge_fixed.current_ms,
             "requests": self.runner.counts(),
         }
 
@@ -400,6 +401,7 @@ class EdgeService:
             branch_after_stage=model.loaded.net.branch_after_stage,
             cloud_stage_ms=cloud_stage_ms,
             offload_overhead_ms=self.runner.overhead.current_ms,
+            edge_fixed_ms=self.runner.edge_fixed.current_ms,
             cloud_speedup=self.cloud_speedup,
         )
 

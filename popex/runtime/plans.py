@@ -235,16 +235,16 @@ class ModelPlan:
             self._planner = Planner(self.stats, profile)
             self._plan = self._build(self._plan.link if link is None else link)
 
-    def set_offload_overhead(self, offload_overhead_ms: float) -> None:
-        """Re-plan with a new per-offload overhead O, ms (other timings kept).
+    def update_profile(self, **changes: float) -> None:
+        """Re-plan with some profile fields replaced (e.g. a measured O or fixed edge time), others kept.
 
         Raises
         ------
         ProfileError
-            If the value is negative or not finite.
+            If a value is negative or not finite.
         """
         with self._lock:
-            profile = dataclasses.replace(self._planner.profile, offload_overhead_ms=offload_overhead_ms)
+            profile = dataclasses.replace(self._planner.profile, **changes)
             self._planner = Planner(self.stats, profile)
             self._plan = self._build(self._plan.link)
 
@@ -360,11 +360,11 @@ class PlanBook:
             for plan in list(self._plans.values()):
                 plan.set_link(link)
 
-    def set_offload_overhead(self, offload_overhead_ms: float) -> None:
-        """Re-plan every model with a new per-offload overhead O, ms."""
+    def update_profile(self, **changes: float) -> None:
+        """Re-plan every model with some profile fields replaced (see :meth:`ModelPlan.update_profile`)."""
         with self._lock:
             for plan in list(self._plans.values()):
-                plan.set_offload_overhead(offload_overhead_ms)
+                plan.update_profile(**changes)
 
     def strategy(self, model_id: str, deadline_ms: float, objective: str = "mean",
                  policy: str = "adaptive") -> Strategy:
