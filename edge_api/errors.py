@@ -1,10 +1,8 @@
 """One error handler for the edge app: every failure becomes DESIGN.md §6 JSON.
 
-A :class:`~popex.errors.PopexError` is the client's fault (4xx: 404 for an
-unknown model, 400 otherwise, with its ``code`` and message); a Werkzeug
-``HTTPException`` keeps its status (413 for a body over the limit); any
-other exception is a bug: logged with its traceback, answered with a 500
-that reveals nothing.
+The mapping itself is :func:`popex.errors.error_status_and_body`, shared with
+the other service; anything it does not know is a bug: logged with its
+traceback, answered with a 500 that reveals nothing.
 """
 
 from __future__ import annotations
@@ -15,26 +13,11 @@ from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from popex.errors import PopexError
-from popex.runtime.registry import UnknownModelError
+from popex.errors import error_status_and_body
 
 __all__ = ["error_response", "init_errors"]
 
 log = logging.getLogger(__name__)
-
-_STATUS_OF = {UnknownModelError: 404}  # every other PopexError is a 400
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    411: "length_required",
-    413: "too_large",
-    415: "unsupported_media_type",
-    429: "too_many_requests",
-}
 
 
 def error_response(status: int, code: str, message: str) -> ResponseReturnValue:
@@ -43,18 +26,17 @@ def error_response(status: int, code: str, message: str) -> ResponseReturnValue:
 
 
 def _handle(err: Exception) -> ResponseReturnValue:
-    if isinstance(err, PopexError):
-        status = next((s for cls, s in _STATUS_OF.items() if isinstance(err, cls)), 400)
-        return error_response(status, err.code, str(err))
-    if isinstance(err, HTTPException):
-        if err.code is None or err.code < 400:  # routing redirects (308) are not errors
-            return err
-        code = _HTTP_CODES.get(err.code, "http_error" if err.code < 500 else "internal_error")
-        body, status = error_response(err.code, code, err.description or err.name)
+    if isinstance(err, HTTPException) and (err.code is None or err.code < 400):
+        return err  # routing redirects (308) are not errors
+    answer = error_status_and_body(err)
+    if answer is None:
+        log.exception("unexpected error while handling a request")
+        return error_response(500, "internal_error", "internal error (a bug in the edge service); see its log")
+    status, body = answer
+    headers = {}
+    if isinstance(err, HTTPException):  # e.g. Allow on a 405, WWW-Authenticate on a 401
         headers = {key: value for key, value in err.get_headers() if key.lower() != "content-type"}
-        return body, status, headers
-    log.exception("unexpected error while handling a request")
-    return error_response(500, "internal_error", "internal error (a bug in the edge service); see its log")
+    return jsonify(body), status, headers
 
 
 def init_errors(app: Flask) -> None:

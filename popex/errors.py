@@ -7,6 +7,8 @@ helps, what to do. The services map these to DESIGN.md §6 JSON errors, so a
 
 __all__ = [
     "PopexError",
+    "UnknownModelError",
+    "error_status_and_body",
     "SpecError",
     "WeightsError",
     "CalibrationError",
@@ -20,6 +22,14 @@ class PopexError(Exception):
     """Base class: an error caused by input, reported without a traceback."""
 
     code = "popex_error"
+    http_status = 400
+
+
+class UnknownModelError(PopexError):
+    """No model with this id (or name) is registered here."""
+
+    code = "unknown_model"
+    http_status = 404
 
 
 class SpecError(PopexError):
@@ -56,3 +66,40 @@ class ConfigError(PopexError):
     """A configuration value is missing or out of range."""
 
     code = "bad_config"
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    411: "length_required",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+}
+
+
+def error_status_and_body(err: Exception) -> tuple[int, dict] | None:
+    """The DESIGN.md §6 answer to an exception, or None for a bug (a 500 the caller logs).
+
+    A PopexError is the client's fault: its ``http_status`` (4xx), ``code`` and
+    message. An HTTP exception of the web framework (anything with an integer
+    ``code`` >= 400 and a ``description``, e.g. Werkzeug's) keeps its status.
+    Kept here, free of Flask, so that both services answer alike.
+
+    >>> error_status_and_body(UnknownModelError("no model 'x'"))
+    (404, {'error': {'code': 'unknown_model', 'message': "no model 'x'"}})
+    >>> error_status_and_body(ValueError("bug")) is None
+    True
+    """
+    if isinstance(err, PopexError):
+        return err.http_status, {"error": {"code": err.code, "message": str(err)}}
+    status = getattr(err, "code", None)
+    if isinstance(status, int) and 400 <= status < 600 and hasattr(err, "description"):
+        code = _HTTP_CODES.get(status, "http_error" if status < 500 else "internal_error")
+        message = getattr(err, "description", None) or getattr(err, "name", "error")
+        return status, {"error": {"code": code, "message": message}}
+    return None

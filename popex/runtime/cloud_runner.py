@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from popex.background.profiler import time_stages
-from popex.errors import PopexError
+from popex.errors import PopexError, UnknownModelError
 from popex.nets.io import SPEC_FILE, WEIGHTS_FILE, LoadedModel, compute_model_id, load_model, load_model_bytes
 from popex.nets.spec import parse_spec_json
 from popex.runtime.wire import MAX_WIRE_BYTES, OffloadRequest, WireError, decode_offload
@@ -41,12 +41,6 @@ log = logging.getLogger(__name__)
 MODELS_DIR = "models"
 MAX_PROFILE_N_REPEATS = 1_000
 _MODEL_ID_RE = re.compile(r"[0-9a-f]{64}")
-
-
-class UnknownModelError(PopexError):
-    """No model with this id is registered on the cloud."""
-
-    code = "unknown_model"
 
 
 class ModelIdMismatchError(PopexError):

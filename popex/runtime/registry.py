@@ -33,7 +33,7 @@ from typing import Any
 from popex.data.preprocess import Preprocessing
 from popex.decision.calibration import Calibration, load_calibration
 from popex.decision.latency import Profile
-from popex.errors import CalibrationError, PopexError, ProfileError, SpecError
+from popex.errors import CalibrationError, PopexError, ProfileError, SpecError, UnknownModelError
 from popex.nets.io import (
     CALIBRATION_FILE,
     SPEC_FILE,
@@ -63,12 +63,6 @@ STATE_FILE = "state.json"
 MODEL_STATES = ("registered", "profiling", "ready", "failed")
 _MODELS_DIR = "models"
 _TMP_PREFIX = ".incoming-"
-
-
-class UnknownModelError(PopexError):
-    """No model with this id is registered on the edge (HTTP 404)."""
-
-    code = "unknown_model"
 
 
 def _read_calibration(calibration_bytes: bytes, directory: Path) -> Calibration:
