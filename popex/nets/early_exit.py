@@ -4,6 +4,13 @@ The backbone's modules are registered under the dotted names the spec gives
 them (``features.3``, ``layer1.0``, ``fc``), so state-dict keys match
 torchvision where a torchvision model exists; the stages are plain lists of
 references into that tree, which keeps every parameter under one key.
+
+A spec with ``"experts": ["blur", "noise"]`` gets one extra *head set* per
+name under ``experts.<name>``: ``experts.<name>.branches.<b>.<j>`` mirrors
+``branches.<b>.<j>`` and ``experts.<name>.final.<j>`` is layer ``j`` of the
+last stage. The shared stages exist once, so one weights file holds one
+backbone and every head set. ``head=None`` (or ``"pristine"``) selects the
+backbone's own heads everywhere, so code that never names a head is unchanged.
 """
 
 from __future__ import annotations
@@ -14,19 +21,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from popex.errors import SpecError
-from popex.nets.spec import build_layer, validate_spec
+from popex.errors import PopexError, SpecError
+from popex.nets.spec import PRISTINE_HEAD, build_layer, validate_spec
 
-__all__ = ["EarlyExitNet", "exit_confidence", "CONFIDENCE_METHODS"]
+__all__ = ["EarlyExitNet", "UnknownHeadError", "exit_confidence", "CONFIDENCE_METHODS", "PRISTINE_HEAD"]
 
 from popex.decision.calibration import CONFIDENCE_METHODS  # noqa: E402  one list for both sides
 
 
-_RESERVED_NAMES = {"branches", "spec", "input_shape", "class_names", "stage_names", "branch_after_stage"}
+_RESERVED_NAMES = {"branches", "spec", "input_shape", "class_names", "stage_names", "branch_after_stage",
+                   "experts", "expert_names"}
+
+
+class UnknownHeadError(PopexError):
+    """A head set was asked for that the model does not have (e.g. a wire payload's ``head``)."""
+
+    code = "unknown_head"
 
 
 class _Container(nn.Module):
     """A node in the dotted-name tree; it only holds children."""
+
+
+class _HeadSet(nn.Module):
+    """One expert's copy of every branch (``branches``) and of the last stage (``final``)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(*(build_layer(layer) for layer in branch["layers"])) for branch in spec.get("branches", [])
+        )
+        self.final = nn.Sequential(*(build_layer(layer) for layer in spec["stages"][-1]["layers"]))
 
 
 def _register(root: nn.Module, dotted_name: str, module: nn.Module, where: str) -> None:
@@ -83,7 +108,30 @@ class EarlyExitNet(nn.Module):
         self.branches = nn.ModuleList(
             nn.Sequential(*(build_layer(layer) for layer in branch["layers"])) for branch in spec.get("branches", [])
         )
+        self.expert_names: tuple[str, ...] = tuple(spec.get("experts", []))
+        # An empty ModuleDict adds no state-dict keys, so models without experts keep their weights format.
+        # The expert head sets are the same layers as the backbone's heads, so the dry run covers their shapes.
+        self.experts = nn.ModuleDict({name: _HeadSet(spec) for name in self.expert_names})
         self._dry_run()
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """Every selectable head set: ``"pristine"`` (the backbone's own) and then the experts."""
+        return (PRISTINE_HEAD, *self.expert_names)
+
+    def check_head(self, head: str | None) -> str | None:
+        """Normalise a head name: None for the pristine heads, else the expert's name.
+
+        Raises
+        ------
+        UnknownHeadError
+            If ``head`` is neither None, ``"pristine"`` nor one of ``expert_names``.
+        """
+        if head is None or head == PRISTINE_HEAD:
+            return None
+        if isinstance(head, str) and head in self.expert_names:
+            return head
+        raise UnknownHeadError(f"this model has no head set {str(head)[:40]!r}; it has {list(self.head_names)}")
 
     @property
     def n_stages(self) -> int:
@@ -101,29 +149,41 @@ class EarlyExitNet(nn.Module):
     def n_classes(self) -> int:
         return len(self.class_names)
 
-    def run_stages(self, x: torch.Tensor, *, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Run stages start+1..stop (a split index on each side: 0..N)."""
+    def run_stages(self, x: torch.Tensor, *, start: int = 0, stop: int | None = None,
+                   head: str | None = None) -> torch.Tensor:
+        """Run stages start+1..stop (a split index on each side: 0..N).
+
+        ``head`` selects whose last stage runs when stage N is included; the
+        shared stages are the same for every head. Raises UnknownHeadError
+        for a head the model does not have.
+        """
         stop = self.n_stages if stop is None else stop
         if not 0 <= start <= stop <= self.n_stages:
             raise ValueError(f"need 0 <= start <= stop <= {self.n_stages}, got start={start}, stop={stop}")
-        for modules in self._stages[start:stop]:
-            for module in modules:
+        expert = self.check_head(head)
+        for i in range(start, stop):
+            if expert is not None and i == self.n_stages - 1:
+                x = self.experts[expert].final(x)
+                continue
+            for module in self._stages[i]:
                 x = module(x)
         return x
 
-    def run_branch(self, branch: int, features: torch.Tensor) -> torch.Tensor:
-        """Logits of branch ``branch`` (0-based) from the output of its stage."""
-        return self.branches[branch](features)
+    def run_branch(self, branch: int, features: torch.Tensor, *, head: str | None = None) -> torch.Tensor:
+        """Logits of branch ``branch`` (0-based) of head set ``head`` from the output of its stage."""
+        expert = self.check_head(head)
+        branches = self.branches if expert is None else self.experts[expert].branches
+        return branches[branch](features)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every exit: branches in order, then the final exit."""
+    def forward(self, x: torch.Tensor, *, head: str | None = None) -> list[torch.Tensor]:
+        """Logits of every exit of head set ``head``: branches in order, then the final exit."""
         logits = []
         start = 0
         for b, after_stage in enumerate(self.branch_after_stage):
             x = self.run_stages(x, start=start, stop=after_stage)
-            logits.append(self.run_branch(b, x))
+            logits.append(self.run_branch(b, x, head=head))
             start = after_stage
-        logits.append(self.run_stages(x, start=start))
+        logits.append(self.run_stages(x, start=start, head=head))
         return logits
 
     def stage_output_shapes(self) -> list[tuple[int, ...]]:

@@ -105,8 +105,8 @@ def load_weights(net: EarlyExitNet, weights_bytes: bytes) -> None:
             "weights do not match the spec: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    for key, tensor in tensors.items():
-        want = expected[key]
+    for key, want in expected.items():  # the network's order, so the first mismatch reported is stable
+        tensor = tensors[key]
         if tuple(tensor.shape) != tuple(want.shape):
             raise WeightsError(f"weights do not match the spec: {key!r} has shape {list(tensor.shape)}, "
                                f"the spec needs {list(want.shape)}")

@@ -21,6 +21,11 @@ A spec looks like::
 A layer's optional ``name`` is its dotted module path in the network
 (``features.3``, ``layer1.0``, ``fc``): it becomes the state-dict key prefix,
 which is how torchvision parameter names are kept.
+
+An optional ``"experts": ["blur", "noise"]`` adds one *head set* per name:
+its own copy of every branch and of the last stage (which holds the final
+classifier), while the other stages stay shared. The backbone's own heads
+are the ``"pristine"`` head set (see :mod:`popex.nets.experts`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from popex.nets.blocks import BasicBlock, ConvBNActivation, InvertedResidual
 __all__ = [
     "SPEC_FORMAT",
     "LAYER_TYPES",
+    "PRISTINE_HEAD",
+    "MAX_EXPERTS",
     "MAX_PARAMETERS",
     "validate_spec",
     "canonical_spec_bytes",
@@ -52,8 +59,11 @@ MAX_LAYERS = 1_000
 MAX_INPUT_VALUES = 3 * 1024 * 1024
 MAX_CHANNELS = 65_536
 MAX_CLASSES = 100_000
+MAX_EXPERTS = 8
+PRISTINE_HEAD = "pristine"  # the backbone's own head set; never listed under "experts"
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+_EXPERT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 # -- argument kinds --------------------------------------------------------------
@@ -302,6 +312,21 @@ def _check_vector(value: Any, where: str, length: int) -> None:
         _float(v, f"{where}[{j}]")
 
 
+def _check_experts(experts: Any) -> int:
+    """Check the optional ``experts`` list: distinct lower-case names; return how many."""
+    if not isinstance(experts, list) or len(experts) > MAX_EXPERTS:
+        raise SpecError(f"experts must be a list of at most {MAX_EXPERTS} head-set names, got {experts!r}")
+    for j, name in enumerate(experts):
+        if not isinstance(name, str) or not _EXPERT_NAME_RE.match(name):
+            raise SpecError(f"experts[{j}] must be a lower-case identifier like 'blur' (at most 32 characters), "
+                            f"got {name!r}")
+        if name == PRISTINE_HEAD:
+            raise SpecError(f"experts[{j}]: {PRISTINE_HEAD!r} is the backbone's own head set; do not list it")
+    if len(set(experts)) != len(experts):
+        raise SpecError(f"experts must not repeat a name, got {experts}")
+    return len(experts)
+
+
 def validate_spec(spec: Any) -> dict[str, Any]:
     """Check a spec against the whitelist without building anything.
 
@@ -333,7 +358,8 @@ def validate_spec(spec: Any) -> dict[str, Any]:
     for key in ("input_shape", "class_names", "stages"):
         if key not in spec:
             raise SpecError(f"spec is missing {key!r}")
-    allowed = {"format", "name", "input_shape", "mean", "std", "class_names", "stages", "branches", "description"}
+    allowed = {"format", "name", "input_shape", "mean", "std", "class_names", "stages", "branches", "description",
+               "experts"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise SpecError(f"unknown spec key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -373,8 +399,10 @@ def validate_spec(spec: Any) -> dict[str, Any]:
             raise SpecError(f"{where}: unknown key(s) {sorted(set(stage) - {'name', 'layers'})}")
         if "name" in stage and not isinstance(stage["name"], str):
             raise SpecError(f"{where}.name must be a string")
-        n_parameters += _check_layers(stage["layers"], f"{where}.layers")
+        stage_parameters = _check_layers(stage["layers"], f"{where}.layers")
+        n_parameters += stage_parameters
         n_layers += len(stage["layers"])
+    head_parameters, head_layers = stage_parameters, len(stages[-1]["layers"])  # the last stage is in every head
 
     branches = spec.get("branches", [])
     if not isinstance(branches, list):
@@ -393,8 +421,16 @@ def validate_spec(spec: Any) -> dict[str, Any]:
                 f"(the previous branch is after stage {previous})"
             )
         previous = k
-        n_parameters += _check_layers(branch["layers"], f"{where}.layers")
+        branch_parameters = _check_layers(branch["layers"], f"{where}.layers")
+        n_parameters += branch_parameters
         n_layers += len(branch["layers"])
+        head_parameters += branch_parameters
+        head_layers += len(branch["layers"])
+
+    # Each expert holds its own copy of every branch and of the last stage.
+    n_expert_sets = _check_experts(spec.get("experts", []))
+    n_layers += n_expert_sets * head_layers
+    n_parameters += n_expert_sets * head_parameters
 
     if n_layers > MAX_LAYERS:
         raise SpecError(f"spec has {n_layers} layers; at most {MAX_LAYERS} are allowed")
