@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from flask import Flask
 
+from edge_api.admin import bp as admin_bp
 from edge_api.classify import MAX_IMAGE_BYTES_KEY, RUNNER_KEY
 from edge_api.classify import bp as classify_bp
 from edge_api.config import EdgeConfig, load_config
@@ -124,6 +125,7 @@ def init_runner(app: Flask, config: EdgeConfig, *, registry: ModelRegistry, plan
         overhead=OverheadTracker(initial_ms=config.initial_offload_overhead_ms),
         replan_hysteresis_fraction=config.replan_hysteresis_fraction,
         edge_slowdown=config.emulate_edge_slowdown,
+        distortion_aware_default=config.distortion_aware_default,
     )
     app.extensions[RUNNER_KEY] = runner
     app.extensions[MAX_IMAGE_BYTES_KEY] = config.max_image_bytes
@@ -185,6 +187,7 @@ def create_app(config: EdgeConfig | Mapping[str, Any] | None = None, *, cloud_cl
     init_service(app, config, runner)
     app.register_blueprint(classify_bp)
     app.register_blueprint(models_bp)
+    app.register_blueprint(admin_bp)
     init_status(app)
     if config.start_background:
         monitor.start()

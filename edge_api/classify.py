@@ -17,6 +17,7 @@ __all__ = ["RUNNER_KEY", "MAX_IMAGE_BYTES_KEY", "bp", "get_runner"]
 RUNNER_KEY = "popex_edge_runner"  # app.extensions key of the EdgeRunner
 MAX_IMAGE_BYTES_KEY = "popex_edge_max_image_bytes"  # app.extensions key of the classify body limit
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 bp = Blueprint("classify", __name__, url_prefix="/api/v1")
 
@@ -52,6 +53,16 @@ def _deadline_ms() -> float | None:
     return deadline_ms
 
 
+def _distortion_aware() -> bool | None:
+    raw = _parameter("distortion_aware")
+    if raw is None or raw.strip() == "":
+        return None
+    value = _BOOLEANS.get(raw.strip().lower())
+    if value is None:
+        raise BadRequest(f"distortion_aware must be true, false, 1 or 0, got {raw[:40]!r}")
+    return value
+
+
 def _image_bytes() -> bytes:
     mimetype = request.mimetype
     if mimetype == "multipart/form-data":
@@ -73,10 +84,11 @@ def _image_bytes() -> bytes:
 
 @bp.post("/classify")
 def classify() -> ResponseReturnValue:
-    """Classify an image (multipart file 'image' or raw body) under ``deadline_ms`` with ``policy``."""
+    """Classify an image (multipart file 'image' or raw body) under deadline_ms, policy, distortion_aware."""
     image_bytes = _image_bytes()
     result = get_runner().classify(
         image_bytes, model_id=_parameter("model"), deadline_ms=_deadline_ms(),
         policy=_parameter("policy") or "adaptive", arrival_s=g.arrival_s,
+        distortion_aware=_distortion_aware(),
     )
     return jsonify(result.to_dict())

@@ -21,6 +21,7 @@ import yaml
 from popex.background.uplink import RTT_METHODS
 from popex.decision.table import OBJECTIVES
 from popex.errors import ConfigError
+from popex.experiments.shaping import IFACE_PATTERN
 from popex.runtime.link_emulation import parse_link
 from popex.runtime.wire import WIRE_DTYPES
 
@@ -34,6 +35,7 @@ _ENV_KEYS = {
     "POPEX_EDGE_STATE_DIR": "state_dir",
     "POPEX_EMULATE_LINK": "emulate_link",
     "POPEX_EMULATE_EDGE_SLOWDOWN": "emulate_edge_slowdown",
+    "POPEX_LINK_IFACE": "shaping_interface",
 }
 _MAX_DEADLINE_MS = 3_600_000.0
 
@@ -68,6 +70,9 @@ class EdgeConfig:
     default_model_dir : Path or None
         A model directory (spec.json, weights.safetensors, calibration.npz)
         registered at start if it exists.
+    distortion_aware_default : bool
+        Whether a classify request that does not say is distortion-aware when
+        its model has expert heads (the classifier picks the head set).
     default_deadline_ms : float
         Latency requirement of a request that gives none, ms.
     objective : {"mean", "tail"}
@@ -112,12 +117,17 @@ class EdgeConfig:
         more, and an idle thread pool stalls when cores are shared.
     start_background : bool
         Start the uplink monitor thread (tests turn it off).
+    shaping_interface : str or None
+        Interface whose egress ``PUT /api/v1/admin/link`` shapes with tc
+        (needs CAP_NET_ADMIN); None: the endpoint changes the emulated link
+        instead (``emulate_link``).
     """
 
     token: str
     cloud_url: str = "http://127.0.0.1:8001"
     state_dir: Path = Path("state/edge")
     default_model_dir: Path | None = Path("models/default")
+    distortion_aware_default: bool = True
     default_deadline_ms: float = 100.0
     objective: str = "mean"
     emulate_link: str | None = None
@@ -139,6 +149,7 @@ class EdgeConfig:
     profile_n_repeats: int = 30
     n_threads: int | None = 1
     start_background: bool = True
+    shaping_interface: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.token, str) or not self.token.strip():
@@ -160,12 +171,18 @@ class EdgeConfig:
             object.__setattr__(self, name, Path(value))
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if not isinstance(self.distortion_aware_default, bool):
+            raise ConfigError(f"distortion_aware_default must be true or false, got {self.distortion_aware_default!r}")
         if self.rtt_method not in RTT_METHODS:
             raise ConfigError(f"rtt_method must be one of {list(RTT_METHODS)}, got {self.rtt_method!r}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.emulate_link is not None:
             parse_link(self.emulate_link)  # raises ConfigError naming the bad text
+        if self.shaping_interface is not None and (not isinstance(self.shaping_interface, str)
+                                                   or not IFACE_PATTERN.fullmatch(self.shaping_interface)):
+            raise ConfigError(f"shaping_interface must be an interface name matching {IFACE_PATTERN.pattern}, "
+                              f"got {self.shaping_interface!r}")
         if not isinstance(self.start_background, bool):
             raise ConfigError(f"start_background must be true or false, got {self.start_background!r}")
         floats = {

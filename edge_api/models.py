@@ -13,6 +13,9 @@ __all__ = ["SERVICE_KEY", "MAX_MODEL_BYTES_KEY", "bp", "get_service"]
 SERVICE_KEY = "popex_edge_service"  # app.extensions key of the EdgeService
 MAX_MODEL_BYTES_KEY = "popex_edge_max_model_bytes"  # app.extensions key of the upload limit
 _FILES = {"spec": "spec.json", "weights": "weights.safetensors", "calibration": "calibration.npz"}
+# A model with expert heads also sends calibration_<expert> for each expert and these two.
+_CLASSIFIER_FILES = ("classifier_spec", "classifier_weights")
+_EXPERT_CALIBRATION_PREFIX = "calibration_"
 
 bp = Blueprint("models", __name__, url_prefix="/api/v1/models")
 
@@ -31,6 +34,17 @@ def _uploaded(name: str) -> bytes:
     return file.read()
 
 
+def _optional(name: str) -> bytes | None:
+    file = request.files.get(name)
+    return None if file is None else file.read()
+
+
+def _expert_calibrations() -> dict[str, bytes]:
+    """Files ``calibration_<expert>``, by expert name (the registry checks them against the spec)."""
+    return {name[len(_EXPERT_CALIBRATION_PREFIX):]: request.files[name].read() for name in request.files
+            if name.startswith(_EXPERT_CALIBRATION_PREFIX)}
+
+
 def _float_arg(name: str) -> float | None:
     raw = request.args.get(name)
     if raw is None or raw.strip() == "":
@@ -43,11 +57,14 @@ def _float_arg(name: str) -> float | None:
 
 @bp.post("")
 def register_model() -> ResponseReturnValue:
-    """Register a model from multipart files spec, weights, calibration (202 new, 200 known)."""
+    """Register a model from multipart files spec, weights, calibration (+ expert files) (202 new, 200 known)."""
     request.max_content_length = current_app.extensions[MAX_MODEL_BYTES_KEY]
     spec_bytes, weights_bytes, calibration_bytes = (_uploaded(name) for name in _FILES)
+    classifier_spec, classifier_weights = (_optional(name) for name in _CLASSIFIER_FILES)
     service = get_service()
-    registration = service.register(spec_bytes, weights_bytes, calibration_bytes)
+    registration = service.register(spec_bytes, weights_bytes, calibration_bytes,
+                                    expert_calibrations=_expert_calibrations(), classifier_spec=classifier_spec,
+                                    classifier_weights=classifier_weights)
     if registration.created:
         return jsonify({"model_id": registration.model_id, "state": "registered"}), 202
     model = service.registry.get(registration.model_id)
@@ -62,13 +79,13 @@ def list_models() -> ResponseReturnValue:
 
 @bp.get("/<model_id>")
 def describe_model(model_id: str) -> ResponseReturnValue:
-    """One model: state, classes, profile and current decision."""
+    """One model: state, classes, profile, current decision, expert heads and distortion classifier."""
     return jsonify(get_service().describe(model_id))
 
 
 @bp.get("/<model_id>/strategies")
 def strategies(model_id: str) -> ResponseReturnValue:
-    """The current strategy table (JSON rows, or ``?format=csv``) and the chosen row."""
+    """The current strategy table (JSON rows, or ``?format=csv``; ``?head=`` an expert's) and the chosen row."""
     output_format = request.args.get("format", "json")
     if output_format == "csv":
         csv_text = get_service().strategies_csv(model_id)
@@ -77,4 +94,5 @@ def strategies(model_id: str) -> ResponseReturnValue:
     if output_format != "json":
         raise BadRequest(f"format must be 'json' or 'csv', got {output_format[:20]!r}")
     return jsonify(get_service().strategies(model_id, deadline_ms=_float_arg("deadline_ms"),
-                                            objective=request.args.get("objective") or None))
+                                            objective=request.args.get("objective") or None,
+                                            head=request.args.get("head") or None))

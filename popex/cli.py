@@ -12,6 +12,9 @@ import sys
 from typing import Callable, Sequence
 
 from popex.errors import PopexError, ProfileError
+from popex.data.distort import add_distort_parser
+from popex.experiments.cli import add_experiment_parser
+from popex.nets.expert_recipe import add_train_experts_parser
 
 __all__ = ["main"]
 
@@ -187,7 +190,9 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_cmd_plan)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_profile, _add_plan]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_profile, _add_plan,
+                                                                    add_distort_parser, add_train_experts_parser,
+                                                                    add_experiment_parser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,8 +6,10 @@ and a user start them. The tests cover issue 3's acceptance: accuracy of the
 default model over HTTP with offloading, a model registered through REST
 becoming classifiable, bad input answered with 4xx JSON errors while both
 services keep serving, the cloud killed mid-stream (every request still
-answered, as a fallback) and restarted (offloading resumes), and, last, no 5xx
-or traceback in either service's log.
+answered, as a fallback) and restarted (offloading resumes), no 5xx or
+traceback in either service's log, and (issue 5, with a cloud and edge of its
+own) distortion-aware inference: a blurred image gets the blur expert, a
+noisy one the noise expert.
 
 Every wait is bounded; nothing asserts on latency (the machine is shared).
 """
@@ -37,6 +39,7 @@ import torch
 from safetensors.numpy import save as safetensors_save
 
 from popex.data import Preprocessing, default_test_set, encode_png, preprocess
+from popex.data.distort import DEFAULT_LEVELS, gaussian_blur, gaussian_noise
 from popex.decision import save_calibration
 from popex.experiments.services import REPO_ROOT, ServiceProcess, start_cloud, start_edge
 from popex.nets import EarlyExitNet, load_model, save_model, zoo_spec
@@ -548,3 +551,66 @@ def test_no_server_error_or_traceback_in_either_log(services: Services) -> None:
             if _SERVER_ERROR.search(line) or "Traceback" in line or "WORKER TIMEOUT" in line:
                 problems.append(f"{path.name}: {line}")
     assert not problems, "\n".join(problems[:40])
+
+
+# -- 6. distortion-aware inference end to end (its own cloud and edge) ------------------------------
+
+DISTORTION_MODEL_DIR = REPO_ROOT / "models" / "default-distortion"
+N_DISTORTED_IMAGES = 5  # per kind; the classifier must name at least 4 of them right
+
+
+def test_blurred_image_gets_the_blur_expert_and_noisy_one_noise_over_http(tmp_path: Path) -> None:
+    """An edge whose default model has expert heads, against a real cloud; half the requests offloaded."""
+    if not (DISTORTION_MODEL_DIR / "distortion-classifier" / "weights.safetensors").is_file():
+        pytest.skip(f"{DISTORTION_MODEL_DIR} is missing; build it with the command in its MODEL_CARD.md")
+    token = secrets.token_hex(16)
+    started: list[ServiceProcess] = []
+    try:
+        cloud = start_cloud(token=token, state_dir=tmp_path / "cloud-state", log_path=tmp_path / "cloud.log")
+        started.append(cloud)
+        cloud.wait_ready()
+        edge = start_edge(token=token, cloud_url=cloud.url, state_dir=tmp_path / "edge-state",
+                          log_path=tmp_path / "edge.log",
+                          config={"default_model_dir": str(DISTORTION_MODEL_DIR), "profile_n_repeats": 5})
+        started.append(edge)
+        edge.wait_ready()
+        (listed,) = requests.get(edge.url + "/api/v1/models", timeout=HTTP_TIMEOUT_S).json()["models"]
+        info = _wait_model_ready(edge.url, listed["model_id"])
+        assert info["experts"] == ["blur", "noise"] and info["distortion_classifier"] is not None, info
+        assert info["cloud_profile"] == "measured", info  # the expert model was pushed to the cloud
+
+        net = load_model(DISTORTION_MODEL_DIR).net.eval()
+        preprocessing = Preprocessing.from_spec_dict(net.spec)
+        images = _dataset().images[:N_DISTORTED_IMAGES]
+        distorted = {"blur": gaussian_blur(images, sigma=DEFAULT_LEVELS.middle("blur"), is_batch=True),
+                     "noise": gaussian_noise(images, sigma=DEFAULT_LEVELS.middle("noise"), seed=0)}
+        with requests.Session() as session:
+            for kind, batch in distorted.items():
+                answers = []
+                for i, image in enumerate(batch):
+                    params = ({"policy": "cloud-only", "deadline_ms": CLOUD_ONLY_DEADLINE_MS} if i % 2 == 0
+                              else {"deadline_ms": 1000})
+                    response = session.post(edge.url + "/api/v1/classify", data=_png(image), params=params,
+                                            headers={"Content-Type": "image/png"}, timeout=HTTP_TIMEOUT_S)
+                    assert response.status_code == 200, response.text
+                    answer = response.json()
+                    answers.append(answer)
+                    assert answer["expert"] in ("pristine", "blur", "noise") and "expert_confidence" in answer
+                    if params.get("policy") != "cloud-only" or answer["expert"] != kind:
+                        continue
+                    assert (answer["where"], answer["fallback"]) == ("cloud", False), \
+                        f"{answer}\n{edge.log_tail(40)}\n{cloud.log_tail(40)}"
+                    # the cloud ran the chosen expert's final stage
+                    with torch.inference_mode():
+                        logits = net(torch.from_numpy(preprocess(image, preprocessing)), head=kind)[-1][0].numpy()
+                    top2 = np.sort(logits)[-2:]
+                    if top2[1] - top2[0] > 1e-3:
+                        assert answer["label"] == int(logits.argmax()), answer
+                n_right = sum(answer["expert"] == kind for answer in answers)
+                assert n_right >= N_DISTORTED_IMAGES - 1, [answer["expert"] for answer in answers]
+    finally:
+        for process in reversed(started):
+            process.stop()
+    problems = [line for process in started for line in process.log_path.read_text(errors="replace").splitlines()
+                if _SERVER_ERROR.search(line) or "Traceback" in line]
+    assert not problems, "\n".join(problems[:20])

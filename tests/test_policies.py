@@ -3,17 +3,45 @@
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from popex.decision.decide import decide
-from popex.decision.policies import POLICIES, PolicyBook
+from popex.decision.policies import EDGENT_THRESHOLD, POLICIES, PolicyBook, edge_threshold_grids
 from popex.errors import ConfigError
 from tests.test_sweep_table import _table, instances
 
 
+def _edgent_by_brute_force(table, positions, latency, deadline_ms):
+    """Edgent's definition, row by row: exit points deepest first, each at its fastest split."""
+    n_branches = len(positions)
+    exit_points = [None, *range(n_branches - 1, -1, -1)]  # None = the final exit
+    best = []
+    for exit_point in exit_points:
+        rows = []
+        for i in range(len(table)):
+            thresholds = table.thresholds[i]
+            if exit_point is None:
+                matches = np.isnan(thresholds).all()
+            else:
+                matches = thresholds[exit_point] == EDGENT_THRESHOLD and all(
+                    np.isnan(thresholds[b]) for b in range(n_branches) if b != exit_point)
+                matches = matches and table.split[i] >= positions[exit_point]
+            if matches:
+                rows.append(i)
+        if rows:
+            best.append(min(rows, key=lambda i: (latency[i], i)))
+    for row in best:
+        if latency[row] <= deadline_ms:
+            return row, True
+    return min(best, key=lambda i: (latency[i], i)), False
+
+
 @settings(max_examples=60, deadline=None)
-@given(instances())
-def test_policies_against_their_definitions(instance) -> None:
+@given(instances(), st.booleans())
+def test_policies_against_their_definitions(instance, with_edgent_rows) -> None:
     profile, link, calibration, grids = instance
+    if with_edgent_rows:  # as the edge plans: 0.0 in every grid
+        grids = [[*grid, EDGENT_THRESHOLD] for grid in grids]
     _, table = _table(profile, link, calibration, grids)
     book = PolicyBook.build(table)
     n_stages = profile.n_stages
@@ -30,8 +58,14 @@ def test_policies_against_their_definitions(instance) -> None:
             assert table.split[cloud.row] == 0
             neuro = book.decide("neurosurgeon", deadline_ms=deadline_ms, objective=objective)
             assert neuro.row in no_exit and latency[neuro.row] == min(latency[i] for i in no_exit)
+            edgent = book.decide("edgent", deadline_ms=deadline_ms, objective=objective)
+            row, feasible = _edgent_by_brute_force(table, profile.branch_after_stage, latency, deadline_ms)
+            assert latency[edgent.row] == latency[row] and edgent.feasible == feasible
+            assert table.n_correct[edgent.row] == table.n_correct[row]
+            if not with_edgent_rows and EDGENT_THRESHOLD not in [t for grid in grids for t in grid]:
+                assert edgent.row == neuro.row  # only the final exit: Edgent is Neurosurgeon
             # POPEX is never less accurate than a baseline that meets the requirement
-            for baseline in (edge, cloud, neuro):
+            for baseline in (edge, cloud, neuro, edgent):
                 if baseline.feasible:
                     assert adaptive.feasible and table.n_correct[adaptive.row] >= table.n_correct[baseline.row]
 
@@ -44,3 +78,14 @@ def test_unknown_policy_is_a_config_error_naming_the_choices(policy) -> None:
     with pytest.raises(ConfigError, match="policy must be one of"):
         book.decide(policy, deadline_ms=10.0)
     assert set(POLICIES) >= {"adaptive", "edge-only", "cloud-only"}
+
+
+def test_edge_grid_holds_the_edgent_threshold_and_the_default_grid() -> None:
+    from popex.decision.sweep import DEFAULT_THRESHOLDS
+
+    grids = edge_threshold_grids(3)
+    assert len(grids) == 3 and all(grid == [0.0, *DEFAULT_THRESHOLDS] for grid in grids)
+    assert edge_threshold_grids(0) == []
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="n_branches"):
+            edge_threshold_grids(bad)

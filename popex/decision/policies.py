@@ -7,7 +7,16 @@ latency model and the image stream with POPEX; only the choice differs:
 - ``adaptive``: POPEX, the most accurate row that meets the requirement (DESIGN §5);
 - ``edge-only``: the whole network on the edge, no early exit (split N, branches off);
 - ``cloud-only``: the input goes to the cloud (split 0);
-- ``neurosurgeon``: the fastest split without early exits (Kang et al.).
+- ``neurosurgeon``: the fastest split without early exits (Kang et al.);
+- ``edgent``: Edgent (Li et al.): right-size the network, then split it. Its
+  exit points are the branches and the final exit; "exit at branch b" means
+  every sample leaves there (threshold :data:`EDGENT_THRESHOLD` = 0.0 on b,
+  earlier branches off), so its rows exist only where the threshold grid
+  holds 0.0 (the edge's does: :func:`edge_threshold_grids`). Edgent takes
+  the deepest exit point whose fastest split meets the requirement, else
+  the fastest of them (infeasible). Our cloud always runs to the final
+  exit, so "exit at b" can only run on the edge (split >= k_b); with a
+  grid without 0.0 Edgent has only the final exit and equals Neurosurgeon.
 
 Policies are looked up by name; an unknown name is a ConfigError naming it.
 """
@@ -19,12 +28,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from popex.decision.decide import Decision, DecisionIndex
+from popex.decision.sweep import DEFAULT_THRESHOLDS
 from popex.decision.table import OBJECTIVES, StrategyTable
 from popex.errors import ConfigError
 
-__all__ = ["POLICIES", "PolicyBook", "check_policy"]
+__all__ = ["POLICIES", "EDGENT_THRESHOLD", "PolicyBook", "check_policy", "edge_threshold_grids"]
 
-POLICIES = ("adaptive", "edge-only", "cloud-only", "neurosurgeon")
+POLICIES = ("adaptive", "edge-only", "cloud-only", "neurosurgeon", "edgent")
+
+#: A branch with this threshold takes every sample (confidences are >= 0):
+#: Edgent's "exit here always", the network right-sized to that branch.
+EDGENT_THRESHOLD = 0.0
 
 
 def check_policy(policy: object) -> str:
@@ -38,8 +52,59 @@ def check_policy(policy: object) -> str:
     return str(policy)
 
 
+def edge_threshold_grids(n_branches: int) -> list[list[float]]:
+    """Per-branch threshold grids the edge plans with: the sweep's default grid plus 0.0.
+
+    The 0.0 rows ("every sample exits at this branch") are Edgent's
+    right-sized networks; they also widen POPEX's own choice when a
+    requirement is tight. Kept here, beside the policy that needs them, so
+    that the edge and the offline experiments plan with the same grid.
+
+    Parameters
+    ----------
+    n_branches : int
+        Branches of the model, >= 0.
+
+    Returns
+    -------
+    list of list of float
+        ``n_branches`` grids, each ``[0.0, 0.5, 0.55, ..., 0.95]``.
+
+    Raises
+    ------
+    ConfigError
+        If ``n_branches`` is not a non-negative int.
+
+    Examples
+    --------
+    >>> grids = edge_threshold_grids(2)
+    >>> len(grids), grids[0][:3]
+    (2, [0.0, 0.5, 0.55])
+    """
+    if isinstance(n_branches, bool) or not isinstance(n_branches, (int, np.integer)) or n_branches < 0:
+        raise ConfigError(f"n_branches must be an int >= 0, got {n_branches!r}")
+    return [[EDGENT_THRESHOLD, *DEFAULT_THRESHOLDS] for _ in range(int(n_branches))]
+
+
 def _no_exit_rows(table: StrategyTable) -> np.ndarray:
     return np.flatnonzero(np.isnan(table.thresholds).all(axis=1))
+
+
+def _edgent_candidates(table: StrategyTable, latency_ms: np.ndarray) -> tuple[int, ...]:
+    """Edgent's exit points, deepest first: for each, its fastest row (final exit, then branches B-1..0).
+
+    Exit at branch b: threshold 0.0 on b, every other branch off (those after
+    b are reported off anyway: at a split before them they cannot run, and
+    after b nobody reaches them).
+    """
+    thresholds = table.thresholds
+    n_branches = thresholds.shape[1]
+    off = np.isnan(thresholds)
+    groups = [np.flatnonzero(off.all(axis=1))]
+    for b in range(n_branches - 1, -1, -1):
+        others_off = np.delete(off, b, axis=1).all(axis=1)
+        groups.append(np.flatnonzero(others_off & (thresholds[:, b] == EDGENT_THRESHOLD)))
+    return tuple(int(rows[np.argmin(latency_ms[rows])]) for rows in groups if rows.size)
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,6 +132,7 @@ class PolicyBook:
     table: StrategyTable
     indices: dict[str, DecisionIndex]
     fixed_rows: dict[tuple[str, str], int]
+    edgent_rows: dict[str, tuple[int, ...]]
 
     @classmethod
     def build(cls, table: StrategyTable) -> PolicyBook:
@@ -74,13 +140,15 @@ class PolicyBook:
         n_stages = int(table.split.max())
         no_exit = _no_exit_rows(table)
         fixed_rows: dict[tuple[str, str], int] = {}
+        edgent_rows: dict[str, tuple[int, ...]] = {}
         for objective in OBJECTIVES:
             latency_ms = table.latency_ms(objective)
             fixed_rows["edge-only", objective] = int(no_exit[table.split[no_exit] == n_stages][0])
             fixed_rows["cloud-only", objective] = int(np.flatnonzero(table.split == 0)[0])
             fixed_rows["neurosurgeon", objective] = int(no_exit[np.argmin(latency_ms[no_exit])])
+            edgent_rows[objective] = _edgent_candidates(table, latency_ms)
         indices = {objective: DecisionIndex(table, objective=objective) for objective in OBJECTIVES}
-        return cls(table=table, indices=indices, fixed_rows=fixed_rows)
+        return cls(table=table, indices=indices, fixed_rows=fixed_rows, edgent_rows=edgent_rows)
 
     def decide(self, policy: str, *, deadline_ms: float, objective: str = "mean") -> Decision:
         """The row ``policy`` picks for requirement ``deadline_ms``.
@@ -96,6 +164,17 @@ class PolicyBook:
         decision = self.indices[objective].lookup(deadline_ms)
         if policy == "adaptive":
             return decision
+        if policy == "edgent":
+            return self._edgent(decision.deadline_ms, objective)
         row = self.fixed_rows[policy, objective]
         feasible = bool(self.table.latency_ms(objective)[row] <= decision.deadline_ms)
         return Decision(row=row, feasible=feasible, objective=objective, deadline_ms=decision.deadline_ms)
+
+    def _edgent(self, deadline_ms: float, objective: str) -> Decision:
+        candidates = self.edgent_rows[objective]
+        latency_ms = self.table.latency_ms(objective)
+        for row in candidates:  # deepest exit point first
+            if latency_ms[row] <= deadline_ms:
+                return Decision(row=row, feasible=True, objective=objective, deadline_ms=deadline_ms)
+        fastest = min(candidates, key=lambda row: (latency_ms[row], row))
+        return Decision(row=fastest, feasible=False, objective=objective, deadline_ms=deadline_ms)

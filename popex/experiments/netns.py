@@ -214,6 +214,36 @@ class ShapedLink:
         self._processes.append(process)
         return process
 
+    def set_rate(self, uplink_mbps: float) -> Shaping:
+        """Change the tbf rate of edge -> cloud traffic now (a step of a bandwidth trace).
+
+        The root tbf is replaced in place by one with the new rate and its
+        bucket (``tc qdisc replace``, one tc call of a few ms); the RTT is
+        left as it is.
+
+        Parameters
+        ----------
+        uplink_mbps : float
+            New rate in Mbit/s, [0.01, 100000].
+
+        Returns
+        -------
+        Shaping
+            What was installed.
+
+        Raises
+        ------
+        ConfigError
+            On a rate out of range (nothing changes).
+        ShapingError
+            If tc fails.
+        """
+        shaping = apply_shaping(self.edge_iface, uplink_mbps=uplink_mbps, rtt_ms=0, netem=False)
+        self.uplink_mbps = float(uplink_mbps)
+        self.burst_bytes = tbf_burst_bytes(uplink_mbps)
+        self.shaping = (shaping, *self.shaping[1:])
+        return shaping
+
     def stop_processes(self, *, timeout_s: float = _STOP_TIMEOUT_S) -> None:
         """Stop every process started by :meth:`run_in_cloud_ns`: SIGTERM, then SIGKILL after ``timeout_s``."""
         for process in self._processes:

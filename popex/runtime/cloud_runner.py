@@ -4,6 +4,10 @@ Models are registered by the edge (spec JSON + safetensors weights, never a
 pickle) and stored under ``<state_dir>/models/<model_id>/``, so they survive
 a restart and are shared by every worker process on the same state dir: a
 model missing from memory is looked up on disk before it is called unknown.
+
+A model with expert head sets needs nothing special here: its spec and
+weights hold every head set, and an offload's ``head`` metadata says whose
+final stage to run (the edge's distortion classifier chose it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from popex.background.profiler import time_stages
 from popex.errors import PopexError, UnknownModelError
+from popex.nets.early_exit import UnknownHeadError
 from popex.nets.io import SPEC_FILE, WEIGHTS_FILE, LoadedModel, compute_model_id, load_model, load_model_bytes
 from popex.nets.spec import parse_spec_json
 from popex.runtime.wire import MAX_WIRE_BYTES, OffloadRequest, WireError, decode_offload
@@ -30,6 +35,7 @@ __all__ = [
     "MODELS_DIR",
     "MAX_PROFILE_N_REPEATS",
     "UnknownModelError",
+    "UnknownHeadError",
     "ModelIdMismatchError",
     "CloudResult",
     "CloudReply",
@@ -246,7 +252,8 @@ class CloudRunner:
         Parameters
         ----------
         request : OffloadRequest
-            Its tensor must have shape (1, *shape after stage ``split``).
+            Its tensor must have shape (1, *shape after stage ``split``);
+            its ``head`` (None: pristine) selects whose final stage runs.
 
         Returns
         -------
@@ -258,6 +265,8 @@ class CloudRunner:
         ------
         UnknownModelError
             If the model is not registered.
+        UnknownHeadError
+            If the model has no head set ``request.head``.
         WireError
             If the split is outside 0..N-1, the batch is not 1, or the
             tensor's shape is not the model's shape at that split.
@@ -265,6 +274,7 @@ class CloudRunner:
         start_s = time.perf_counter()
         loaded = self.get(request.model_id)
         net = loaded.net
+        head = net.check_head(request.head)
         if not 0 <= request.split < net.n_stages:
             raise WireError(f"split {request.split} is out of range for model {request.model_id[:12]}: "
                             f"the cloud runs stages split+1..{net.n_stages}, so split must be in 0..{net.n_stages - 1}")
@@ -274,7 +284,7 @@ class CloudRunner:
                             f"{request.model_id[:12]} at split {request.split}: expected {list(expected)} "
                             "(a batch of exactly 1)")
         with torch.inference_mode():
-            logits = net.run_stages(request.tensor, start=request.split)
+            logits = net.run_stages(request.tensor, start=request.split, head=head)
             probs = torch.softmax(logits.float(), dim=1)
             confidence, label = probs.max(dim=1)
         label_index = int(label[0])
@@ -293,7 +303,7 @@ class CloudRunner:
 
         Raises
         ------
-        WireError, UnknownModelError
+        WireError, UnknownModelError, UnknownHeadError
             As :func:`popex.runtime.wire.decode_offload` and :meth:`infer`.
         """
         start_s = time.perf_counter()

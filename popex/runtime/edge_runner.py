@@ -9,6 +9,13 @@ does. At s = N the final exit answers locally; otherwise the tensor at the
 split goes to the cloud with a timeout equal to what is left of the
 request's budget (the deadline, measured from the request's arrival).
 
+A model with expert head sets (see :mod:`popex.nets.experts`) is
+*distortion-aware* by default: its distortion classifier runs on the decoded
+image (inside the fixed edge time, before preprocessing), picks a head set
+("pristine", "blur" or "noise"), and the request then uses that head's
+strategy table, temperatures and branches; an offload names the head so the
+cloud runs that head's final stage.
+
 If the cloud is late, refuses or cannot be reached, the edge answers with its
 best local exit, marked ``fallback``: the most confident branch already
 evaluated; if none was, the rest of the network on the edge when the
@@ -42,7 +49,8 @@ from popex.data.preprocess import preprocess
 from popex.decision.latency import Link
 from popex.decision.table import OBJECTIVES
 from popex.errors import ConfigError, PopexError
-from popex.nets.early_exit import exit_confidence
+from popex.nets.early_exit import PRISTINE_HEAD, exit_confidence
+from popex.nets.experts import choose_head
 from popex.runtime.cloud_client import CloudError, CloudRejected
 from popex.runtime.plans import ModelPlan, PlanBook, Strategy, _check_deadline
 from popex.runtime.registry import ModelRegistry, StoredModel, UnknownModelError
@@ -115,6 +123,12 @@ class Classification:
     request_id : str
     policy : str
         The policy that chose the strategy ("adaptive" is POPEX).
+    expert : str
+        The head set that answered: "pristine" (also for models without
+        experts or requests that are not distortion-aware) or an expert
+        such as "blur" or "noise".
+    expert_confidence : float or None
+        The distortion classifier's confidence in its choice; None when it did not run.
     """
 
     label: int
@@ -133,10 +147,12 @@ class Classification:
     deadline_ms: float
     request_id: str
     policy: str = "adaptive"
+    expert: str = PRISTINE_HEAD
+    expert_confidence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON body of ``POST /api/v1/classify``."""
-        return {
+        """The JSON body of ``POST /api/v1/classify`` (``expert_confidence`` only when the classifier ran)."""
+        body = {
             "label": self.label,
             "class_name": self.class_name,
             "confidence": self.confidence,
@@ -153,7 +169,11 @@ class Classification:
             "deadline_ms": self.deadline_ms,
             "request_id": self.request_id,
             "policy": self.policy,
+            "expert": self.expert,
         }
+        if self.expert_confidence is not None:
+            body["expert_confidence"] = self.expert_confidence
+        return body
 
 
 class OverheadTracker:
@@ -213,6 +233,8 @@ class _Run:
     evaluated: list[tuple[int, float, int]]  # (branch, confidence, predicted)
     transfer_ms: float = 0.0
     cloud_ms: float = 0.0
+    head: str | None = None  # the expert head set in use; None = pristine
+    expert_confidence: float | None = None  # the distortion classifier's, when it ran
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.arrival_s) * 1000.0
@@ -248,6 +270,9 @@ class EdgeRunner:
         profile's edge times are scaled by it, and each stage or branch takes
         at least its scaled profile time (1 = no emulation). For demos on a
         server-class machine, where the edge would otherwise always win.
+    distortion_aware_default : bool
+        Whether a request that does not say is distortion-aware when its
+        model has expert head sets (models without experts never are).
 
     Raises
     ------
@@ -269,6 +294,7 @@ class EdgeRunner:
         overhead: OverheadTracker | None = None,
         replan_hysteresis_fraction: float = 0.2,
         edge_slowdown: float = 1.0,
+        distortion_aware_default: bool = True,
     ) -> None:
         if not (math.isfinite(edge_slowdown) and edge_slowdown >= 1.0):
             raise ConfigError(f"edge_slowdown must be a finite number >= 1, got {edge_slowdown!r}")
@@ -285,9 +311,13 @@ class EdgeRunner:
         self.overhead = overhead if overhead is not None else OverheadTracker(initial_ms=2.0)
         self.replan_hysteresis_fraction = float(replan_hysteresis_fraction)
         self.edge_slowdown = float(edge_slowdown)
+        if not isinstance(distortion_aware_default, bool):
+            raise ConfigError(f"distortion_aware_default must be true or false, got {distortion_aware_default!r}")
+        self.distortion_aware_default = distortion_aware_default
         self.default_model_id: str | None = None
         #: Median time from a request's arrival to its preprocessed input (the
-        #: profile's edge_fixed_ms): reading, decoding, preprocessing.
+        #: profile's edge_fixed_ms): reading, decoding, the distortion
+        #: classifier (distortion-aware requests), preprocessing.
         self.edge_fixed = OverheadTracker(initial_ms=0.0)
         self._planned_ms = {"offload_overhead_ms": self.overhead.current_ms, "edge_fixed_ms": 0.0}
         self._counts: Counter[str] = Counter()
@@ -356,6 +386,7 @@ class EdgeRunner:
         objective: str | None = None,
         policy: str = "adaptive",
         arrival_s: float | None = None,
+        distortion_aware: bool | None = None,
     ) -> Classification:
         """Classify one encoded image under a latency requirement.
 
@@ -373,6 +404,10 @@ class EdgeRunner:
         arrival_s : float, optional
             ``time.perf_counter()`` when the request arrived; the budget
             counts from here. Default: now.
+        distortion_aware : bool, optional
+            Run the model's distortion classifier and use the expert head set
+            it picks. None: ``distortion_aware_default`` for a model with
+            experts, off for one without.
 
         Returns
         -------
@@ -383,19 +418,27 @@ class EdgeRunner:
         DataError
             If the bytes are not a complete, small enough image.
         UnknownModelError, ConfigError
-            On an unknown model or a bad deadline or objective.
+            On an unknown model or a bad deadline or objective, or
+            ``distortion_aware=True`` for a model without expert heads.
         """
         arrival_s = time.perf_counter() if arrival_s is None else float(arrival_s)
         outcome = "rejected"
         try:
             deadline_ms = self.default_deadline_ms if deadline_ms is None else _check_deadline(deadline_ms)
             model = self.resolve_model(model_id)
+            aware = self._distortion_aware(model, distortion_aware)
             plan = self.plan_of(model)
-            strategy = plan.strategy(deadline_ms, self.objective if objective is None else objective, policy)
+            objective = self.objective if objective is None else objective
+            strategy = plan.strategy(deadline_ms, objective, policy)  # validates before any image work
             image = decode_image(image_bytes, max_pixels=self.max_image_pixels)
+            choice = choose_head(model.classifier, model.loaded.net, image) if aware else None
             x = torch.from_numpy(preprocess(image, model.preprocessing))
-            self.record_edge_fixed((time.perf_counter() - arrival_s) * 1000.0)
+            self.record_edge_fixed((time.perf_counter() - arrival_s) * 1000.0)  # the classifier's time included
             run = _Run(arrival_s=arrival_s, deadline_ms=deadline_ms, features=[x], evaluated=[])
+            if choice is not None:
+                run.head, run.expert_confidence = choice.head, choice.confidence
+                if choice.head is not None:
+                    strategy = plan.strategy(deadline_ms, objective, policy, head=choice.head)
             with torch.inference_mode():
                 result = self._run(model, plan, strategy, run)
             outcome = ("fallback" if result.fallback else
@@ -406,6 +449,17 @@ class EdgeRunner:
             with self._counts_lock:  # each request is counted once, whatever happened
                 self._counts["n_requests"] += 1
                 self._counts[f"n_{outcome}"] += 1
+
+    def _distortion_aware(self, model: StoredModel, requested: bool | None) -> bool:
+        if requested is None:
+            return self.distortion_aware_default and model.has_experts
+        if not isinstance(requested, bool):
+            raise ConfigError(f"distortion_aware must be true or false, got {requested!r}")
+        if requested and not model.has_experts:
+            raise ConfigError(f"model {model.name!r} ({model.model_id[:12]}) has no expert heads, so it cannot "
+                              "run distortion-aware: send distortion_aware=false, or register a model whose "
+                              "spec lists 'experts' (with their calibrations and the distortion classifier)")
+        return requested
 
     def counts(self) -> dict[str, int]:
         """Requests so far, in total and by outcome (edge_branch, edge_final, cloud, fallback, rejected)."""
@@ -420,20 +474,20 @@ class EdgeRunner:
         active = set(strategy.active_branches)
         h = run.features[0]
         for stage in range(1, strategy.split + 1):
-            h = self._on_edge(net.run_stages, h, start=stage - 1, stop=stage,
+            h = self._on_edge(net.run_stages, h, start=stage - 1, stop=stage, head=run.head,
                               emulated_ms=float(plan.profile.stage_edge_ms[stage - 1]))
             run.features.append(h)
             for b, after_stage in enumerate(net.branch_after_stage):
                 if after_stage != stage or b not in active:
                     continue
-                confidence, label = self._evaluate_branch(model, plan, b, h)
+                confidence, label = self._evaluate_branch(model, plan, b, h, head=run.head)
                 run.evaluated.append((b, confidence, label))
                 # float64 on both sides, exactly as popex.decision.sweep compares
                 if confidence >= float(strategy.thresholds[b]):
                     return self._answer(model, strategy, run, request_id, label=label, confidence=confidence,
                                         exit_=b)
         if strategy.split == net.n_stages:
-            confidence, label = self._final(model, h)
+            confidence, label = self._final(model, h, head=run.head)
             return self._answer(model, strategy, run, request_id, label=label, confidence=confidence, exit_="final")
         return self._offload(model, plan, strategy, run, request_id, h)
 
@@ -454,18 +508,18 @@ class EdgeRunner:
             time.sleep(remaining_s)
         return result
 
-    def _evaluate_branch(self, model: StoredModel, plan: ModelPlan, branch: int,
-                         features: torch.Tensor) -> tuple[float, int]:
-        calibration = model.calibration
-        logits = self._on_edge(model.loaded.net.run_branch, branch, features,
+    def _evaluate_branch(self, model: StoredModel, plan: ModelPlan, branch: int, features: torch.Tensor, *,
+                         head: str | None = None) -> tuple[float, int]:
+        calibration = model.calibration_of(head)
+        logits = self._on_edge(model.loaded.net.run_branch, branch, features, head=head,
                                emulated_ms=float(plan.profile.branch_edge_ms[branch]))
         confidence, predicted = exit_confidence(
             logits, temperature=float(calibration.temperature[branch]), method=calibration.confidence_method
         )
         return float(confidence[0]), int(predicted[0])
 
-    def _final(self, model: StoredModel, logits: torch.Tensor) -> tuple[float, int]:
-        calibration = model.calibration
+    def _final(self, model: StoredModel, logits: torch.Tensor, *, head: str | None = None) -> tuple[float, int]:
+        calibration = model.calibration_of(head)
         confidence, predicted = exit_confidence(
             logits, temperature=float(calibration.temperature[-1]), method=calibration.confidence_method
         )
@@ -476,7 +530,7 @@ class EdgeRunner:
         encode_started = time.perf_counter()
         try:
             payload = encode_offload(h, model_id=model.model_id, split=strategy.split, request_id=request_id,
-                                     wire_dtype=self.wire_dtype)
+                                     wire_dtype=self.wire_dtype, head=run.head)
         except PopexError as err:  # e.g. NaN activations: the edge still answers
             return self._fallback(model, plan, strategy, run, request_id, f"cannot encode the tensor: {err}")
         encode_ms = (time.perf_counter() - encode_started) * 1000.0
@@ -519,12 +573,14 @@ class EdgeRunner:
         rest_ms = float(profile.stage_edge_ms[split:].sum())
         candidates = [b for b, k in enumerate(net.branch_after_stage) if k <= split]
         if rest_ms <= run.remaining_ms() or not candidates:
-            logits = self._on_edge(net.run_stages, run.features[split], start=split, emulated_ms=rest_ms)
-            confidence, label = self._final(model, logits)
+            logits = self._on_edge(net.run_stages, run.features[split], start=split, head=run.head,
+                                   emulated_ms=rest_ms)
+            confidence, label = self._final(model, logits, head=run.head)
             return self._answer(model, strategy, run, request_id, label=label, confidence=confidence,
                                 exit_="final", **answer)
         branch = min(candidates, key=lambda b: float(profile.branch_edge_ms[b]))
-        confidence, label = self._evaluate_branch(model, plan, branch, run.features[net.branch_after_stage[branch]])
+        confidence, label = self._evaluate_branch(model, plan, branch, run.features[net.branch_after_stage[branch]],
+                                                  head=run.head)
         return self._answer(model, strategy, run, request_id, label=label, confidence=confidence,
                             exit_=branch, **answer)
 
@@ -551,6 +607,8 @@ class EdgeRunner:
             deadline_ms=run.deadline_ms,
             request_id=request_id,
             policy=strategy.policy,
+            expert=PRISTINE_HEAD if run.head is None else run.head,
+            expert_confidence=run.expert_confidence,
         )
 
     # -- measurements from offloads ----------------------------------------------------

@@ -19,6 +19,13 @@ profile if they were ready, else with the quick assumed plan and a new
 preparation. When the cloud later refuses an offload (for example it lost
 the model on a restart), the model is pushed again, at most once per
 ``resync_interval_s``.
+
+A model with expert head sets is planned once per head set (same profile,
+each head's calibration). Its distortion classifier runs on the edge for
+every distortion-aware request, so its time is part of the profile's fixed
+edge time: until requests measure that time, the classifier's own timing
+stands in for it. The cloud gets the spec and weights as for any model (the
+expert heads are in them); the classifier stays on the edge.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -41,6 +48,7 @@ from popex.decision.latency import Profile
 from popex.errors import ConfigError
 from popex.runtime.cloud_client import CloudError
 from popex.runtime.edge_runner import EdgeRunner
+from popex.runtime.plans import ModelPlan
 from popex.runtime.registry import Registration, StoredModel
 from popex.runtime.wire import encode_offload
 
@@ -53,6 +61,7 @@ _QUICK_N_REPEATS = 3
 _N_WARMUP = 5
 _N_OVERHEAD_OFFLOADS = 5
 _HEALTH_TIMEOUT_S = 1.0
+_CLASSIFIER_N_REPEATS = 10
 
 
 def _wire_split_bytes(model: StoredModel, wire_dtype: str) -> np.ndarray:
@@ -175,7 +184,8 @@ class EdgeService:
         for model_id in self.registry.ids():
             model = self.registry.get(model_id)
             if model.state == "ready" and model.profile is not None:
-                self.plans.install(model_id, model.calibration, model.profile)
+                self.plans.install(model_id, model.calibration, model.profile,
+                                   expert_calibrations=model.expert_calibrations)
                 with torch.inference_mode():  # the first run of a network is slow; not a request's
                     model.loaded.net(torch.zeros(1, *model.loaded.net.input_shape))
                 self._submit("sync", model_id, self._sync)
@@ -205,13 +215,19 @@ class EdgeService:
 
     # -- registration and preparation ------------------------------------------------
 
-    def register(self, spec_bytes: bytes, weights_bytes: bytes, calibration_bytes: bytes) -> Registration:
+    def register(self, spec_bytes: bytes, weights_bytes: bytes, calibration_bytes: bytes, *,
+                 expert_calibrations: Mapping[str, bytes] | None = None, classifier_spec: bytes | None = None,
+                 classifier_weights: bytes | None = None) -> Registration:
         """Validate and store a model, plan it with assumptions, queue its preparation.
 
         Parameters
         ----------
         spec_bytes, weights_bytes, calibration_bytes : bytes
             spec.json, weights.safetensors, calibration.npz.
+        expert_calibrations : mapping of str to bytes, optional
+            A model with expert heads: expert name -> calibration_<expert>.npz.
+        classifier_spec, classifier_weights : bytes, optional
+            A model with expert heads: its distortion classifier.
 
         Returns
         -------
@@ -224,7 +240,9 @@ class EdgeService:
         SpecError, WeightsError, CalibrationError
             Nothing is stored in that case.
         """
-        registration = self.registry.add(spec_bytes, weights_bytes, calibration_bytes)
+        registration = self.registry.add(spec_bytes, weights_bytes, calibration_bytes,
+                                         expert_calibrations=expert_calibrations, classifier_spec=classifier_spec,
+                                         classifier_weights=classifier_weights)
         model = self.registry.get(registration.model_id)
         if registration.model_id not in self.plans:
             self._install_assumed_plan(model)
@@ -257,7 +275,7 @@ class EdgeService:
             if on_cloud:
                 self._measure_overhead(model)
             profile = self._profile(model, timings, cloud_stage_ms)
-            self.plans.install(model_id, model.calibration, profile)
+            self.plans.install(model_id, model.calibration, profile, expert_calibrations=model.expert_calibrations)
             cloud_profile = "measured" if cloud_stage_ms is not None else "assumed"
             return self.registry.set_state(model_id, "ready", profile=profile, cloud_profile=cloud_profile)
         except Exception as err:  # any failure leaves a usable model and a visible error
@@ -282,7 +300,7 @@ class EdgeService:
         ]
 
     def describe(self, model_id: str) -> dict[str, Any]:
-        """One model: state, names, profile in use, current decision for the default deadline.
+        """One model: state, names, profile in use, current decision for the default deadline, experts.
 
         Raises
         ------
@@ -303,10 +321,26 @@ class EdgeService:
             "cloud_profile": model.cloud_profile or "assumed",
             "link": {"uplink_mbps": plan.link.uplink_mbps, "rtt_ms": plan.link.rtt_ms},
             "strategy": strategy.to_dict(),
+            **self._experts_view(model, plan),
+        }
+
+    def _experts_view(self, model: StoredModel, plan: ModelPlan) -> dict[str, Any]:
+        classifier = model.classifier
+        deadline_ms, objective = self.runner.default_deadline_ms, self.runner.objective
+        return {
+            "experts": list(model.expert_names),
+            "distortion_aware_default": self.runner.distortion_aware_default and model.has_experts,
+            "distortion_classifier": None if classifier is None else {
+                "model_id": classifier.model_id,
+                "classes": list(classifier.net.class_names),
+                "input_shape": list(classifier.net.input_shape),
+            },
+            "expert_strategies": {head: plan.strategy(deadline_ms, objective, head=head).to_dict()
+                                  for head in model.expert_names},
         }
 
     def strategies(self, model_id: str, *, deadline_ms: float | None = None,
-                   objective: str | None = None) -> dict[str, Any]:
+                   objective: str | None = None, head: str | None = None) -> dict[str, Any]:
         """The current strategy table of a model as JSON rows, and the row chosen for a deadline.
 
         Parameters
@@ -316,18 +350,22 @@ class EdgeService:
             Default: the config's default deadline.
         objective : {"mean", "tail"}, optional
             Default: the config's objective.
+        head : str, optional
+            Whose table: "pristine" (default) or one of the model's experts.
 
         Raises
         ------
-        UnknownModelError, ConfigError
+        UnknownModelError, ConfigError, UnknownHeadError
         """
         model = self.registry.get(model_id)
         plan = self.runner.plan_of(model)
-        table = plan.table
+        head = "pristine" if head is None else head
+        table = plan.table_of(head)
         deadline_ms = self.runner.default_deadline_ms if deadline_ms is None else deadline_ms
-        strategy = plan.strategy(deadline_ms, self.runner.objective if objective is None else objective)
+        strategy = plan.strategy(deadline_ms, self.runner.objective if objective is None else objective, head=head)
         return {
             "model_id": model.model_id,
+            "head": head,
             "link": {"uplink_mbps": table.link.uplink_mbps, "rtt_ms": table.link.rtt_ms},
             "n_rows": len(table),
             "chosen": strategy.to_dict(),
@@ -391,7 +429,8 @@ class EdgeService:
 
     def _install_assumed_plan(self, model: StoredModel) -> None:
         timings = time_stages(model.loaded.net, n_warmup=_QUICK_N_WARMUP, n_repeats=_QUICK_N_REPEATS)
-        self.plans.install(model.model_id, model.calibration, self._profile(model, timings, None))
+        self.plans.install(model.model_id, model.calibration, self._profile(model, timings, None),
+                           expert_calibrations=model.expert_calibrations)
 
     def _profile(self, model: StoredModel, timings: StageTimings, cloud_stage_ms: list[float] | None) -> Profile:
         timings = dataclasses.replace(timings.scaled(self.runner.edge_slowdown),
@@ -401,9 +440,18 @@ class EdgeService:
             branch_after_stage=model.loaded.net.branch_after_stage,
             cloud_stage_ms=cloud_stage_ms,
             offload_overhead_ms=self.runner.overhead.current_ms,
-            edge_fixed_ms=self.runner.edge_fixed.current_ms,
+            edge_fixed_ms=self._edge_fixed_ms(model),
             cloud_speedup=self.cloud_speedup,
         )
+
+    def _edge_fixed_ms(self, model: StoredModel) -> float:
+        """The measured fixed edge time; before any request, the distortion classifier's time for a
+        model that runs it by default (requests then measure it as part of the fixed time)."""
+        tracker = self.runner.edge_fixed
+        if tracker.n_samples or model.classifier is None or not self.runner.distortion_aware_default:
+            return tracker.current_ms
+        return max(tracker.current_ms, model.classifier.time_one_image_ms(n_repeats=_CLASSIFIER_N_REPEATS,
+                                                                          n_warmup=1))
 
     def _push(self, model: StoredModel) -> bool:
         """Make sure the cloud has the model; False if the cloud cannot be reached."""

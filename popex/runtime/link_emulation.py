@@ -73,6 +73,36 @@ class LinkEmulator:
     def __repr__(self) -> str:
         return f"LinkEmulator(uplink_mbps={self.uplink_mbps:g}, rtt_ms={self.rtt_ms:g})"
 
+    def set_link(self, uplink_mbps: float, rtt_ms: float) -> None:
+        """Change the emulated rate and RTT at run time (the edge's admin endpoint).
+
+        Both change together under the link's lock, so a transmission queued
+        after the call uses the new pair. Bytes already queued keep the time
+        the old rate gave them.
+
+        Parameters
+        ----------
+        uplink_mbps : float
+            New rate in Mbit/s, > 0.
+        rtt_ms : float
+            New round-trip time in ms, >= 0.
+
+        Raises
+        ------
+        ConfigError
+            If a value is not a finite number in range (nothing changes).
+
+        Examples
+        --------
+        >>> link = LinkEmulator(8.0, 0.0)
+        >>> link.set_link(1.0, 20.0)
+        >>> link
+        LinkEmulator(uplink_mbps=1, rtt_ms=20)
+        """
+        uplink_mbps, rtt_ms = _check_rate(uplink_mbps, rtt_ms)
+        with self._lock:
+            self.uplink_mbps, self.rtt_ms = uplink_mbps, rtt_ms
+
     def serialisation_ms(self, n_bytes: int) -> float:
         """Time in ms that ``n_bytes`` occupy the link: 8·n_bytes / (1000·uplink_mbps)."""
         return 8.0 * n_bytes / (1000.0 * self.uplink_mbps)

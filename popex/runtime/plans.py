@@ -9,6 +9,11 @@ request thread sees either the whole old plan or the whole new one, never a
 mix. Decisions are cached per ``(deadline_ms, objective)`` inside the plan
 object they were made on, so the swap invalidates the cache and a request
 reads its strategy from a dict in O(1).
+
+A model with expert head sets (see :mod:`popex.nets.experts`) gets one
+strategy table per head set: the same profile, each head's own calibration
+swept once. The experts' plans hang off the pristine plan object, so one
+assignment swaps every head's table together.
 """
 
 from __future__ import annotations
@@ -17,17 +22,18 @@ import dataclasses
 import math
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from popex.decision.calibration import Calibration
-from popex.decision.policies import PolicyBook, check_policy
+from popex.decision.policies import PolicyBook, check_policy, edge_threshold_grids
 from popex.decision.latency import Link, Profile
 from popex.decision.sweep import ExitStats, sweep_exit_stats
 from popex.decision.table import OBJECTIVES, Planner, StrategyTable
 from popex.errors import ConfigError
+from popex.nets.early_exit import PRISTINE_HEAD, UnknownHeadError
 
 __all__ = [
     "Strategy",
@@ -130,6 +136,12 @@ class _Plan:
     table: StrategyTable
     policies: PolicyBook
     cache: dict[tuple[float, str, str], Strategy]
+    experts: dict[str, _Plan] = dataclasses.field(default_factory=dict)  # expert head set -> its plan
+
+
+def _head_plan(planner: Planner, link: Link) -> _Plan:
+    table = planner.table(link)
+    return _Plan(profile=planner.profile, link=link, table=table, policies=PolicyBook.build(table), cache={})
 
 
 def _strategy(plan: _Plan, deadline_ms: float, objective: str, policy: str,
@@ -167,12 +179,16 @@ class ModelPlan:
     link : Link
         Initial link estimate.
     thresholds : sequence of sequences of float, optional
-        Per-branch threshold grids (default: the sweep's default grid).
+        Per-branch threshold grids (default: :func:`~popex.decision.policies.edge_threshold_grids`,
+        the sweep's default grid plus 0.0, the rows Edgent's policy needs).
+    expert_calibrations : mapping of str to Calibration, optional
+        One calibration per expert head set; each gets its own strategy
+        table on the same profile (``strategy(..., head=...)``).
 
     Raises
     ------
     CalibrationError, ProfileError
-        If the calibration, profile and branch positions disagree.
+        If a calibration, the profile and branch positions disagree.
     """
 
     def __init__(
@@ -182,18 +198,50 @@ class ModelPlan:
         profile: Profile,
         link: Link,
         thresholds: Sequence[Sequence[float]] | None = None,
+        expert_calibrations: Mapping[str, Calibration] | None = None,
     ) -> None:
+        if thresholds is None:
+            thresholds = edge_threshold_grids(len(profile.branch_after_stage))
         self.stats: ExitStats = sweep_exit_stats(
             calibration, branch_after_stage=profile.branch_after_stage, thresholds=thresholds
         )
+        self.expert_stats: dict[str, ExitStats] = {
+            head: sweep_exit_stats(c, branch_after_stage=profile.branch_after_stage, thresholds=thresholds)
+            for head, c in (expert_calibrations or {}).items()
+        }
         self._lock = threading.Lock()
         self._planner = Planner(self.stats, profile)
+        self._expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
         self._plan = self._build(link)
 
     def _build(self, link: Link) -> _Plan:
         table = self._planner.table(link)
         return _Plan(profile=self._planner.profile, link=link, table=table, policies=PolicyBook.build(table),
-                     cache={})
+                     cache={}, experts={head: _head_plan(planner, link)
+                                        for head, planner in self._expert_planners.items()})
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """The head sets with a strategy table: "pristine", then the experts."""
+        return (PRISTINE_HEAD, *self.expert_stats)
+
+    def table_of(self, head: str | None = PRISTINE_HEAD) -> StrategyTable:
+        """The current strategy table of head set ``head``.
+
+        Raises
+        ------
+        UnknownHeadError
+            If the model has no such head set.
+        """
+        return self._head(self._plan, head).table
+
+    def _head(self, plan: _Plan, head: str | None) -> _Plan:
+        if head is None or head == PRISTINE_HEAD:
+            return plan
+        expert = plan.experts.get(head) if isinstance(head, str) else None
+        if expert is None:
+            raise UnknownHeadError(f"this model has no head set {str(head)[:40]!r}; it has {list(self.head_names)}")
+        return expert
 
     @property
     def profile(self) -> Profile:
@@ -233,6 +281,7 @@ class ModelPlan:
         """
         with self._lock:
             self._planner = Planner(self.stats, profile)
+            self._expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
             self._plan = self._build(self._plan.link if link is None else link)
 
     def update_profile(self, **changes: float) -> None:
@@ -246,9 +295,11 @@ class ModelPlan:
         with self._lock:
             profile = dataclasses.replace(self._planner.profile, **changes)
             self._planner = Planner(self.stats, profile)
+            self._expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
             self._plan = self._build(self._plan.link)
 
-    def strategy(self, deadline_ms: float, objective: str = "mean", policy: str = "adaptive") -> Strategy:
+    def strategy(self, deadline_ms: float, objective: str = "mean", policy: str = "adaptive",
+                 head: str | None = PRISTINE_HEAD) -> Strategy:
         """The strategy for a latency requirement, from the current plan (O(1) when cached).
 
         Parameters
@@ -258,6 +309,8 @@ class ModelPlan:
         objective : {"mean", "tail"}
         policy : str
             One of :data:`popex.decision.policies.POLICIES`; baselines share the table.
+        head : str, default "pristine"
+            Whose strategy table: "pristine" (or None) or an expert head set.
 
         Returns
         -------
@@ -267,9 +320,11 @@ class ModelPlan:
         ------
         ConfigError
             On a bad deadline, objective or policy.
+        UnknownHeadError
+            If the model has no head set ``head``.
         """
         deadline_ms = _check_deadline(deadline_ms)
-        plan = self._plan  # one read: the whole request uses this plan
+        plan = self._head(self._plan, head)  # one read: the whole request uses this plan
         key = (deadline_ms, objective, policy)
         cached = plan.cache.get(key) if isinstance(objective, str) and isinstance(policy, str) else None
         if cached is not None:
@@ -340,14 +395,16 @@ class PlanBook:
             raise ConfigError(f"model {model_id!r} has no plan")
         return plan
 
-    def install(self, model_id: str, calibration: Calibration, profile: Profile) -> ModelPlan:
-        """Plan a model with ``profile``; replaces the profile if it already has a plan."""
+    def install(self, model_id: str, calibration: Calibration, profile: Profile, *,
+                expert_calibrations: Mapping[str, Calibration] | None = None) -> ModelPlan:
+        """Plan a model with ``profile`` (one table per head set); replaces the profile if it already has a plan."""
         with self._lock:
             existing = self._plans.get(model_id)
             if existing is not None:
                 existing.set_profile(profile, link=self._link)
                 return existing
-            plan = ModelPlan(calibration, profile=profile, link=self._link, thresholds=self._thresholds)
+            plan = ModelPlan(calibration, profile=profile, link=self._link, thresholds=self._thresholds,
+                             expert_calibrations=expert_calibrations)
             self._plans[model_id] = plan
             return plan
 
@@ -367,6 +424,6 @@ class PlanBook:
                 plan.update_profile(**changes)
 
     def strategy(self, model_id: str, deadline_ms: float, objective: str = "mean",
-                 policy: str = "adaptive") -> Strategy:
-        """Shortcut for ``get(model_id).strategy(deadline_ms, objective, policy)``."""
-        return self.get(model_id).strategy(deadline_ms, objective, policy)
+                 policy: str = "adaptive", head: str | None = PRISTINE_HEAD) -> Strategy:
+        """Shortcut for ``get(model_id).strategy(deadline_ms, objective, policy, head)``."""
+        return self.get(model_id).strategy(deadline_ms, objective, policy, head)

@@ -8,7 +8,7 @@ One offloaded request is one safetensors payload: the intermediate tensor
     split       "0".."N-1"    stages already run on the edge
     wire_dtype  float32 | float16 | int8
     request_id  the edge's id of the request (echoed back)
-    head        optional: name of an expert head (reserved for later use)
+    head        optional: the expert head set whose final stage the cloud runs (absent: pristine)
     scale       int8 only: repr() of the float step of the quantisation
 
 safetensors is a JSON header plus raw little-endian tensor bytes, so the
@@ -210,7 +210,8 @@ def encode_offload(
         Precision on the wire: float16 halves the bytes, int8 quarters them
         (symmetric per-tensor quantisation, see the module docstring).
     head : str, optional
-        Name of an expert head (reserved; sent as metadata when given).
+        Name of an expert head set (see :mod:`popex.nets.experts`); sent as
+        metadata when given, omitted for the pristine heads.
 
     Returns
     -------
