@@ -176,12 +176,13 @@ def _plot(rows: list[DemoRow], path: Path, deadline_ms: float) -> None:
 def _print_table(rows: list[DemoRow], deadline_ms: float, objective: str) -> None:
     print(f"\nlatency requirement {deadline_ms:g} ms ({objective} objective); latency = edge arrival to answer")
     header = (f"{'profile':<8}{'policy':<12}{'strategy':<26}{'accuracy':>9}{'mean ms':>9}{'p95 ms':>9}"
-              f"{'within':>8}{'offload':>8}{'pred ms':>9}{'error':>7}")
+              f"{'within':>8}{'offload':>8}{'fallback':>9}{'pred ms':>9}{'error':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r.profile:<8}{r.policy:<12}{r.strategy:<26}{r.accuracy:>9.2%}{r.mean_latency_ms:>9.1f}"
-              f"{r.p95_latency_ms:>9.1f}{r.within_share:>8.1%}{r.offload_share:>8.1%}{r.predicted_mean_ms:>9.1f}"
+              f"{r.p95_latency_ms:>9.1f}{r.within_share:>8.1%}{r.offload_share:>8.1%}{r.fallback_share:>9.1%}"
+              f"{r.predicted_mean_ms:>9.1f}"
               f"{r.prediction_error:>7.1%}")
 
 
