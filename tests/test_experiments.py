@@ -74,7 +74,8 @@ def test_latency_vs_uplink_quick(tmp_path, docs):
                 assert _float(popex, "predicted_accuracy") >= _float(row, "predicted_accuracy")
         assert at["cloud-only"]["predicted_strategy"].startswith("s=0 ")
         assert at["edge-only"]["measured_strategy"] == "s=6 θ=[off,off]"
-    assert dominance_problems(rows, predicted=True) == []
+    assert dominance_problems(rows, basis="predicted") == []
+    assert all(0.0 < row.test_accuracy <= 1.0 for row in rows)
     requests = read_csv(tmp_path / "latency-vs-uplink" / "requests.csv")
     assert len(requests) == len(config.uplink_grid_mbps) * len(POLICIES) * config.n_images
 
@@ -103,7 +104,7 @@ def test_accuracy_vs_deadline_quick(tmp_path, docs):
         curve = [_float(r, "accuracy") for r in predicted if r["profile"] == profile and r["policy"] == "adaptive"
                  and r["feasible"] == "True"]
         assert curve == sorted(curve)
-    assert dominance_problems(rows, predicted=True) == []
+    assert dominance_problems(rows, basis="predicted") == []
 
 
 def test_threshold_sweep_quick(tmp_path, docs):
@@ -126,7 +127,8 @@ def test_prediction_error_quick(tmp_path, docs):
     errors, info = prediction_error.run_prediction_error(config, out_root=tmp_path, docs_path=docs, progress=False)
     _check_outputs(tmp_path, "prediction-error", info, docs)
     table = read_csv(tmp_path / "prediction-error" / "prediction_error.csv")
-    assert len(table) == len(errors) >= 2  # at least edge-only and cloud-only differ
+    assert len(table) == len(errors) >= 3  # at least edge-only and cloud-only differ, and the mean pass adds one
+    assert {e.objective for e in errors} == {"tail", "mean"}
     requests = read_csv(tmp_path / "prediction-error" / "requests.csv")
     assert sum(e.n_requests for e in errors) == len(requests)
     for e in errors:
@@ -176,7 +178,9 @@ def test_write_csv_takes_every_key(tmp_path):
 def test_trace_building():
     steps, duration_s = adaptation.build_trace((("hold", 3, 20, 20), ("ramp", 2, 2, 6), ("hold", 1, 1, 1)),
                                                ramp_step_s=1.0)
-    assert [(s.start_s, s.uplink_mbps) for s in steps] == [(0, 20), (3, 2), (4, 4), (5, 6), (5, 1)]
+    assert [(s.start_s, s.uplink_mbps) for s in steps] == [(0, 20), (3, 2), (4, 4), (5, 1)]
+    steps, _ = adaptation.build_trace((("hold", 3, 2, 2), ("ramp", 2, 2, 6), ("hold", 1, 6, 6)))
+    assert [(s.start_s, s.uplink_mbps, s.kind) for s in steps] == [(0, 2, "step"), (4, 4, "ramp"), (5, 6, "step")]
     assert duration_s == 6
     with pytest.raises(ConfigError):
         adaptation.build_trace((("jump", 1, 1, 1),))
@@ -218,14 +222,17 @@ def test_summaries_budgets_and_dominance():
                 predicted_latency_ms=1.0, budget_ms=10.0, measured_strategy="", n_requests=1,
                 measured_mean_latency_ms=5.0, measured_p95_latency_ms=5.0, measured_within_share=1.0,
                 measured_offload_share=0.0, measured_fallback_share=0.0, edge_planned_uplink_mbps=1.0,
-                edge_planned_rtt_ms=1.0, edge_offload_overhead_ms=1.0, edge_predicted_ms=1.0)
+                edge_planned_rtt_ms=1.0, edge_offload_overhead_ms=1.0, edge_predicted_ms=1.0, load_1min=0.5)
     popex = PolicyRow(policy="adaptive", predicted_accuracy=0.9, predicted_feasible=True, measured_accuracy=0.8,
-                      measured_meets=True, **base)
+                      measured_meets=True, test_accuracy=0.9, **base)
     better = PolicyRow(policy="cloud-only", predicted_accuracy=0.95, predicted_feasible=False, measured_accuracy=0.85,
-                       measured_meets=True, **base)
-    assert dominance_problems([popex, better], predicted=True) == []
-    assert len(dominance_problems([popex, better], predicted=False)) == 1
-    assert dominance_problems([popex, dataclasses.replace(better, measured_meets=False)], predicted=False) == []
+                       measured_meets=True, test_accuracy=0.89, **base)
+    assert dominance_problems([popex, better], basis="predicted") == []
+    assert len(dominance_problems([popex, better], basis="measured")) == 1
+    assert dominance_problems([popex, better], basis="test") == []
+    assert dominance_problems([popex, dataclasses.replace(better, measured_meets=False)], basis="measured") == []
+    with pytest.raises(ConfigError, match="basis"):
+        dominance_problems([popex], basis="vibes")
 
 
 def test_set_rate_changes_the_tbf_in_place():

@@ -37,7 +37,6 @@ from popex.experiments.shaping import Shaping, ShapingError, apply_shaping, nete
 
 __all__ = ["LinkNotAdjustable", "LinkSetting", "LinkController", "check_link_numbers", "resolve_cloud_ipv4"]
 
-_MODES = ("tc", "emulation", "none")
 
 
 def _number(name: str, value: object, low: float, high: float) -> float:

@@ -11,24 +11,29 @@ measured latency with the requirement afterwards.
 
 from __future__ import annotations
 
+import math
+import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from popex.decision import Link
 from popex.decision.policies import POLICIES
+from popex.errors import ConfigError
 from popex.experiments.measure import summarise
 from popex.experiments.planning import Predictor
 from popex.experiments.testbed import ImageSet, Testbed
 
 __all__ = ["AMPLE_BUDGET_MS", "PolicyRow", "budget_ms", "requirement_dependent", "refresh_edge",
-           "measure_policies", "dominance_problems"]
+           "measure_policies", "dominance_problems", "dominance_text"]
 
 #: Budget of requests whose policy does not depend on the requirement, ms.
 AMPLE_BUDGET_MS = 10_000.0
 # The edge's overhead tracker keeps the median of 21 offloads: after a link
 # change, this many offloads make the median the new link's.
 _N_REFRESH_OFFLOADS = 12
+_BASES = ("predicted", "measured", "test")
 
 
 def requirement_dependent(policy: str) -> bool:
@@ -46,7 +51,11 @@ class PolicyRow:
     """One policy on one link and requirement: predicted and measured.
 
     ``measured_meets`` compares the measured mean (mean objective) or p95
-    (tail objective) latency with the requirement.
+    (tail objective) latency with the requirement. ``test_accuracy`` is the
+    accuracy, on the whole test split, of the strategy the edge used for
+    most requests (NaN without a test predictor); ``measured_accuracy`` is
+    that of the streamed images' answers. ``load_1min`` is the machine's
+    load average when the policy's requests started.
     """
 
     profile: str
@@ -69,10 +78,12 @@ class PolicyRow:
     measured_offload_share: float
     measured_fallback_share: float
     measured_meets: bool
+    test_accuracy: float
     edge_planned_uplink_mbps: float
     edge_planned_rtt_ms: float
     edge_offload_overhead_ms: float
     edge_predicted_ms: float
+    load_1min: float
 
     @property
     def measured_latency_ms(self) -> float:
@@ -90,8 +101,17 @@ def refresh_edge(testbed: Testbed, images: ImageSet, *, estimate_timeout_s: floa
     return testbed.wait_estimate(timeout_s=estimate_timeout_s)
 
 
+def _test_accuracy(test_predictor: Predictor | None, records: list[dict[str, Any]], link: Link) -> float:
+    if test_predictor is None:
+        return math.nan
+    most_common = Counter(r["strategy"] for r in records).most_common(1)[0][0]
+    record = next(r for r in records if r["strategy"] == most_common)
+    return test_predictor.strategy(record["split"], record["thresholds"], link=link).accuracy
+
+
 def _row(prediction: Any, records: list[dict[str, Any]], *, profile: str, link: Link, deadline_ms: float,
-         objective: str, budget: float, planned: dict[str, Any], overhead_ms: float) -> PolicyRow:
+         objective: str, budget: float, planned: dict[str, Any], overhead_ms: float, test_accuracy: float,
+         load_1min: float) -> PolicyRow:
     measured = summarise(records, deadline_ms=deadline_ms)
     measured_latency_ms = measured.mean_latency_ms if objective == "mean" else measured.p95_latency_ms
     return PolicyRow(
@@ -103,18 +123,22 @@ def _row(prediction: Any, records: list[dict[str, Any]], *, profile: str, link: 
         measured_p95_latency_ms=measured.p95_latency_ms, measured_accuracy=measured.accuracy,
         measured_within_share=measured.within_share, measured_offload_share=measured.offload_share,
         measured_fallback_share=measured.fallback_share, measured_meets=bool(measured_latency_ms <= deadline_ms),
-        edge_planned_uplink_mbps=float(planned["uplink_mbps"]), edge_planned_rtt_ms=float(planned["rtt_ms"]),
-        edge_offload_overhead_ms=overhead_ms, edge_predicted_ms=measured.edge_predicted_ms)
+        test_accuracy=test_accuracy, edge_planned_uplink_mbps=float(planned["uplink_mbps"]),
+        edge_planned_rtt_ms=float(planned["rtt_ms"]), edge_offload_overhead_ms=overhead_ms,
+        edge_predicted_ms=measured.edge_predicted_ms, load_1min=load_1min)
 
 
 def measure_policies(testbed: Testbed, predictor: Predictor, images: ImageSet, *, profile: str, link: Link,
                      deadlines_ms: Sequence[float], objective: str, policies: Sequence[str] = POLICIES,
-                     progress: bool = True) -> tuple[list[PolicyRow], list[dict[str, Any]]]:
+                     test_predictor: Predictor | None = None, progress: bool = True
+                     ) -> tuple[list[PolicyRow], list[dict[str, Any]]]:
     """Predict and measure each policy at each requirement on the link in force.
 
     A policy that decides from the requirement streams the images once per
     requirement; a fixed baseline streams them once (ample budget) and its
-    requests are judged against every requirement.
+    requests are judged against every requirement. ``test_predictor`` (a
+    :class:`Predictor` on :func:`~popex.experiments.planning.test_split_calibration`)
+    scores the strategy used on the whole test split.
 
     Returns
     -------
@@ -132,38 +156,72 @@ def measure_policies(testbed: Testbed, predictor: Predictor, images: ImageSet, *
         runs = ([(d, d) for d in deadlines_ms] if requirement_dependent(policy)
                 else [(None, budget_ms(policy, max(deadlines_ms)))])
         for deadline_ms, budget in runs:
+            load_1min = float(os.getloadavg()[0])
             records = testbed.stream(images, policy=policy, deadline_ms=budget,
                                      desc=f"{where} {policy}" + ("" if deadline_ms is None else f" {deadline_ms:g} ms"),
                                      progress=progress)
             records_all += [{"profile": profile, "uplink_mbps": link.uplink_mbps, "rtt_ms": link.rtt_ms, **record}
                             for record in records]
+            test_accuracy = _test_accuracy(test_predictor, records, link)
             for judged_ms in (deadlines_ms if deadline_ms is None else [deadline_ms]):
                 prediction = predictor.policy(policy, link=link, deadline_ms=judged_ms, objective=objective)
                 rows.append(_row(prediction, records, profile=profile, link=link, deadline_ms=judged_ms,
-                                 objective=objective, budget=budget, planned=planned, overhead_ms=overhead_ms))
+                                 objective=objective, budget=budget, planned=planned, overhead_ms=overhead_ms,
+                                 test_accuracy=test_accuracy, load_1min=load_1min))
     return rows, records_all
 
 
-def dominance_problems(rows: Sequence[PolicyRow], *, predicted: bool) -> list[str]:
+def dominance_problems(rows: Sequence[PolicyRow], *, basis: str) -> list[str]:
     """Where POPEX is less accurate than a baseline that meets the requirement (empty: the claim holds).
 
-    Rows are grouped by (profile, rate, RTT, requirement); ``predicted``
-    picks the predicted columns (calibration) or the measured ones.
+    Rows are grouped by (profile, rate, RTT, requirement).
+
+    Parameters
+    ----------
+    rows : sequence of PolicyRow
+    basis : {"predicted", "measured", "test"}
+        "predicted": predicted feasibility and calibration accuracy (the
+        decision itself); "measured": measured "meets" and the streamed
+        images' accuracy; "test": measured "meets" and the test-split
+        accuracy of the strategies used.
+
+    Raises
+    ------
+    ConfigError
+        On an unknown basis.
     """
+    if basis not in _BASES:
+        raise ConfigError(f"basis must be one of {_BASES}, got {basis!r}")
+    accuracy_of = {"predicted": lambda r: r.predicted_accuracy, "measured": lambda r: r.measured_accuracy,
+                   "test": lambda r: r.test_accuracy}[basis]
     groups: dict[tuple, dict[str, PolicyRow]] = {}
     for row in rows:
         groups.setdefault((row.profile, row.uplink_mbps, row.rtt_ms, row.deadline_ms), {})[row.policy] = row
     problems = []
-    for (profile, uplink_mbps, rtt_ms, deadline_ms), at in groups.items():
+    for (profile, uplink_mbps, _, deadline_ms), at in groups.items():
         popex = at.get("adaptive")
         if popex is None:
             continue
-        ours = popex.predicted_accuracy if predicted else popex.measured_accuracy
+        ours = accuracy_of(popex)
         for policy, row in at.items():
-            meets = row.predicted_feasible if predicted else row.measured_meets
-            theirs = row.predicted_accuracy if predicted else row.measured_accuracy
+            meets = row.predicted_feasible if basis == "predicted" else row.measured_meets
+            theirs = accuracy_of(row)
             if policy != "adaptive" and meets and ours < theirs:
                 where = profile or f"{uplink_mbps:g} Mbit/s"
                 problems.append(f"{where}, {deadline_ms:g} ms: {policy} {100 * theirs:.2f}% > POPEX "
                                 f"{100 * ours:.2f}%")
     return problems
+
+
+def dominance_text(rows: Sequence[PolicyRow], *, n_images: int, test_source: str) -> str:
+    """The docs' paragraph on "POPEX >= every baseline that meets the requirement", on each basis."""
+
+    def verdict(basis: str) -> str:
+        problems = dominance_problems(rows, basis=basis)
+        return "holds everywhere" if not problems else f"VIOLATED at {len(problems)}: " + "; ".join(problems[:8])
+
+    return ("**POPEX >= every baseline that meets the requirement.** Predicted (the decision: calibration "
+            f"accuracy, predicted feasibility): {verdict('predicted')}. Measured \"meets\" with the test-split "
+            f"accuracy of the strategy each policy used ({test_source}): {verdict('test')}. Measured \"meets\" "
+            f"with the accuracy of the {n_images} streamed images: {verdict('measured')} (a difference of one "
+            f"image is {100 / n_images:.1f} points there).")

@@ -11,9 +11,13 @@ true link (:class:`~popex.experiments.planning.Predictor`, on the profile the
 edge measured at start-up). The edge's own prediction (its plan, its link
 estimate) is reported beside it.
 
-The edge plans with the ``tail`` objective here, so a request's budget (its
-requirement) covers its worst case and the fallback does not clip the
-latencies being compared; the fixed baselines get an ample budget.
+Two passes, each with its own edge: one planning with the ``tail``
+objective (a request's budget, its requirement, covers its worst case, so
+the fallback does not clip the latencies compared; the fixed baselines get
+an ample budget), over several rates; and one planning with the ``mean``
+objective at a slow link, where the front is many edge strategies with
+different exit rates (and Edgent's right-sized networks), so the
+reach-probability weighting of the model is tested too.
 
 Writes ``results/prediction-error/{prediction_error.csv, requests.csv,
 prediction_error.png}`` and the ``## prediction-error`` section of
@@ -36,7 +40,7 @@ from popex.decision import Link
 from popex.experiments.planning import Predictor
 from popex.experiments.policy_runs import AMPLE_BUDGET_MS, refresh_edge
 from popex.experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
-                                      pyplot, relative, replace_docs_section, write_csv)
+                                      publish_figure, pyplot, relative, replace_docs_section, write_csv)
 from popex.experiments.testbed import Testbed, TestbedConfig, load_images
 
 __all__ = ["NAME", "TARGET_ERROR_FRACTION", "PredictionErrorConfig", "StrategyError", "front_requirements",
@@ -56,14 +60,20 @@ class PredictionErrorConfig:
     Attributes
     ----------
     links_mbps : tuple of float
-        Uplink rates measured, Mbit/s (one after the other on the same testbed).
+        Uplink rates of the tail pass, Mbit/s (one after the other on the same testbed).
+    mean_links_mbps : tuple of float
+        Uplink rates of the mean pass (empty: no mean pass).
     rtt_ms : float
     n_front_requirements : int
         POPEX requirements per link, placed just above front points.
+    n_mean_front_requirements : int
+        The same in the mean pass.
     requirement_margin_fraction : float
         Each requirement is the front point's worst-case latency times (1 + this).
     edgent_deadlines_ms : tuple of float
-        Requirements Edgent is run at (different exit points).
+        Requirements Edgent is run at in the tail pass.
+    mean_edgent_deadlines_ms : tuple of float
+        Requirements Edgent is run at in the mean pass (different exit points).
     n_images : int
         Test images per (policy, requirement).
     estimate_timeout_s : float
@@ -73,10 +83,13 @@ class PredictionErrorConfig:
     """
 
     links_mbps: tuple[float, ...] = (2.0, 8.0, 30.0)
+    mean_links_mbps: tuple[float, ...] = (1.0,)
     rtt_ms: float = 20.0
     n_front_requirements: int = 4
+    n_mean_front_requirements: int = 6
     requirement_margin_fraction: float = 0.08
     edgent_deadlines_ms: tuple[float, ...] = (60.0, 1000.0)
+    mean_edgent_deadlines_ms: tuple[float, ...] = (40.0, 50.0)
     n_images: int = 80
     estimate_timeout_s: float = 30.0
     seed: int = 3
@@ -86,15 +99,16 @@ class PredictionErrorConfig:
 
     @classmethod
     def quick_config(cls) -> PredictionErrorConfig:
-        """One link, two POPEX requirements, 15 images per run."""
-        return cls(links_mbps=(8.0,), n_front_requirements=2, edgent_deadlines_ms=(60.0,), n_images=15,
-                   estimate_timeout_s=10.0, quick=True)
+        """One link per pass, two (tail) and one (mean) POPEX requirements, 15 images per run."""
+        return cls(links_mbps=(8.0,), n_front_requirements=2, n_mean_front_requirements=1, edgent_deadlines_ms=(60.0,),
+                   mean_edgent_deadlines_ms=(40.0,), n_images=15, estimate_timeout_s=10.0, quick=True)
 
 
 @dataclass(frozen=True)
 class StrategyError:
     """One strategy on one link: measured vs predicted mean latency."""
 
+    objective: str
     uplink_mbps: float
     rtt_ms: float
     strategy: str
@@ -110,17 +124,20 @@ class StrategyError:
     fallback_share: float
 
 
-def front_requirements(predictor: Predictor, link: Link, *, n_requirements: int, margin_fraction: float
-                       ) -> list[float]:
-    """Requirements (ms) just above ``n_requirements`` points of the tail front, spread over it.
+def front_requirements(predictor: Predictor, link: Link, *, n_requirements: int, margin_fraction: float,
+                       objective: str = "tail") -> list[float]:
+    """Requirements (ms) just above ``n_requirements`` points of the ``objective`` front, spread over it.
 
-    Each is a front row's worst-case latency times ``1 + margin_fraction``;
+    Each is a front row's latency (E[T] or worst case) times ``1 + margin_fraction``;
     the slowest front point is always included.
     """
     table = predictor.table(link)
-    front = table.pareto_front("tail")
+    front = table.pareto_front(objective)
     picks = np.unique(np.linspace(0, len(front) - 1, min(n_requirements, len(front))).round().astype(int))
-    return [float(table.worst_latency_ms[front[i]] * (1.0 + margin_fraction)) for i in picks]
+    if n_requirements == 1:
+        picks = np.array([len(front) - 1])
+    latency_ms = table.latency_ms(objective)
+    return [float(latency_ms[front[i]] * (1.0 + margin_fraction)) for i in picks]
 
 
 def _plot(errors: list[StrategyError], path: Path, mode: str) -> None:
@@ -157,9 +174,9 @@ def _summary(errors: list[StrategyError], info: RunInfo, config: PredictionError
     edge_median = float(np.median([e.edge_error_fraction for e in errors]))
     verdict = "meets" if median <= TARGET_ERROR_FRACTION else "MISSES"
     table = markdown_table(
-        ["Mbit/s", "strategy", "policies", "n", "measured ms", "predicted ms", "error", "edge's prediction",
-         "offload meas./pred.", "fallback"],
-        [[f"{e.uplink_mbps:g}", e.strategy, e.policies, e.n_requests, f"{e.measured_mean_latency_ms:.1f}",
+        ["edge objective", "Mbit/s", "strategy", "policies", "n", "measured ms", "predicted ms", "error",
+         "edge's prediction", "offload meas./pred.", "fallback"],
+        [[e.objective, f"{e.uplink_mbps:g}", e.strategy, e.policies, e.n_requests, f"{e.measured_mean_latency_ms:.1f}",
           f"{e.predicted_mean_latency_ms:.1f}", f"{100 * e.error_fraction:.1f}%",
           f"{e.edge_predicted_ms:.1f} ({100 * e.edge_error_fraction:.0f}%)",
           f"{100 * e.offload_share:.0f}% / {100 * e.predicted_offload_prob:.0f}%", f"{100 * e.fallback_share:.0f}%"]
@@ -173,11 +190,30 @@ def _summary(errors: list[StrategyError], info: RunInfo, config: PredictionError
         f"from the latency model on the profile the edge measured at start-up (edge stages {config.testbed.edge_slowdown:g}x "
         f"this machine's, measured cloud stages, measured O), at the true link (RTT {config.rtt_ms:g} ms). The "
         f"edge's own prediction (its current plan: its link estimate, its running O) has a median error of "
-        f"{100 * edge_median:.1f}%. {config.n_images} test images ({source}) per policy and requirement; the "
-        "edge plans with the tail objective.",
+        f"{100 * edge_median:.1f}%. {config.n_images} test images ({source}) per policy and requirement. Two "
+        "passes, each with its own edge: planning with the tail objective at "
+        f"{', '.join(f'{u:g}' for u in config.links_mbps)} Mbit/s (baselines, Edgent, POPEX on its front), and with "
+        f"the mean objective at {', '.join(f'{u:g}' for u in config.mean_links_mbps) or '-'} Mbit/s (Edgent's "
+        "right-sized networks and POPEX's edge strategies with different exit rates).",
         "",
         table,
     ])
+
+
+def _strategy_error(predictor: Predictor, link: Link, objective: str, strategy: str,
+                    group: list[dict[str, Any]]) -> StrategyError:
+    predicted = predictor.strategy(group[0]["split"], group[0]["thresholds"], link=link)
+    measured_ms = float(np.mean([r["latency_ms"] for r in group]))
+    edge_ms = float(np.mean([r["edge_predicted_ms"] for r in group]))
+    return StrategyError(
+        objective=objective, uplink_mbps=link.uplink_mbps, rtt_ms=link.rtt_ms, strategy=strategy,
+        policies=",".join(sorted({r["policy"] for r in group})), n_requests=len(group),
+        measured_mean_latency_ms=measured_ms, predicted_mean_latency_ms=predicted.expected_latency_ms,
+        error_fraction=abs(measured_ms - predicted.expected_latency_ms) / measured_ms,
+        edge_predicted_ms=edge_ms, edge_error_fraction=abs(measured_ms - edge_ms) / measured_ms,
+        offload_share=float(np.mean([r["where"] == "cloud" or r["fallback"] for r in group])),
+        predicted_offload_prob=predicted.offload_prob,
+        fallback_share=float(np.mean([r["fallback"] for r in group])))
 
 
 def run_prediction_error(config: PredictionErrorConfig, *, out_root: Path = DEFAULT_OUT_ROOT,
@@ -197,40 +233,39 @@ def run_prediction_error(config: PredictionErrorConfig, *, out_root: Path = DEFA
     testbed_config = replace(config.testbed, rtt_ms=config.rtt_ms)
     records: list[dict[str, Any]] = []
     errors: list[StrategyError] = []
-    with Testbed(testbed_config, out_dir / "run") as testbed:
-        testbed.stream(images.head(_N_WARMUP), policy="cloud-only", deadline_ms=AMPLE_BUDGET_MS, desc="warm-up",
-                       progress=False)
-        predictor = Predictor.from_model_dir(testbed_config.model_dir, testbed.profile())
-        for uplink_mbps in tqdm(config.links_mbps, desc=NAME, file=sys.stderr, disable=not progress):
-            link = Link(uplink_mbps=uplink_mbps, rtt_ms=config.rtt_ms)
-            testbed.set_link(uplink_mbps=uplink_mbps)
-            refresh_edge(testbed, images, estimate_timeout_s=config.estimate_timeout_s)
-            runs = [(policy, AMPLE_BUDGET_MS) for policy in _FIXED]
-            runs += [("edgent", d) for d in config.edgent_deadlines_ms]
-            runs += [("adaptive", d) for d in front_requirements(
-                predictor, link, n_requirements=config.n_front_requirements,
-                margin_fraction=config.requirement_margin_fraction)]
-            by_strategy: dict[str, list[dict[str, Any]]] = defaultdict(list)
-            for policy, deadline_ms in runs:
-                batch = testbed.stream(images, policy=policy, deadline_ms=deadline_ms,
-                                       desc=f"{uplink_mbps:g} Mbit/s {policy} {deadline_ms:g} ms", progress=progress)
-                for record in batch:
-                    by_strategy[record["strategy"]].append(record)
-                records += [{"uplink_mbps": uplink_mbps, **record} for record in batch]
-            for strategy, group in sorted(by_strategy.items()):
-                predicted = predictor.strategy(group[0]["split"], group[0]["thresholds"], link=link)
-                measured_ms = float(np.mean([r["latency_ms"] for r in group]))
-                edge_ms = float(np.mean([r["edge_predicted_ms"] for r in group]))
-                errors.append(StrategyError(
-                    uplink_mbps=uplink_mbps, rtt_ms=config.rtt_ms, strategy=strategy,
-                    policies=",".join(sorted({r["policy"] for r in group})), n_requests=len(group),
-                    measured_mean_latency_ms=measured_ms, predicted_mean_latency_ms=predicted.expected_latency_ms,
-                    error_fraction=abs(measured_ms - predicted.expected_latency_ms) / measured_ms,
-                    edge_predicted_ms=edge_ms, edge_error_fraction=abs(measured_ms - edge_ms) / measured_ms,
-                    offload_share=float(np.mean([r["where"] == "cloud" or r["fallback"] for r in group])),
-                    predicted_offload_prob=predicted.offload_prob,
-                    fallback_share=float(np.mean([r["fallback"] for r in group]))))
-        mode, link_note = testbed.mode, testbed.link_note
+    passes = [("tail", config.links_mbps, config.n_front_requirements, config.edgent_deadlines_ms, _FIXED),
+              ("mean", config.mean_links_mbps, config.n_mean_front_requirements, config.mean_edgent_deadlines_ms, ())]
+    mode, link_note = "", ""
+    for objective, links_mbps, n_requirements, edgent_deadlines_ms, fixed in passes:
+        if not links_mbps:
+            continue
+        testbed_config = replace(config.testbed, rtt_ms=config.rtt_ms, objective=objective)
+        with Testbed(testbed_config, out_dir / f"run-{objective}") as testbed:
+            testbed.stream(images.head(_N_WARMUP), policy="cloud-only", deadline_ms=AMPLE_BUDGET_MS,
+                           desc="warm-up", progress=False)
+            predictor = Predictor.from_model_dir(testbed_config.model_dir, testbed.profile())
+            for uplink_mbps in tqdm(links_mbps, desc=f"{NAME} ({objective})", file=sys.stderr,
+                                    disable=not progress):
+                link = Link(uplink_mbps=uplink_mbps, rtt_ms=config.rtt_ms)
+                testbed.set_link(uplink_mbps=uplink_mbps)
+                refresh_edge(testbed, images, estimate_timeout_s=config.estimate_timeout_s)
+                runs = [(policy, AMPLE_BUDGET_MS) for policy in fixed]
+                runs += [("edgent", d) for d in edgent_deadlines_ms]
+                runs += [("adaptive", d) for d in front_requirements(
+                    predictor, link, n_requirements=n_requirements,
+                    margin_fraction=config.requirement_margin_fraction, objective=objective)]
+                by_strategy: dict[str, list[dict[str, Any]]] = defaultdict(list)
+                for policy, deadline_ms in runs:
+                    batch = testbed.stream(images, policy=policy, deadline_ms=deadline_ms,
+                                           desc=f"{uplink_mbps:g} Mbit/s {policy} {deadline_ms:g} ms",
+                                           progress=progress)
+                    for record in batch:
+                        by_strategy[record["strategy"]].append(record)
+                    records += [{"edge_objective": objective, "uplink_mbps": uplink_mbps, **record}
+                                for record in batch]
+                for strategy, group in sorted(by_strategy.items()):
+                    errors.append(_strategy_error(predictor, link, objective, strategy, group))
+            mode, link_note = testbed.mode, testbed.link_note
     csv_path = write_csv(out_dir / "prediction_error.csv", errors)
     requests_path = write_csv(out_dir / "requests.csv", records)
     png = out_dir / "prediction_error.png"
@@ -239,6 +274,7 @@ def run_prediction_error(config: PredictionErrorConfig, *, out_root: Path = DEFA
                    link_note=link_note, load_before=load_before, load_after=load_sample(),
                    files=(csv_path, requests_path, png))
     if docs_path is not None:
+        figure = publish_figure(png, Path(docs_path))
         replace_docs_section(Path(docs_path), f"## {NAME}",
-                             _summary(errors, info, config, png, Path(docs_path), images.source))
+                             _summary(errors, info, config, figure, Path(docs_path), images.source))
     return errors, info

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "pyplot",
     "markdown_table",
     "relative",
+    "publish_figure",
 ]
 
 DEFAULT_OUT_ROOT = REPO_ROOT / "results"
@@ -90,7 +92,8 @@ class RunInfo:
         command = f"popex experiment {self.name}" + (" --quick" if self.quick else "")
         return (f"`{command}` ran in {self.run_time_s:.0f} s; link: {self.mode}"
                 + (f" ({self.link_note})" if self.link_note else "")
-                + f". Load: {self.load_before.text()} before, {self.load_after.load_1min:.1f} after.")
+                + f". Load: {self.load_before.text()} before, {self.load_after.load_1min:.1f} after. "
+                f"CSV and PNG: `results/{self.name}/`.")
 
 
 def _plain(value: Any) -> Any:
@@ -176,3 +179,14 @@ def relative(path: Path, start: Path) -> str:
         return os.path.relpath(path, start)
     except ValueError:
         return str(path)
+
+
+def publish_figure(png: Path, docs_path: Path) -> Path:
+    """Copy a figure next to the results document (``<docs>/img/<name>``), where the repository keeps it.
+
+    ``results/`` is not versioned; the copy is what the document links to.
+    """
+    target = Path(docs_path).parent / "img" / Path(png).name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(png, target)
+    return target

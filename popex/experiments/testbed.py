@@ -143,8 +143,9 @@ def load_images(n_images: int, *, seed: int = 0) -> ImageSet:
     test = default_test_set()
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(test.dataset), size=min(n_images, len(test.dataset)), replace=False)
+    source = "full test split" if test.source == "debian" else "shipped 1,000-image test subset"
     return ImageSet(images_png=[encode_png(test.dataset.images[i]) for i in chosen],
-                    labels=np.asarray(test.dataset.labels[chosen]), source=test.source)
+                    labels=np.asarray(test.dataset.labels[chosen]), source=source)
 
 
 class Testbed:

@@ -39,7 +39,7 @@ from popex.decision import Link, load_calibration, sweep_exit_stats
 from popex.decision.latency import Profile
 from popex.errors import ConfigError
 from popex.experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
-                                      pyplot, relative, replace_docs_section, write_csv)
+                                      publish_figure, pyplot, relative, replace_docs_section, write_csv)
 from popex.experiments.services import REPO_ROOT, ServiceError, start_cloud
 from popex.experiments.testbed import load_images
 from popex.runtime.plans import Strategy
@@ -148,7 +148,8 @@ class _ForcedPlan:
         self.profile = profile
         self._strategy = strategy
 
-    def strategy(self, deadline_ms: float, objective: str = "mean", policy: str = "adaptive") -> Strategy:
+    def strategy(self, deadline_ms: float, objective: str = "mean", policy: str = "adaptive",
+                 head: str | None = None) -> Strategy:
         return self._strategy
 
 
@@ -327,6 +328,7 @@ def run_threshold_sweep(config: ThresholdSweepConfig, *, out_root: Path = DEFAUL
                              "cloud service on loopback", load_before=load_before, load_after=load_sample(),
                    files=(calibration_csv, measured_csv, png))
     if docs_path is not None:
+        figure = publish_figure(png, Path(docs_path))
         replace_docs_section(Path(docs_path), f"## {NAME}",
-                             _summary(curve, measured, info, png, Path(docs_path), images.source))
+                             _summary(curve, measured, info, figure, Path(docs_path), images.source))
     return measured, info
