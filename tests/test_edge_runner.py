@@ -222,15 +222,12 @@ def test_overhead_is_measured_against_the_link_part(setup):
     # estimated link part: 8*10_000/(1000*10) + 20 = 28 ms
     overhead_ms = runner.record_overhead(10_000, encode_ms=0.5, round_trip_ms=40.0, cloud_ms=2.0)
     assert overhead_ms == pytest.approx(0.5 + 40.0 - 2.0 - 28.0)
-    # exact link part from the emulator
-    assert runner.record_overhead(10_000, encode_ms=0.5, round_trip_ms=40.0, cloud_ms=2.0,
-                                  emulated_link_ms=35.0) == pytest.approx(3.5)
 
 
 def test_a_moving_overhead_replans(setup):
     runner, plan = setup["runner"], setup["plans"].get(setup["model_id"])
     for _ in range(5):
-        runner.record_overhead(0, encode_ms=0.0, round_trip_ms=45.0, cloud_ms=0.0, emulated_link_ms=20.0)
+        runner.record_overhead(0, encode_ms=0.0, round_trip_ms=45.0, cloud_ms=0.0)
     assert runner.overhead.current_ms == pytest.approx(25.0)
     assert plan.profile.offload_overhead_ms == pytest.approx(25.0)
 

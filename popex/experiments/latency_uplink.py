@@ -124,9 +124,11 @@ def _plot(rows: list[PolicyRow], curves: dict[str, dict[str, np.ndarray]], grid_
 def _summary(rows: list[PolicyRow], info: RunInfo, config: LatencyUplinkConfig, png: Path,
              docs_path: Path, n_images: int, source: str, test_source: str) -> str:
     table = markdown_table(
-        ["uplink Mbit/s", "policy", "strategy (measured)", "pred. ms", "meas. ms", "meets", "pred. acc",
-         "test acc", "meas. acc", "fallback", "load"],
-        [[f"{r.uplink_mbps:g}", r.policy, r.measured_strategy, f"{r.predicted_latency_ms:.1f}",
+        ["uplink Mbit/s", "policy", "strategy used", "predicted strategy", "pred. ms", "meas. ms", "meets",
+         "pred. acc", "test acc", "meas. acc", "fallback", "load"],
+        [[f"{r.uplink_mbps:g}", r.policy, r.measured_strategy,
+          "same" if r.predicted_strategy == r.measured_strategy else r.predicted_strategy,
+          f"{r.predicted_latency_ms:.1f}",
           f"{r.measured_latency_ms:.1f}", "yes" if r.measured_meets else "no", f"{100 * r.predicted_accuracy:.2f}%",
           f"{100 * r.test_accuracy:.2f}%", f"{100 * r.measured_accuracy:.1f}%",
           f"{100 * r.measured_fallback_share:.0f}%", f"{r.load_1min:.1f}"] for r in rows])
@@ -141,7 +143,8 @@ def _summary(rows: list[PolicyRow], info: RunInfo, config: LatencyUplinkConfig, 
         f"test images ({source}) per policy and rate, the same for every policy. POPEX and Edgent requests carry "
         "the requirement as their budget; the fixed baselines get an ample budget (their latency is unclipped) and "
         "\"meets\" compares their measured mean with the requirement. Predicted: the latency model on the profile "
-        "the edge measured, at the true link. Accuracy: pred. = calibration split (what the planner uses), test = "
+        "the edge measured, at the true link (pred. ms and pred. acc are those of the predicted strategy; the edge "
+        "decides from its own link estimate and overhead, so it can differ). Accuracy: pred. = calibration split (what the planner uses), test = "
         "the strategy the edge used, on the whole test split, meas. = the streamed images' answers. Load: the "
         "1-minute load average when the policy's requests started (a shared machine).",
         "",

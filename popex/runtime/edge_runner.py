@@ -538,9 +538,6 @@ class EdgeRunner:
         if remaining_ms <= 0:
             return self._fallback(model, plan, strategy, run, request_id,
                                   "no time left in the budget for the cloud")
-        # The emulator's delay for these bytes if sent now: the exact link part of the round trip.
-        link = getattr(self.client, "link", None)
-        link_ms = None if link is None else float(link.delay_ms(len(payload)))
         call_started = time.perf_counter()
         try:
             result = self.client.infer(payload, timeout_s=remaining_ms / 1000.0)
@@ -552,8 +549,7 @@ class EdgeRunner:
         round_trip_ms = float(result.round_trip_ms)
         run.cloud_ms = max(0.0, float(result.cloud_ms))
         run.transfer_ms = max(0.0, round_trip_ms - run.cloud_ms)
-        self.record_offload(len(payload), encode_ms=encode_ms, round_trip_ms=round_trip_ms, cloud_ms=run.cloud_ms,
-                            emulated_link_ms=link_ms)
+        self.record_offload(len(payload), encode_ms=encode_ms, round_trip_ms=round_trip_ms, cloud_ms=run.cloud_ms)
         label = int(result.label)
         class_names = model.class_names
         class_name = class_names[label] if 0 <= label < len(class_names) else str(result.class_name)
@@ -613,20 +609,19 @@ class EdgeRunner:
 
     # -- measurements from offloads ----------------------------------------------------
 
-    def link_part_ms(self, n_bytes: int, *, emulated_link_ms: float | None = None) -> float:
-        """The link's share of an offload's round trip, ms.
+    def link_part_ms(self, n_bytes: int) -> float:
+        """The link's share of an offload's round trip as the plan models it, ms.
 
-        Exact when the client emulates the link (the emulator's delay,
-        ``emulated_link_ms``), otherwise estimated from the current uplink
-        estimate: ``8·n_bytes/(1000·B) + R``.
+        ``8·n_bytes/(1000·B) + R`` from the current uplink estimate. Always
+        the estimate, even when the client emulates the link: with an HTTP
+        RTT, R already holds one request's HTTP cost, and O must be what the
+        plan does not yet count, or that cost (and, on a kernel-shaped link,
+        the transfer) would be counted twice.
         """
-        if emulated_link_ms is not None:
-            return float(emulated_link_ms)
         link: Link = self.monitor.link() if self.monitor is not None else self.plans.link
         return link.transfer_ms(n_bytes) + link.rtt_ms
 
-    def record_overhead(self, n_bytes: int, *, encode_ms: float, round_trip_ms: float, cloud_ms: float,
-                        emulated_link_ms: float | None = None) -> float:
+    def record_overhead(self, n_bytes: int, *, encode_ms: float, round_trip_ms: float, cloud_ms: float) -> float:
         """Add one measurement of the per-offload overhead O and re-plan if its median moved.
 
         ``O = encode_ms + (round_trip_ms − cloud_ms − link part)``; see :meth:`link_part_ms`.
@@ -636,8 +631,7 @@ class EdgeRunner:
         float
             This measurement, ms.
         """
-        link_ms = self.link_part_ms(n_bytes, emulated_link_ms=emulated_link_ms)
-        overhead_ms = encode_ms + (round_trip_ms - cloud_ms - link_ms)
+        overhead_ms = encode_ms + (round_trip_ms - cloud_ms - self.link_part_ms(n_bytes))
         self._track(self.overhead, "offload_overhead_ms", overhead_ms)
         return overhead_ms
 
@@ -656,10 +650,8 @@ class EdgeRunner:
             except PopexError:
                 _log.exception("re-plan with %s = %.3f ms failed", field, current_ms)
 
-    def record_offload(self, n_bytes: int, *, encode_ms: float, round_trip_ms: float, cloud_ms: float,
-                       emulated_link_ms: float | None = None) -> None:
+    def record_offload(self, n_bytes: int, *, encode_ms: float, round_trip_ms: float, cloud_ms: float) -> None:
         """Feed one successful offload to the uplink monitor (passive sample) and the O tracker."""
         if self.monitor is not None:
             self.monitor.add_passive_sample(n_bytes, round_trip_ms - cloud_ms)
-        self.record_overhead(n_bytes, encode_ms=encode_ms, round_trip_ms=round_trip_ms, cloud_ms=cloud_ms,
-                             emulated_link_ms=emulated_link_ms)
+        self.record_overhead(n_bytes, encode_ms=encode_ms, round_trip_ms=round_trip_ms, cloud_ms=cloud_ms)

@@ -476,20 +476,18 @@ class EdgeService:
     def _measure_overhead(self, model: StoredModel) -> None:
         """A few real offloads of the input (split 0) to measure O; failures are skipped."""
         x = torch.zeros(1, *model.loaded.net.input_shape)
-        link = getattr(self.client, "link", None)
         for _ in range(_N_OVERHEAD_OFFLOADS):
             started_s = time.perf_counter()
             payload = encode_offload(x, model_id=model.model_id, split=0, request_id=uuid.uuid4().hex,
                                      wire_dtype=self.runner.wire_dtype)
             encode_ms = (time.perf_counter() - started_s) * 1000.0
-            link_ms = None if link is None else float(link.delay_ms(len(payload)))
             try:
                 result = self.client.infer(payload, timeout_s=self.cloud_timeout_s)
             except CloudError as err:
                 _log.warning("overhead offload of model %s failed: %s", model.model_id, err)
                 continue
             self.runner.record_offload(len(payload), encode_ms=encode_ms, round_trip_ms=float(result.round_trip_ms),
-                                       cloud_ms=float(result.cloud_ms), emulated_link_ms=link_ms)
+                                       cloud_ms=float(result.cloud_ms))
 
     def _sync(self, model_id: str) -> None:
         model = self.registry.get(model_id)
