@@ -3,7 +3,8 @@
 For each split s in 0..N-1 of a model, the real tensor at that split is sent
 N times to a real cloud process on loopback (``run_cloud.sh``, gunicorn, no
 link shaping) as a safetensors payload in fp32, fp16 and int8, and, in the
-same run, as a JSON list (``tensor.tolist()``) to a baseline endpoint defined
+same run, each also deflated (``Content-Encoding: deflate``), and as a JSON
+list (``tensor.tolist()``) to a baseline endpoint defined
 here (served by the same gunicorn setup) that parses it back with
 ``torch.tensor`` and runs the same stages.
 
@@ -20,6 +21,9 @@ Bytes on the wire are compared with the raw fp32 tensor bytes.
 Usage::
 
     .venv/bin/python benchmarks/transport.py [--model-dir models/default] [--n-requests 200] [--json]
+
+The tensors come from the first 50 images of the shipped test subset, so
+deflate sees real activations (a random tensor would not compress).
 """
 
 from __future__ import annotations
@@ -48,13 +52,23 @@ import requests  # noqa: E402
 from popex.nets import EarlyExitNet, LoadedModel, load_model, weights_to_bytes, zoo_spec  # noqa: E402
 from popex.nets.io import SPEC_FILE, WEIGHTS_FILE, compute_model_id  # noqa: E402
 from popex.runtime.cloud_client import CloudClient  # noqa: E402
-from popex.runtime.wire import WIRE_DTYPES, decode_offload, encode_offload  # noqa: E402
+from popex.data.idx import load_fashion_mnist  # noqa: E402
+from popex.data.preprocess import Preprocessing, preprocess  # noqa: E402
+from popex.runtime.wire import (  # noqa: E402
+    WIRE_DTYPES,
+    compress_payload,
+    decode_offload,
+    decompress_payload,
+    encode_offload,
+)
 
 TARGETS = {"overhead_p50_ms": 3.0, "fp32_bytes_ratio": 1.01, "fp16_bytes_ratio": 0.51}
 STARTUP_S = 120.0
 TIMEOUT_S = 30.0
 N_WARMUP = 10
 JSON_MODEL_DIR_ENV = "POPEX_BENCH_MODEL_DIR"
+DEFAULT_IMAGES = REPO / "data" / "fashion-mnist-test-subset"
+N_IMAGES = 50
 
 
 # -- the JSON-list baseline endpoint (served by gunicorn from this file) ----------------
@@ -174,38 +188,76 @@ def _row(split: int, h: torch.Tensor, encoding: str, n_bytes: int, encode_ms: li
                overhead_ms_p95=_percentile(overhead_ms, 0.95))
 
 
-def _measure_wire(client: CloudClient, loaded: LoadedModel, split: int, h: torch.Tensor, wire_dtype: str,
-                  n_requests: int) -> Row:
-    encode_ms, http_ms = [], []
-    payload = b""
-    for i in range(N_WARMUP + n_requests):
+class _Variant:
+    """One way of sending a split's tensors; ``send(i)`` does request i and keeps its timings."""
+
+    def __init__(self, encoding: str, send_one) -> None:
+        self.encoding = encoding
+        self._send_one = send_one
+        self.encode_ms: list[float] = []
+        self.http_ms: list[float] = []
+        self.n_bytes: list[int] = []
+        self.last_body = b""
+
+    def send(self, i: int, *, record: bool) -> None:
+        encode_ms, http_ms, body = self._send_one(i)
+        self.last_body = body
+        if record:
+            self.encode_ms.append(encode_ms)
+            self.http_ms.append(http_ms)
+            self.n_bytes.append(len(body))
+
+
+def _wire_variant(client: CloudClient, loaded: LoadedModel, split: int, hs: torch.Tensor, wire_dtype: str,
+                  deflate: bool) -> _Variant:
+    encoding = "deflate" if deflate else None
+
+    def send_one(i: int) -> tuple[float, float, bytes]:
+        h = hs[i % len(hs)].unsqueeze(0)
         start_s = time.perf_counter()
-        payload = encode_offload(h, model_id=loaded.model_id, split=split, request_id=f"bench-{i}",
-                                 wire_dtype=wire_dtype)
+        body = encode_offload(h, model_id=loaded.model_id, split=split, request_id=f"bench-{i}",
+                              wire_dtype=wire_dtype)
+        sent_encoding = None
+        if deflate:
+            compressed = compress_payload(body)
+            if compressed is not None:
+                body, sent_encoding = compressed, encoding
         encoded_s = time.perf_counter()
-        reply = client.infer(payload, timeout_s=TIMEOUT_S)
-        if i >= N_WARMUP:
-            encode_ms.append((encoded_s - start_s) * 1000.0)
-            http_ms.append(reply.round_trip_ms - reply.cloud_ms)
-    decode_ms = _median_ms(lambda: decode_offload(payload), 50)
-    return _row(split, h, wire_dtype, len(payload), encode_ms, http_ms, decode_ms)
+        reply = client.infer(body, timeout_s=TIMEOUT_S, content_encoding=sent_encoding)
+        return (encoded_s - start_s) * 1000.0, reply.round_trip_ms - reply.cloud_ms, body
+
+    return _Variant(wire_dtype + ("+deflate" if deflate else ""), send_one)
 
 
-def _measure_json(session: requests.Session, url: str, split: int, h: torch.Tensor, n_requests: int) -> Row:
-    encode_ms, http_ms = [], []
-    body = b""
-    for i in range(N_WARMUP + n_requests):
+def _json_variant(session: requests.Session, url: str, split: int, hs: torch.Tensor) -> _Variant:
+    def send_one(i: int) -> tuple[float, float, bytes]:
+        h = hs[i % len(hs)].unsqueeze(0)
         start_s = time.perf_counter()
         body = json.dumps({"split": split, "request_id": f"bench-{i}", "tensor": h.tolist()}).encode()
         encoded_s = time.perf_counter()
         response = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=TIMEOUT_S)
         reply = response.json()
-        done_s = time.perf_counter()
-        if i >= N_WARMUP:
-            encode_ms.append((encoded_s - start_s) * 1000.0)
-            http_ms.append((done_s - encoded_s) * 1000.0 - reply["cloud_ms"])
-    decode_ms = _median_ms(lambda: torch.tensor(json.loads(body)["tensor"], dtype=torch.float32), 50)
-    return _row(split, h, "json", len(body), encode_ms, http_ms, decode_ms)
+        return (encoded_s - start_s) * 1000.0, (time.perf_counter() - encoded_s) * 1000.0 - reply["cloud_ms"], body
+
+    return _Variant("json", send_one)
+
+
+def _measure_split(variants: list[_Variant], split: int, hs: torch.Tensor, n_requests: int) -> list[Row]:
+    """Every variant's request i back to back, for i in turn: all of them see the same machine state."""
+    for i in range(N_WARMUP + n_requests):
+        for variant in variants:
+            variant.send(i, record=i >= N_WARMUP)
+    rows = []
+    for variant in variants:
+        body = variant.last_body
+        if variant.encoding == "json":
+            decode_ms = _median_ms(lambda: torch.tensor(json.loads(body)["tensor"], dtype=torch.float32), 50)
+        else:
+            encoding = "deflate" if variant.encoding.endswith("+deflate") and body[:1] == b"\x78" else None
+            decode_ms = _median_ms(lambda: decode_offload(decompress_payload(body, encoding=encoding)), 50)
+        rows.append(_row(split, hs[:1], variant.encoding, int(statistics.median(variant.n_bytes)), variant.encode_ms,
+                         variant.http_ms, decode_ms))
+    return rows
 
 
 def _measure_floor(client: CloudClient, n_requests: int) -> dict[str, float]:
@@ -228,7 +280,14 @@ def _load(model_dir: Path) -> tuple[LoadedModel, str]:
     return loaded, f"{model_dir} does not exist: zoo b-alexnet (width 0.5) with random weights"
 
 
-def run(model_dir: Path, n_requests: int) -> dict:
+def _images(loaded: LoadedModel, images_dir: Path) -> torch.Tensor:
+    """The model's inputs for the first test images (real activations: what compression sees)."""
+    dataset = load_fashion_mnist(images_dir, split="test")
+    images = dataset.images[:N_IMAGES]
+    return torch.from_numpy(preprocess(images, Preprocessing.from_spec_dict(loaded.spec), is_batch=True))
+
+
+def run(model_dir: Path, n_requests: int, images_dir: Path = DEFAULT_IMAGES) -> dict:
     loaded, model_note = _load(model_dir)
     net = loaded.net
     spec_bytes = json.dumps(loaded.spec).encode()
@@ -257,14 +316,16 @@ def run(model_dir: Path, n_requests: int) -> dict:
                 session.trust_env = False  # as CloudClient does: no per-request proxy/netrc lookups
                 client.put_model(loaded.model_id, spec_bytes, loaded.weights_bytes, timeout_s=TIMEOUT_S)
                 floor = _measure_floor(client, n_requests)
-                torch.manual_seed(1)
-                x = torch.randn(1, *net.input_shape)
+                x = _images(loaded, images_dir)
                 for split in range(net.n_stages):
                     with torch.inference_mode():
-                        h = net.run_stages(x, stop=split).clone()
-                    for wire_dtype in WIRE_DTYPES:
-                        rows.append(_measure_wire(client, loaded, split, h, wire_dtype, n_requests))
-                    rows.append(_measure_json(session, f"{servers[1].url}/infer_json", split, h, n_requests))
+                        hs = net.run_stages(x, stop=split).clone()
+                    variants = [_wire_variant(client, loaded, split, hs, wire_dtype, deflate)
+                                for wire_dtype in WIRE_DTYPES for deflate in (False, True)]
+                    rows.extend(_measure_split(variants, split, hs, n_requests))
+                    # JSON on its own: interleaved, its 4-10 ms of parsing in another process slows the others
+                    json_variant = _json_variant(session, f"{servers[1].url}/infer_json", split, hs)
+                    rows.extend(_measure_split([json_variant], split, hs, n_requests))
                     print(f"split {split} done", file=sys.stderr)
         finally:
             for server in servers:
@@ -291,30 +352,35 @@ def _print_table(result: dict) -> None:
     print()
     print("ratios ours / JSON (same split): overhead p50, bytes")
     by_key = {(row["split"], row["encoding"]): row for row in rows}
+    encodings = [row["encoding"] for row in rows if row["split"] == rows[0]["split"] and row["encoding"] != "json"]
     for split in sorted({row["split"] for row in rows}):
         json_row = by_key[(split, "json")]
-        parts = [f"{dtype}: {by_key[(split, dtype)]['overhead_ms_p50'] / json_row['overhead_ms_p50']:.2f}x time, "
-                 f"{by_key[(split, dtype)]['wire_bytes'] / json_row['wire_bytes']:.3f}x bytes" for dtype in WIRE_DTYPES]
+        parts = [f"{name}: {by_key[(split, name)]['overhead_ms_p50'] / json_row['overhead_ms_p50']:.2f}x time, "
+                 f"{by_key[(split, name)]['wire_bytes'] / json_row['wire_bytes']:.3f}x bytes" for name in encodings]
         print(f"  split {split}: " + "; ".join(parts))
-    ours = [row for row in rows if row["encoding"] != "json"]
-    worst_p50 = max(row["overhead_ms_p50"] for row in ours)
-    fp32_ratio = max(row["bytes_ratio"] for row in ours if row["encoding"] == "float32")
-    fp16_ratio = max(row["bytes_ratio"] for row in ours if row["encoding"] == "float16")
     print()
-    print(f"targets: overhead p50 <= {TARGETS['overhead_p50_ms']} ms (worst split: {worst_p50:.3f}); "
-          f"fp32 bytes <= {TARGETS['fp32_bytes_ratio']}x raw (worst: {fp32_ratio:.3f}x); "
-          f"fp16 <= {TARGETS['fp16_bytes_ratio']}x (worst: {fp16_ratio:.3f}x)")
+    for deflate in ("", "+deflate"):
+        ours = [row for row in rows if row["encoding"] in {dtype + deflate for dtype in WIRE_DTYPES}]
+        worst_p50 = max(row["overhead_ms_p50"] for row in ours)
+        fp32_ratio = max(row["bytes_ratio"] for row in ours if row["encoding"] == "float32" + deflate)
+        fp16_ratio = max(row["bytes_ratio"] for row in ours if row["encoding"] == "float16" + deflate)
+        print(f"targets{deflate or ' (no compression)'}: overhead p50 <= {TARGETS['overhead_p50_ms']} ms "
+              f"(worst split: {worst_p50:.3f}); fp32 bytes <= {TARGETS['fp32_bytes_ratio']}x raw "
+              f"(worst: {fp32_ratio:.3f}x); fp16 <= {TARGETS['fp16_bytes_ratio']}x (worst: {fp16_ratio:.3f}x)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "default")
     parser.add_argument("--n-requests", type=int, default=200, help="timed requests per split and encoding")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES,
+                        help="Fashion-MNIST folder whose first test images make the tensors (default: the shipped "
+                             "subset)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     args = parser.parse_args(argv)
     if args.n_requests < 1:
         parser.error("--n-requests must be >= 1")
-    result = run(args.model_dir, args.n_requests)
+    result = run(args.model_dir, args.n_requests, args.images)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

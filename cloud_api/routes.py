@@ -68,8 +68,9 @@ def _model_info(model_id: str, n_stages: int) -> dict[str, Any]:
 @bp.post("/infer")
 @require_token
 def infer() -> ResponseReturnValue:
-    """Finish one offloaded inference from its safetensors payload."""
-    reply = get_runner().infer_payload(request.get_data(cache=False), max_bytes=_config().max_body_bytes)
+    """Finish one offloaded inference from its safetensors payload (deflated or not)."""
+    reply = get_runner().infer_payload(request.get_data(cache=False), max_bytes=_config().max_body_bytes,
+                                       content_encoding=request.headers.get("Content-Encoding"))
     return jsonify(asdict(reply))
 
 

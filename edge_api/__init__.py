@@ -122,6 +122,7 @@ def init_runner(app: Flask, config: EdgeConfig, *, registry: ModelRegistry, plan
         default_deadline_ms=config.default_deadline_ms,
         max_image_pixels=config.max_image_pixels,
         wire_dtype=config.wire_dtype,
+        wire_compression=config.wire_compression,
         overhead=OverheadTracker(initial_ms=config.initial_offload_overhead_ms),
         replan_hysteresis_fraction=config.replan_hysteresis_fraction,
         edge_slowdown=config.emulate_edge_slowdown,

@@ -23,7 +23,7 @@ from popex.decision.table import OBJECTIVES
 from popex.errors import ConfigError
 from popex.experiments.shaping import IFACE_PATTERN
 from popex.runtime.link_emulation import parse_link
-from popex.runtime.wire import WIRE_DTYPES
+from popex.runtime.wire import WIRE_COMPRESSIONS, WIRE_DTYPES
 
 __all__ = ["EdgeConfig", "load_config", "DEFAULT_CONFIG_PATH", "MIN_TOKEN_CHARS"]
 
@@ -103,6 +103,8 @@ class EdgeConfig:
         Timeout of control calls to the cloud (upload, profile, probes), s.
     wire_dtype : {"float32", "float16", "int8"}
         Precision of offloaded tensors.
+    wire_compression : {"deflate", "none"}
+        Deflate offload payloads on the HTTP hop (when that shrinks them).
     max_image_bytes : int
         Largest classify request body (413 above it).
     max_image_pixels : int
@@ -143,6 +145,7 @@ class EdgeConfig:
     cloud_speedup: float = 1.0
     cloud_timeout_s: float = 30.0
     wire_dtype: str = "float32"
+    wire_compression: str = "deflate"
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 4096 * 4096
     max_model_bytes: int = 256 * 2**20
@@ -177,6 +180,9 @@ class EdgeConfig:
             raise ConfigError(f"rtt_method must be one of {list(RTT_METHODS)}, got {self.rtt_method!r}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if self.wire_compression not in WIRE_COMPRESSIONS:
+            raise ConfigError(f"wire_compression must be one of {list(WIRE_COMPRESSIONS)}, "
+                              f"got {self.wire_compression!r}")
         if self.emulate_link is not None:
             parse_link(self.emulate_link)  # raises ConfigError naming the bad text
         if self.shaping_interface is not None and (not isinstance(self.shaping_interface, str)

@@ -66,7 +66,8 @@ def test_plan_json_contract(model_dir: Path, objective: str) -> None:
     deadline_ms = float(np.median([row[column] for row in plan_for(1e9)["strategies"]]))
     plan = plan_for(deadline_ms)
     assert set(plan) >= {"chosen", "feasible", "profile", "strategies"}
-    assert set(plan["profile"]) == {"input_bytes", "offload_overhead_ms", "edge_fixed_ms", "stages", "branches"}
+    assert set(plan["profile"]) == {"input_bytes", "offload_overhead_ms", "edge_fixed_ms", "wire_ratio", "stages",
+                                    "branches"}
     assert set(plan["profile"]["stages"][0]) == {"name", "edge_ms", "cloud_ms", "out_bytes"}
     assert plan["profile"]["branches"] == [{"after_stage": 1, "edge_ms": plan["profile"]["branches"][0]["edge_ms"]}]
     rows = plan["strategies"]

@@ -6,6 +6,8 @@ import pickle
 import re
 from pathlib import Path
 
+import zlib
+
 import pytest
 import torch
 
@@ -94,6 +96,29 @@ def test_infer_matches_the_full_local_network(client, registered, split):
         assert body["class_name"] == registered["spec"]["class_names"][expected_label]
         assert 0 < body["confidence"] <= 1 and body["cloud_ms"] > 0
         assert (body["request_id"], body["model_id"]) == (f"r{seed}", registered["model_id"])
+
+
+def test_infer_accepts_a_deflated_payload(client, registered):
+    payload, expected_label = _offload(registered, 1)
+    body = zlib.compress(payload, 1)
+    assert len(body) < len(payload)
+    response = client.post("/api/v1/infer", headers={**AUTH, "Content-Encoding": "deflate"}, data=body)
+    assert response.status_code == 200 and response.json["label"] == expected_label
+
+
+def test_bad_content_encodings_are_4xx(tmp_path, model):
+    app = create_app({"token": TOKEN, "state_dir": str(tmp_path / "small"), "max_body_bytes": 65536})
+    client = app.test_client()
+    payload, _ = _offload(model, 1)
+    deflate = {**AUTH, "Content-Encoding": "deflate"}
+    _error(client.post("/api/v1/infer", headers={**AUTH, "Content-Encoding": "br"}, data=payload),
+           415, "unsupported_media_type")
+    _error(client.post("/api/v1/infer", headers=deflate, data=payload), 400, "bad_tensor")  # not zlib
+    _error(client.post("/api/v1/infer", headers=deflate, data=zlib.compress(payload)[:-9]), 400, "bad_tensor")
+    # 1 KB that inflates to 1 MB: refused at the 64 KB limit, never inflated in full
+    bomb = zlib.compress(bytes(2**20), 9)
+    assert len(bomb) < 65536
+    assert "limit" in _error(client.post("/api/v1/infer", headers=deflate, data=bomb), 400, "bad_tensor")
 
 
 @pytest.mark.parametrize("wire_dtype", ["float16", "int8"])

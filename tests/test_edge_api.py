@@ -53,7 +53,7 @@ class FakeCloud:
         self._check()
         return [0.05, 0.05, 0.02]
 
-    def infer(self, payload, *, timeout_s):
+    def infer(self, payload, *, timeout_s, content_encoding=None):
         self.n_infer += 1
         self._check()
         if self.infer_error is not None:

@@ -17,7 +17,7 @@ from popex.runtime.cloud_client import CloudInference, CloudRejected, CloudTimeo
 from popex.runtime.edge_runner import EdgeRunner, OverheadTracker
 from popex.runtime.plans import PlanBook, Strategy
 from popex.runtime.registry import ModelRegistry, UnknownModelError
-from popex.runtime.wire import decode_offload
+from popex.runtime.wire import decode_offload, decompress_payload
 
 TEMPERATURES = [1.7, 0.8]
 
@@ -32,9 +32,10 @@ class FakeCloud:
         self.error = None
         self.calls = []
 
-    def infer(self, payload, *, timeout_s):
-        request = decode_offload(payload)
-        self.calls.append({"request": request, "timeout_s": timeout_s})
+    def infer(self, payload, *, timeout_s, content_encoding=None):
+        request = decode_offload(decompress_payload(payload, encoding=content_encoding))
+        self.calls.append({"request": request, "timeout_s": timeout_s, "n_bytes": len(payload),
+                           "content_encoding": content_encoding})
         if self.error is not None:
             raise self.error
         with torch.inference_mode():
@@ -213,8 +214,31 @@ def test_offload_sends_the_split_tensor_within_the_budget(monkeypatch, setup, ne
     assert result.latency.cloud_ms == 2.0 and result.latency.transfer_ms == 28.0
     assert result.latency.total_ms >= result.latency.edge_ms >= 0
     # one passive sample (bytes, round trip minus cloud time) and one overhead measurement
-    assert setup["monitor"].samples == [(request.n_bytes, 28.0)]
+    # (the bytes that went on the wire: deflated, smaller than the payload)
+    assert call["content_encoding"] == "deflate" and call["n_bytes"] < request.n_bytes
+    assert setup["monitor"].samples == [(call["n_bytes"], 28.0)]
     assert setup["runner"].overhead.n_samples == 1
+    assert setup["runner"].wire_ratio.current_ms == pytest.approx(call["n_bytes"] / request.n_bytes)
+
+
+def test_without_compression_the_payload_travels_as_is(monkeypatch, setup):
+    _force(monkeypatch, setup, split=1, thresholds=[None])
+    setup["runner"].wire_compression = "none"
+    setup["runner"].classify(_image(), deadline_ms=500.0)
+    (call,) = setup["cloud"].calls
+    assert call["content_encoding"] is None and call["n_bytes"] == call["request"].n_bytes
+    assert setup["runner"].wire_ratio.current_ms == 1.0
+
+
+def test_a_measured_compression_ratio_replans_the_transfer(monkeypatch, setup):
+    runner, plan = setup["runner"], setup["plans"].get(setup["model_id"])
+    assert plan.profile.wire_ratio == 1.0
+    runner.record_offload(1000, encode_ms=0.1, round_trip_ms=40.0, cloud_ms=2.0, payload_n_bytes=2000)
+    assert plan.profile.wire_ratio == pytest.approx(0.5)
+    assert plan.profile.wire_bytes[1] == pytest.approx(0.5 * plan.profile.split_bytes[1])
+    # a synthetic offload (no payload size) does not count
+    runner.record_offload(10, encode_ms=0.1, round_trip_ms=40.0, cloud_ms=2.0)
+    assert runner.wire_ratio.n_samples == 1
 
 
 def test_overhead_is_measured_against_the_link_part(setup):

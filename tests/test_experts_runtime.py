@@ -33,7 +33,7 @@ from popex.runtime.cloud_client import CloudInference, CloudTimeout, CloudUnavai
 from popex.runtime.cloud_runner import CloudRunner
 from popex.runtime.edge_runner import OverheadTracker
 from popex.runtime.plans import ModelPlan
-from popex.runtime.wire import decode_offload, encode_offload
+from popex.runtime.wire import decode_offload, decompress_payload, encode_offload
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "default-distortion"
@@ -71,10 +71,10 @@ class LocalCloud:
         self._check()
         return self.runner.profile(model_id, n_repeats=n_repeats)
 
-    def infer(self, payload, *, timeout_s):
+    def infer(self, payload, *, timeout_s, content_encoding=None):
         self._check()
-        self.heads.append(decode_offload(payload).head)
-        reply = self.runner.infer_payload(payload)
+        self.heads.append(decode_offload(decompress_payload(payload, encoding=content_encoding)).head)
+        reply = self.runner.infer_payload(payload, content_encoding=content_encoding)
         return CloudInference(label=reply.label, class_name=reply.class_name, confidence=reply.confidence,
                               cloud_ms=reply.cloud_ms, transfer_ms=0.0, round_trip_ms=reply.cloud_ms,
                               n_bytes=len(payload))

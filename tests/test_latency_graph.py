@@ -1,6 +1,7 @@
 """Profile/Link validation, the §3 formulas, and the §4 shortest-path graph."""
 
 import itertools
+import dataclasses
 import json
 import math
 
@@ -55,6 +56,7 @@ def profiles(draw):
         split_bytes=split_bytes,
         offload_overhead_ms=float(times(1)[0]),
         edge_fixed_ms=float(times(1)[0]),
+        wire_ratio=float(rng.choice([1.0, rng.uniform(0.05, 2.0)])),
     )
 
 
@@ -111,6 +113,7 @@ def test_to_dict_shape():
         "input_bytes": 4000,
         "offload_overhead_ms": 3.0,
         "edge_fixed_ms": 0.0,
+        "wire_ratio": 1.0,
         "stages": [
             {"name": "conv", "edge_ms": 2.0, "cloud_ms": 0.5, "out_bytes": 2000},
             {"name": "block", "edge_ms": 4.0, "cloud_ms": 1.0, "out_bytes": 1000},
@@ -162,6 +165,9 @@ def _profile_kwargs(**change):
         ({"split_bytes": [10, -1, 30, 4]}, "whole numbers"),
         ({"offload_overhead_ms": -1.0}, "offload_overhead_ms"),
         ({"offload_overhead_ms": math.inf}, "offload_overhead_ms"),
+        ({"wire_ratio": 0.0}, "wire_ratio"),
+        ({"wire_ratio": math.nan}, "wire_ratio"),
+        ({"wire_ratio": "0.5"}, "wire_ratio"),
         ({"stage_names": ()}, "stage_names"),
         ({"stage_names": "abc"}, "stage_names"),
     ],
@@ -216,6 +222,9 @@ def test_expected_latency_by_hand():
     assert expected_latency_ms(profile, link, q, on, 3) == pytest.approx(
         2 + 0.8 * 4 + 0.5 * 6 + 0.25 + 0.8 * 0.75
     )
+    # Payloads deflated to half their size: s = 0 sends 2000 B (2 ms instead of 4).
+    half = dataclasses.replace(profile, wire_ratio=0.5)
+    assert expected_latency_ms(half, link, q, on, 0) == pytest.approx(3 + 2 + 10 + 3)
     # Branch 0 off: the reach of stage 2 is 1 and branch 1 alone exits.
     assert expected_latency_ms(profile, link, q, [False, True], 3) == pytest.approx(
         2 + 4 + 0.7 * 6 + 0.75

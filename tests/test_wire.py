@@ -4,6 +4,7 @@ import io
 import json
 import pickle
 import struct
+import zlib
 
 import pytest
 import torch
@@ -12,7 +13,16 @@ from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_save
 
 from popex.errors import ConfigError, PopexError
-from popex.runtime.wire import WIRE_DTYPES, OffloadRequest, WireError, decode_offload, encode_offload
+from popex.runtime.wire import (
+    WIRE_DTYPES,
+    OffloadRequest,
+    UnsupportedEncodingError,
+    WireError,
+    compress_payload,
+    decode_offload,
+    decompress_payload,
+    encode_offload,
+)
 
 MODEL_ID = "ab" * 32
 HEADER_BOUND_BYTES = 320  # fixed cost of the safetensors header with our metadata
@@ -195,3 +205,48 @@ def test_fuzz_hostile_headers_only_raise_wire_error(header_and_body):
         decode_offload(struct.pack("<Q", len(header)) + header + body)
     except WireError:
         pass
+
+
+# -- deflate on the HTTP hop ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("wire_dtype", WIRE_DTYPES)
+def test_deflate_round_trip_shrinks_relu_activations(wire_dtype):
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(1, 32, 7, 7))  # half zeros, like a feature map after ReLU
+    payload = _payload(x, wire_dtype=wire_dtype)
+    body = compress_payload(payload)
+    assert body is not None and len(body) < 0.9 * len(payload)
+    restored = decode_offload(decompress_payload(body, encoding="deflate"))
+    assert torch.equal(restored.tensor, decode_offload(payload).tensor)
+
+
+def test_compress_gives_up_when_it_does_not_help():
+    assert compress_payload(bytes(range(256))) is None
+
+
+@pytest.mark.parametrize("encoding", [None, "identity", "IDENTITY"])
+def test_identity_bodies_pass_through(encoding):
+    payload = _payload()
+    assert decompress_payload(payload, encoding=encoding) == payload
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate, gzip", "x" * 500])
+def test_other_encodings_are_refused_with_415(encoding):
+    with pytest.raises(UnsupportedEncodingError) as info:
+        decompress_payload(_payload(), encoding=encoding)
+    assert info.value.http_status == 415 and len(str(info.value)) < 200
+
+
+def test_inflating_stops_at_the_limit():
+    bomb = zlib.compress(bytes(50 * 2**20), 9)  # 50 MB of zeros in ~50 KB
+    with pytest.raises(WireError, match="limit"):
+        decompress_payload(bomb, encoding="deflate", max_bytes=2**20)
+
+
+@pytest.mark.parametrize("body", [b"", b"not zlib at all", None])
+def test_broken_deflate_bodies_are_wire_errors(body):
+    if body is None:  # truncated stream
+        body = zlib.compress(_payload())[:-20]
+    with pytest.raises(WireError):
+        decompress_payload(body, encoding="deflate")

@@ -155,7 +155,7 @@ def build_graph(
         if split < n_stages:
             weight = reach() * (
                 profile.offload_overhead_ms
-                + link.transfer_ms(float(profile.split_bytes[split]))
+                + link.transfer_ms(float(profile.wire_bytes[split]))
                 + link.rtt_ms
                 + cloud_after_ms[split]
             )

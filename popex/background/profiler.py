@@ -181,6 +181,7 @@ def build_profile(
     cloud_speedup: float = 1.0,
     payload_overhead_bytes: int = 0,
     edge_fixed_ms: float = 0.0,
+    wire_ratio: float = 1.0,
 ) -> Profile:
     """Combine edge timings, cloud timings and the transport overhead into a :class:`Profile`.
 
@@ -201,6 +202,8 @@ def build_profile(
         Added to every split's bytes (the wire format's header).
     edge_fixed_ms : float
         Edge time of every request before stage 1 (decode, preprocessing).
+    wire_ratio : float
+        Bytes on the wire per payload byte (below 1 with compression).
 
     Raises
     ------
@@ -225,6 +228,7 @@ def build_profile(
         split_bytes=edge.split_bytes + int(payload_overhead_bytes),
         offload_overhead_ms=float(offload_overhead_ms),
         edge_fixed_ms=float(edge_fixed_ms),
+        wire_ratio=float(wire_ratio),
     )
 
 

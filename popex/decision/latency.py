@@ -132,6 +132,9 @@ class Profile:
     edge_fixed_ms : float, default 0
         Edge time every request costs whatever the strategy (receiving and
         decoding the image, preprocessing), ms; added to E[T] and the worst case.
+    wire_ratio : float, default 1
+        Bytes on the wire per byte of ``split_bytes``, in (0, 2]: below 1 when
+        the payload travels compressed (the edge measures it on its offloads).
 
     Raises
     ------
@@ -156,6 +159,7 @@ class Profile:
     split_bytes: np.ndarray
     offload_overhead_ms: float
     edge_fixed_ms: float = 0.0
+    wire_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         names = self.stage_names
@@ -208,6 +212,11 @@ class Profile:
         object.__setattr__(
             self, "edge_fixed_ms", _non_negative("profile", "edge_fixed_ms", self.edge_fixed_ms, ProfileError)
         )
+        wire_ratio = self.wire_ratio
+        if isinstance(wire_ratio, bool) or not isinstance(wire_ratio, (int, float, np.floating, np.integer)) \
+                or not 0 < float(wire_ratio) <= 2:
+            raise ProfileError(f"profile wire_ratio must be a number in (0, 2], got {wire_ratio!r}")
+        object.__setattr__(self, "wire_ratio", float(wire_ratio))
 
     @property
     def n_stages(self) -> int:
@@ -218,6 +227,11 @@ class Profile:
     def n_branches(self) -> int:
         """Number of side branches B."""
         return len(self.branch_after_stage)
+
+    @property
+    def wire_bytes(self) -> np.ndarray:
+        """Expected bytes on the wire at each split: ``split_bytes · wire_ratio``, float."""
+        return self.split_bytes * self.wire_ratio
 
     def to_dict(self) -> dict:
         """Return the public JSON form (the CLI prints it).
@@ -233,6 +247,7 @@ class Profile:
             "input_bytes": int(self.split_bytes[0]),
             "offload_overhead_ms": float(self.offload_overhead_ms),
             "edge_fixed_ms": float(self.edge_fixed_ms),
+            "wire_ratio": float(self.wire_ratio),
             "stages": [
                 {
                     "name": name,
@@ -280,6 +295,7 @@ class Profile:
                 split_bytes=[data["input_bytes"]] + [stage["out_bytes"] for stage in stages],
                 offload_overhead_ms=data["offload_overhead_ms"],
                 edge_fixed_ms=data.get("edge_fixed_ms", 0.0),
+                wire_ratio=data.get("wire_ratio", 1.0),
             )
         except KeyError as err:
             raise ProfileError(f"profile is missing the key {err.args[0]!r}") from err
@@ -382,7 +398,7 @@ def expected_latency_ms(
         cloud_ms = sum(profile.stage_cloud_ms[i - 1] for i in range(split + 1, n_stages + 1))
         total += p_offload * (
             profile.offload_overhead_ms
-            + link.transfer_ms(float(profile.split_bytes[split]))
+            + link.transfer_ms(float(profile.wire_bytes[split]))
             + link.rtt_ms
             + cloud_ms
         )
@@ -433,7 +449,7 @@ def worst_latency_ms(profile: Profile, link: Link, active: object, split: int) -
         cloud_ms = sum(profile.stage_cloud_ms[i - 1] for i in range(split + 1, n_stages + 1))
         total += (
             profile.offload_overhead_ms
-            + link.transfer_ms(float(profile.split_bytes[split]))
+            + link.transfer_ms(float(profile.wire_bytes[split]))
             + link.rtt_ms
             + cloud_ms
         )

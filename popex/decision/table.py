@@ -310,7 +310,7 @@ class Planner:
         self._offload_prob = merged["offload_prob"]
         self._edge_ms = merged["edge_ms"]
         self._worst_edge_ms = merged["worst_edge_ms"]
-        self._bytes_sent = _frozen(self._offload_prob * profile.split_bytes[self._split])
+        self._bytes_sent = _frozen(self._offload_prob * profile.wire_bytes[self._split])
         # Cloud time after each split, Σ_{i>s} t^c_i, and whether s < N.
         self._cloud_after_ms = np.concatenate(
             [np.cumsum(profile.stage_cloud_ms[::-1])[::-1], [0.0]]

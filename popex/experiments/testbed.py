@@ -22,6 +22,7 @@ edge would otherwise always win). Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 import shutil
 import sys
@@ -285,8 +286,20 @@ class Testbed:
         return self.get(f"/api/v1/models/{self.model_id}")
 
     def profile(self) -> Profile:
-        """The profile the edge plans with now (scaled edge times, measured cloud times, O, fixed time)."""
-        return Profile.from_dict(self.model()["profile"])
+        """The profile the edge plans with now (scaled edge times, measured cloud times, O, fixed time),
+        with O made whole for predictions at a *true* link.
+
+        An edge that measures R as a zero-byte HTTP round trip keeps one
+        request's HTTP cost in R and out of O. A prediction at the link in
+        force (R = its RTT) needs that cost back in O: the edge's R estimate
+        minus the RTT in force. Call it while the link is steady.
+        """
+        profile = Profile.from_dict(self.model()["profile"])
+        uplink = self.status()["uplink"]
+        if uplink.get("rtt_source") != "http":
+            return profile
+        http_ms = max(0.0, float(uplink["rtt_ms"]) - self.rtt_ms)
+        return dataclasses.replace(profile, offload_overhead_ms=profile.offload_overhead_ms + http_ms)
 
     def _put_admin_link(self, uplink_mbps: float, rtt_ms: float) -> dict[str, Any]:
         with self._session_lock:

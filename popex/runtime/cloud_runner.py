@@ -29,7 +29,7 @@ from popex.errors import PopexError, UnknownModelError
 from popex.nets.early_exit import UnknownHeadError
 from popex.nets.io import SPEC_FILE, WEIGHTS_FILE, LoadedModel, compute_model_id, load_model, load_model_bytes
 from popex.nets.spec import parse_spec_json
-from popex.runtime.wire import MAX_WIRE_BYTES, OffloadRequest, WireError, decode_offload
+from popex.runtime.wire import MAX_WIRE_BYTES, OffloadRequest, WireError, decode_offload, decompress_payload
 
 __all__ = [
     "MODELS_DIR",
@@ -295,18 +295,21 @@ class CloudRunner:
             cloud_ms=(time.perf_counter() - start_s) * 1000.0,
         )
 
-    def infer_payload(self, payload: bytes, *, max_bytes: int = MAX_WIRE_BYTES) -> CloudReply:
+    def infer_payload(self, payload: bytes, *, max_bytes: int = MAX_WIRE_BYTES,
+                      content_encoding: str | None = None) -> CloudReply:
         """Decode a wire payload and finish its inference: what ``POST /api/v1/infer`` does.
 
-        ``cloud_ms`` in the reply covers decoding and compute, so the edge can
-        subtract it from its round trip to get the transfer time.
+        ``cloud_ms`` in the reply covers inflating, decoding and compute, so
+        the edge can subtract it from its round trip to get the transfer time.
 
         Raises
         ------
         WireError, UnknownModelError, UnknownHeadError
-            As :func:`popex.runtime.wire.decode_offload` and :meth:`infer`.
+            As :func:`popex.runtime.wire.decompress_payload`,
+            :func:`popex.runtime.wire.decode_offload` and :meth:`infer`.
         """
         start_s = time.perf_counter()
+        payload = decompress_payload(payload, encoding=content_encoding, max_bytes=max_bytes)
         request = decode_offload(payload, max_bytes=max_bytes)
         result = self.infer(request)
         return CloudReply(

@@ -54,7 +54,7 @@ from popex.nets.experts import choose_head
 from popex.runtime.cloud_client import CloudError, CloudRejected
 from popex.runtime.plans import ModelPlan, PlanBook, Strategy, _check_deadline
 from popex.runtime.registry import ModelRegistry, StoredModel, UnknownModelError
-from popex.runtime.wire import encode_offload
+from popex.runtime.wire import WIRE_COMPRESSIONS, compress_payload, encode_offload
 
 __all__ = [
     "LatencyBreakdown",
@@ -67,6 +67,7 @@ _log = logging.getLogger(__name__)
 
 # O changes by less than this are noise (a scheduler tick), not a reason to re-plan.
 _OVERHEAD_SLACK_MS = 0.5
+_WIRE_RATIO_SLACK = 0.05  # re-plan when the median compression ratio moves more than this
 
 
 def _public_name(err: Exception) -> str:
@@ -261,6 +262,9 @@ class EdgeRunner:
     max_image_pixels : int
         Largest declared width x height accepted.
     wire_dtype : {"float32", "float16", "int8"}
+    wire_compression : {"deflate", "none"}
+        Deflate each payload for the HTTP hop when that shrinks it; the
+        median ratio of the last offloads (``wire_ratio``) feeds the plan.
     overhead : OverheadTracker
         The smoothed O shared with planning.
     replan_hysteresis_fraction : float
@@ -291,6 +295,7 @@ class EdgeRunner:
         default_deadline_ms: float = 100.0,
         max_image_pixels: int = 4096 * 4096,
         wire_dtype: str = "float32",
+        wire_compression: str = "deflate",
         overhead: OverheadTracker | None = None,
         replan_hysteresis_fraction: float = 0.2,
         edge_slowdown: float = 1.0,
@@ -308,6 +313,11 @@ class EdgeRunner:
         self.default_deadline_ms = _check_deadline(default_deadline_ms)
         self.max_image_pixels = int(max_image_pixels)
         self.wire_dtype = wire_dtype
+        if wire_compression not in WIRE_COMPRESSIONS:
+            raise ConfigError(f"wire_compression must be one of {list(WIRE_COMPRESSIONS)}, got {wire_compression!r}")
+        self.wire_compression = wire_compression
+        #: Median bytes sent / payload bytes of recent offloads (1 until the first).
+        self.wire_ratio = OverheadTracker(initial_ms=1.0)
         self.overhead = overhead if overhead is not None else OverheadTracker(initial_ms=2.0)
         self.replan_hysteresis_fraction = float(replan_hysteresis_fraction)
         self.edge_slowdown = float(edge_slowdown)
@@ -319,7 +329,7 @@ class EdgeRunner:
         #: profile's edge_fixed_ms): reading, decoding, the distortion
         #: classifier (distortion-aware requests), preprocessing.
         self.edge_fixed = OverheadTracker(initial_ms=0.0)
-        self._planned_ms = {"offload_overhead_ms": self.overhead.current_ms, "edge_fixed_ms": 0.0}
+        self._planned_ms = {"offload_overhead_ms": self.overhead.current_ms, "edge_fixed_ms": 0.0, "wire_ratio": 1.0}
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         #: Called with the model id when the cloud refuses an offload (e.g. it
@@ -533,6 +543,10 @@ class EdgeRunner:
                                      wire_dtype=self.wire_dtype, head=run.head)
         except PopexError as err:  # e.g. NaN activations: the edge still answers
             return self._fallback(model, plan, strategy, run, request_id, f"cannot encode the tensor: {err}")
+        payload_n_bytes = len(payload)
+        body = compress_payload(payload) if self.wire_compression == "deflate" else None
+        content_encoding = None if body is None else "deflate"
+        body = payload if body is None else body
         encode_ms = (time.perf_counter() - encode_started) * 1000.0
         remaining_ms = run.remaining_ms()
         if remaining_ms <= 0:
@@ -540,7 +554,7 @@ class EdgeRunner:
                                   "no time left in the budget for the cloud")
         call_started = time.perf_counter()
         try:
-            result = self.client.infer(payload, timeout_s=remaining_ms / 1000.0)
+            result = self.client.infer(body, timeout_s=remaining_ms / 1000.0, content_encoding=content_encoding)
         except CloudError as err:
             run.transfer_ms = (time.perf_counter() - call_started) * 1000.0
             if isinstance(err, CloudRejected) and self.on_cloud_rejected is not None:
@@ -549,7 +563,8 @@ class EdgeRunner:
         round_trip_ms = float(result.round_trip_ms)
         run.cloud_ms = max(0.0, float(result.cloud_ms))
         run.transfer_ms = max(0.0, round_trip_ms - run.cloud_ms)
-        self.record_offload(len(payload), encode_ms=encode_ms, round_trip_ms=round_trip_ms, cloud_ms=run.cloud_ms)
+        self.record_offload(len(body), encode_ms=encode_ms, round_trip_ms=round_trip_ms, cloud_ms=run.cloud_ms,
+                            payload_n_bytes=payload_n_bytes)
         label = int(result.label)
         class_names = model.class_names
         class_name = class_names[label] if 0 <= label < len(class_names) else str(result.class_name)
@@ -639,19 +654,29 @@ class EdgeRunner:
         """Add one measurement of the per-request fixed edge time and re-plan if its median moved."""
         self._track(self.edge_fixed, "edge_fixed_ms", fixed_ms)
 
-    def _track(self, tracker: OverheadTracker, field: str, value_ms: float) -> None:
+    def _track(self, tracker: OverheadTracker, field: str, value_ms: float, *,
+               slack: float = _OVERHEAD_SLACK_MS) -> None:
         tracker.add(value_ms)
         current_ms = tracker.current_ms
         planned_ms = self._planned_ms[field]
-        if abs(current_ms - planned_ms) > max(self.replan_hysteresis_fraction * planned_ms, _OVERHEAD_SLACK_MS):
+        if abs(current_ms - planned_ms) > max(self.replan_hysteresis_fraction * planned_ms, slack):
             self._planned_ms[field] = current_ms
             try:
                 self.plans.update_profile(**{field: current_ms})
             except PopexError:
                 _log.exception("re-plan with %s = %.3f ms failed", field, current_ms)
 
-    def record_offload(self, n_bytes: int, *, encode_ms: float, round_trip_ms: float, cloud_ms: float) -> None:
-        """Feed one successful offload to the uplink monitor (passive sample) and the O tracker."""
+    def record_offload(self, n_bytes: int, *, encode_ms: float, round_trip_ms: float, cloud_ms: float,
+                       payload_n_bytes: int | None = None) -> None:
+        """Feed one successful offload to the uplink monitor (passive sample), the O tracker and,
+        given the uncompressed ``payload_n_bytes``, the wire-ratio tracker.
+
+        ``n_bytes`` is what went on the wire. Offloads of synthetic tensors
+        (the start-up O measurement sends zeros) leave ``payload_n_bytes``
+        out: their compression ratio says nothing about real activations.
+        """
         if self.monitor is not None:
             self.monitor.add_passive_sample(n_bytes, round_trip_ms - cloud_ms)
         self.record_overhead(n_bytes, encode_ms=encode_ms, round_trip_ms=round_trip_ms, cloud_ms=cloud_ms)
+        if payload_n_bytes:
+            self._track(self.wire_ratio, "wire_ratio", n_bytes / payload_n_bytes, slack=_WIRE_RATIO_SLACK)

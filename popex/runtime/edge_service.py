@@ -411,6 +411,8 @@ class EdgeService:
             "objective": self.runner.objective,
             "offload_overhead_ms": self.runner.overhead.current_ms,
             "edge_fixed_ms": self.runner.edge_fixed.current_ms,
+            "wire_compression": self.runner.wire_compression,
+            "wire_ratio": self.runner.wire_ratio.current_ms,
             "requests": self.runner.counts(),
         }
 
@@ -441,6 +443,7 @@ class EdgeService:
             cloud_stage_ms=cloud_stage_ms,
             offload_overhead_ms=self.runner.overhead.current_ms,
             edge_fixed_ms=self._edge_fixed_ms(model),
+            wire_ratio=self.runner.wire_ratio.current_ms,
             cloud_speedup=self.cloud_speedup,
         )
 
