@@ -302,9 +302,19 @@ def test_fallback_before_any_branch_runs_the_whole_network(monkeypatch, setup, n
 
 def test_no_budget_left_means_no_cloud_call(monkeypatch, setup):
     _force(monkeypatch, setup, split=1, thresholds=[None])
-    result = setup["runner"].classify(_image(), deadline_ms=0.0)
+    result = setup["runner"].classify(_image(), deadline_ms=0.0, objective="tail")
     assert result.fallback and "budget" in result.fallback_reason
     assert setup["cloud"].calls == []
+
+
+def test_a_mean_requirement_lets_planned_offloads_finish(monkeypatch, setup):
+    """Under "mean" the offloaded path may exceed the requirement (the plan counts it in the average):
+    the cloud gets the strategy's worst-case path with slack, not the requirement."""
+    strategy = _force(monkeypatch, setup, split=1, thresholds=[None])  # worst-case path 20 ms
+    result = setup["runner"].classify(_image(), deadline_ms=5.0, objective="mean")
+    assert (result.where, result.fallback, result.deadline_ms) == ("cloud", False, 5.0)
+    (call,) = setup["cloud"].calls
+    assert 0.005 < call["timeout_s"] <= 1.25 * strategy.worst_latency_ms / 1000.0
 
 
 # -- bookkeeping and input ---------------------------------------------------------------------

@@ -58,6 +58,8 @@ _ADMIN_PATH = "/api/v1/admin/link"
 _HTTP_TIMEOUT_S = 30.0
 _MODEL_READY_TIMEOUT_S = 240.0
 _STARTUP_UPLINK_MBPS = 100.0
+_MIN_RTT_SAMPLES = 5
+_RTT_WINDOW_TIMEOUT_S = 30.0
 
 
 def strategy_text(split: int, thresholds: Any) -> str:
@@ -97,6 +99,13 @@ class TestbedConfig:
         None: ``netns`` where it works (root), else ``emulation``.
     model_dir : Path
         The model the edge serves.
+    wire_compression : {"none", "deflate"}
+        The edge's ``wire_compression``. "none" by default here: tc tbf
+        forwards a message that fits its bucket (>= one 1514-byte frame) at
+        line speed, and deflated payloads (0.6-6 KB for the default model)
+        mostly would, so the shaped link would not delay them the way a real
+        link of that rate does. Uncompressed payloads (2.3-12.8 KB) keep the
+        emulation close to a real link; the service default is "deflate".
     edge_overrides : mapping
         Further keys of ``configs/edge.yaml``.
     """
@@ -112,6 +121,7 @@ class TestbedConfig:
     uplink_window_n: int = 5
     mode: str | None = None
     model_dir: Path = REPO_ROOT / "models" / "default"
+    wire_compression: str = "none"
     edge_overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -245,6 +255,7 @@ class Testbed:
             "probe_n_bytes": config.probe_n_bytes,
             "uplink_window_n": config.uplink_window_n,
             "default_model_dir": str(config.model_dir),
+            "wire_compression": config.wire_compression,
             **config.edge_overrides,
         }
         self._edge = start_edge(token=self.token, cloud_url=cloud.url, state_dir=self.work_dir / "edge",
@@ -292,10 +303,17 @@ class Testbed:
         An edge that measures R as a zero-byte HTTP round trip keeps one
         request's HTTP cost in R and out of O. A prediction at the link in
         force (R = its RTT) needs that cost back in O: the edge's R estimate
-        minus the RTT in force. Call it while the link is steady.
+        minus the RTT in force, once the estimate holds a full window of
+        round trips. Call it while the link is steady.
         """
         profile = Profile.from_dict(self.model()["profile"])
         uplink = self.status()["uplink"]
+        # The first round trips after a start run cold (10 ms more here): wait for a full window.
+        deadline_s = time.monotonic() + _RTT_WINDOW_TIMEOUT_S
+        n_wanted = min(_MIN_RTT_SAMPLES, self.config.uplink_window_n)
+        while uplink.get("n_rtt_samples", 0) < n_wanted and time.monotonic() < deadline_s:
+            time.sleep(0.5)
+            uplink = self.status()["uplink"]
         if uplink.get("rtt_source") != "http":
             return profile
         http_ms = max(0.0, float(uplink["rtt_ms"]) - self.rtt_ms)
