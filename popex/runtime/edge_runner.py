@@ -237,6 +237,7 @@ class _Run:
     transfer_ms: float = 0.0
     cloud_ms: float = 0.0
     head: str | None = None  # the expert head set in use; None = pristine
+    sleep_overshoot_ms: float = 0.0  # emulated device: oversleep not yet paid back
     expert_confidence: float | None = None  # the distortion classifier's, when it ran
 
     def elapsed_ms(self) -> float:
@@ -510,13 +511,13 @@ class EdgeRunner:
         active = set(strategy.active_branches)
         h = run.features[0]
         for stage in range(1, strategy.split + 1):
-            h = self._on_edge(net.run_stages, h, start=stage - 1, stop=stage, head=run.head,
+            h = self._on_edge(net.run_stages, h, start=stage - 1, stop=stage, head=run.head, run=run,
                               emulated_ms=float(plan.profile.stage_edge_ms[stage - 1]))
             run.features.append(h)
             for b, after_stage in enumerate(net.branch_after_stage):
                 if after_stage != stage or b not in active:
                     continue
-                confidence, label = self._evaluate_branch(model, plan, b, h, head=run.head)
+                confidence, label = self._evaluate_branch(model, plan, b, h, head=run.head, run=run)
                 run.evaluated.append((b, confidence, label))
                 # float64 on both sides, exactly as popex.decision.sweep compares
                 if confidence >= float(strategy.thresholds[b]):
@@ -528,26 +529,36 @@ class EdgeRunner:
         return self._offload(model, plan, strategy, run, request_id, h)
 
     def _on_edge(self, compute: Callable[..., torch.Tensor], *args: Any, emulated_ms: float,
-                 **kwargs: Any) -> torch.Tensor:
+                 run: _Run | None = None, **kwargs: Any) -> torch.Tensor:
         """Run edge compute; on an emulated slower device, take at least ``emulated_ms``.
 
         ``emulated_ms`` is the profile's (already scaled) time of this piece, so
         the emulated device is a fixed model, "F times this machine's median",
-        and load on this machine is not multiplied by F.
+        and load on this machine is not multiplied by F. ``time.sleep`` wakes
+        late (0.1-1 ms on a busy VM, per piece); within a request the next
+        piece sleeps that much less, or the emulated device would run slower
+        than its model by a few ms per request.
         """
         if self.edge_slowdown == 1.0:
             return compute(*args, **kwargs)
         started = time.perf_counter()
         result = compute(*args, **kwargs)
-        remaining_s = emulated_ms / 1000.0 - (time.perf_counter() - started)
+        owed_ms = run.sleep_overshoot_ms if run is not None else 0.0
+        remaining_s = (emulated_ms - owed_ms) / 1000.0 - (time.perf_counter() - started)
+        overshoot_ms = max(0.0, -remaining_s * 1000.0) if owed_ms > 0 else 0.0  # what this piece could not repay
+        overshoot_ms = min(overshoot_ms, owed_ms)
         if remaining_s > 0:
+            sleep_started = time.perf_counter()
             time.sleep(remaining_s)
+            overshoot_ms = max(0.0, (time.perf_counter() - sleep_started - remaining_s) * 1000.0)
+        if run is not None:
+            run.sleep_overshoot_ms = overshoot_ms
         return result
 
     def _evaluate_branch(self, model: StoredModel, plan: ModelPlan, branch: int, features: torch.Tensor, *,
-                         head: str | None = None) -> tuple[float, int]:
+                         head: str | None = None, run: _Run | None = None) -> tuple[float, int]:
         calibration = model.calibration_of(head)
-        logits = self._on_edge(model.loaded.net.run_branch, branch, features, head=head,
+        logits = self._on_edge(model.loaded.net.run_branch, branch, features, head=head, run=run,
                                emulated_ms=float(plan.profile.branch_edge_ms[branch]))
         confidence, predicted = exit_confidence(
             logits, temperature=float(calibration.temperature[branch]), method=calibration.confidence_method
@@ -610,7 +621,7 @@ class EdgeRunner:
         rest_ms = float(profile.stage_edge_ms[split:].sum())
         candidates = [b for b, k in enumerate(net.branch_after_stage) if k <= split]
         if rest_ms <= run.remaining_ms() or not candidates:
-            logits = self._on_edge(net.run_stages, run.features[split], start=split, head=run.head,
+            logits = self._on_edge(net.run_stages, run.features[split], start=split, head=run.head, run=run,
                                    emulated_ms=rest_ms)
             confidence, label = self._final(model, logits, head=run.head)
             return self._answer(model, strategy, run, request_id, label=label, confidence=confidence,
