@@ -231,6 +231,11 @@ def test_summaries_budgets_and_dominance():
     assert len(dominance_problems([popex, better], basis="measured")) == 1
     assert dominance_problems([popex, better], basis="test") == []
     assert dominance_problems([popex, dataclasses.replace(better, measured_meets=False)], basis="measured") == []
+    # a baseline that meets the requirement beats a POPEX that does not, whatever the accuracies
+    late = dataclasses.replace(popex, measured_meets=False, measured_mean_latency_ms=12.0)
+    worse = dataclasses.replace(better, test_accuracy=0.5)
+    (problem,) = dominance_problems([late, worse], basis="test")
+    assert "POPEX does not (12.0 ms)" in problem
     with pytest.raises(ConfigError, match="basis"):
         dominance_problems([popex], basis="vibes")
 
