@@ -198,10 +198,11 @@ class _Variant:
         self.http_ms: list[float] = []
         self.n_bytes: list[int] = []
         self.last_body = b""
+        self.last_encoding: str | None = None
 
     def send(self, i: int, *, record: bool) -> None:
-        encode_ms, http_ms, body = self._send_one(i)
-        self.last_body = body
+        encode_ms, http_ms, body, encoding = self._send_one(i)
+        self.last_body, self.last_encoding = body, encoding
         if record:
             self.encode_ms.append(encode_ms)
             self.http_ms.append(http_ms)
@@ -212,7 +213,7 @@ def _wire_variant(client: CloudClient, loaded: LoadedModel, split: int, hs: torc
                   deflate: bool) -> _Variant:
     encoding = "deflate" if deflate else None
 
-    def send_one(i: int) -> tuple[float, float, bytes]:
+    def send_one(i: int) -> tuple[float, float, bytes, str | None]:
         h = hs[i % len(hs)].unsqueeze(0)
         start_s = time.perf_counter()
         body = encode_offload(h, model_id=loaded.model_id, split=split, request_id=f"bench-{i}",
@@ -224,20 +225,20 @@ def _wire_variant(client: CloudClient, loaded: LoadedModel, split: int, hs: torc
                 body, sent_encoding = compressed, encoding
         encoded_s = time.perf_counter()
         reply = client.infer(body, timeout_s=TIMEOUT_S, content_encoding=sent_encoding)
-        return (encoded_s - start_s) * 1000.0, reply.round_trip_ms - reply.cloud_ms, body
+        return (encoded_s - start_s) * 1000.0, reply.round_trip_ms - reply.cloud_ms, body, sent_encoding
 
     return _Variant(wire_dtype + ("+deflate" if deflate else ""), send_one)
 
 
 def _json_variant(session: requests.Session, url: str, split: int, hs: torch.Tensor) -> _Variant:
-    def send_one(i: int) -> tuple[float, float, bytes]:
+    def send_one(i: int) -> tuple[float, float, bytes, str | None]:
         h = hs[i % len(hs)].unsqueeze(0)
         start_s = time.perf_counter()
         body = json.dumps({"split": split, "request_id": f"bench-{i}", "tensor": h.tolist()}).encode()
         encoded_s = time.perf_counter()
         response = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=TIMEOUT_S)
         reply = response.json()
-        return (encoded_s - start_s) * 1000.0, (time.perf_counter() - encoded_s) * 1000.0 - reply["cloud_ms"], body
+        return (encoded_s - start_s) * 1000.0, (time.perf_counter() - encoded_s) * 1000.0 - reply["cloud_ms"], body, None
 
     return _Variant("json", send_one)
 
@@ -249,11 +250,10 @@ def _measure_split(variants: list[_Variant], split: int, hs: torch.Tensor, n_req
             variant.send(i, record=i >= N_WARMUP)
     rows = []
     for variant in variants:
-        body = variant.last_body
+        body, encoding = variant.last_body, variant.last_encoding
         if variant.encoding == "json":
             decode_ms = _median_ms(lambda: torch.tensor(json.loads(body)["tensor"], dtype=torch.float32), 50)
         else:
-            encoding = "deflate" if variant.encoding.endswith("+deflate") and body[:1] == b"\x78" else None
             decode_ms = _median_ms(lambda: decode_offload(decompress_payload(body, encoding=encoding)), 50)
         rows.append(_row(split, hs[:1], variant.encoding, int(statistics.median(variant.n_bytes)), variant.encode_ms,
                          variant.http_ms, decode_ms))

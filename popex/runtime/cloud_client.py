@@ -181,22 +181,22 @@ class _Reply:
         return self.content.decode("utf-8", errors="replace")
 
 
-class _NoDelayHTTPConnection(http.client.HTTPConnection):
+class _NoDelay:
     """TCP_NODELAY, as urllib3 sets it: the headers and the body go out as two
     writes, and Nagle's algorithm would hold the body until the server's
     delayed ACK of the headers (up to 40 ms)."""
 
     def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connect()  # type: ignore[misc]
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
 
 
-class _NoDelayHTTPSConnection(http.client.HTTPSConnection):
-    """The same for https."""
+class _NoDelayHTTPConnection(_NoDelay, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+class _NoDelayHTTPSConnection(_NoDelay, http.client.HTTPSConnection):
+    pass
 
 
 class _KeepAliveConnections:
@@ -249,6 +249,22 @@ class _KeepAliveConnections:
             connections, self._open = list(self._open), set()
         for connection in connections:
             connection.close()
+
+
+def _time_left_s(method: str, url: str, deadline_s: float) -> float:
+    timeout_s = deadline_s - time.perf_counter()
+    if timeout_s <= 0:
+        raise CloudTimeout(f"no time left in the budget for {method} {url}")
+    return timeout_s
+
+
+def _checked(method: str, url: str, response: requests.Response | _Reply) -> requests.Response | _Reply:
+    """The response if it is 2xx/3xx; a 5xx is CloudUnavailable, a 4xx CloudRejected."""
+    if response.status_code >= 500:
+        raise CloudUnavailable(f"{method} {url}: cloud failed with {response.status_code}: {response.text[:200]}")
+    if response.status_code >= 400:
+        raise _rejected(response)
+    return response
 
 
 def _json(response: requests.Response | _Reply, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -345,9 +361,7 @@ class CloudClient:
     def _send_once(self, method: str, url: str, *, deadline_s: float, content_type: str | None = None,
                    **kwargs: Any) -> requests.Response:
         """One request through the session with the time left until ``deadline_s``; 2xx or an exception."""
-        timeout_s = deadline_s - time.perf_counter()
-        if timeout_s <= 0:
-            raise CloudTimeout(f"no time left in the budget for {method} {url}")
+        timeout_s = _time_left_s(method, url, deadline_s)
         headers = self._headers if content_type is None else {**self._headers, "Content-Type": content_type}
         if "headers" in kwargs:
             headers = {**headers, **kwargs.pop("headers")}
@@ -359,12 +373,7 @@ class CloudClient:
             raise _ConnectionFailed(f"{method} {url}: cannot reach the cloud ({err})") from err
         except requests.RequestException as err:
             raise CloudUnavailable(f"{method} {url}: {err}") from err
-        if response.status_code >= 500:
-            raise CloudUnavailable(f"{method} {url}: cloud failed with {response.status_code}: "
-                                   f"{response.text[:200]}")
-        if response.status_code >= 400:
-            raise _rejected(response)
-        return response
+        return _checked(method, url, response)
 
     _send = _retry_connection_error_once(_send_once)
 
@@ -375,9 +384,7 @@ class CloudClient:
         if self._connections is None:
             return self._send_once(method, url, deadline_s=deadline_s, data=data, content_type=_OCTET_STREAM,
                                    headers=headers or {})
-        timeout_s = deadline_s - time.perf_counter()
-        if timeout_s <= 0:
-            raise CloudTimeout(f"no time left in the budget for {method} {url}")
+        timeout_s = _time_left_s(method, url, deadline_s)
         all_headers = {**self._headers, "Content-Type": _OCTET_STREAM, **(headers or {})}
         try:
             response = self._connections.request(method, urlsplit(url).path, body=data, headers=all_headers,
@@ -388,12 +395,7 @@ class CloudClient:
             raise _ConnectionFailed(f"{method} {url}: cannot reach the cloud ({err})") from err
         except (OSError, http.client.HTTPException) as err:
             raise CloudUnavailable(f"{method} {url}: {err}") from err
-        if response.status_code >= 500:
-            raise CloudUnavailable(f"{method} {url}: cloud failed with {response.status_code}: "
-                                   f"{response.text[:200]}")
-        if response.status_code >= 400:
-            raise _rejected(response)
-        return response
+        return _checked(method, url, response)
 
     # -- data plane ----------------------------------------------------------------
 

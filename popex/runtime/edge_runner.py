@@ -231,7 +231,7 @@ class _Run:
 
     arrival_s: float
     deadline_ms: float  # the requirement, as reported
-    budget_ms: float  # when the edge stops waiting for the cloud (see budget_ms())
+    budget_ms: float  # when the edge stops waiting for the cloud (see offload_budget_ms())
     features: list[torch.Tensor]
     evaluated: list[tuple[int, float, int]]  # (branch, confidence, predicted)
     transfer_ms: float = 0.0
@@ -247,7 +247,7 @@ class _Run:
         return self.budget_ms - self.elapsed_ms()
 
 
-def budget_ms(deadline_ms: float, objective: str, strategy: Strategy) -> float:
+def offload_budget_ms(deadline_ms: float, objective: str, strategy: Strategy) -> float:
     """How long one request may wait for the cloud, ms from its arrival.
 
     "tail" bounds every request, so its budget is the requirement. "mean"
@@ -261,7 +261,7 @@ def budget_ms(deadline_ms: float, objective: str, strategy: Strategy) -> float:
 
     >>> from types import SimpleNamespace
     >>> s = SimpleNamespace(worst_latency_ms=70.0)  # a Strategy whose slowest path is predicted at 70 ms
-    >>> budget_ms(50.0, "tail", s), budget_ms(50.0, "mean", s)
+    >>> offload_budget_ms(50.0, "tail", s), offload_budget_ms(50.0, "mean", s)
     (50.0, 87.5)
     """
     if objective != "mean" or not math.isfinite(strategy.worst_latency_ms):
@@ -475,7 +475,7 @@ class EdgeRunner:
                 run.head, run.expert_confidence = choice.head, choice.confidence
                 if choice.head is not None:
                     strategy = plan.strategy(deadline_ms, objective, policy, head=choice.head)
-            run.budget_ms = budget_ms(deadline_ms, objective, strategy)
+            run.budget_ms = offload_budget_ms(deadline_ms, objective, strategy)
             with torch.inference_mode():
                 result = self._run(model, plan, strategy, run)
             outcome = ("fallback" if result.fallback else
