@@ -86,7 +86,7 @@ def init_plans(app: Flask, config: EdgeConfig, client: Any) -> PlanBook:
         link = Link(uplink_mbps=emulated.uplink_mbps, rtt_ms=emulated.rtt_ms)
     else:
         link = Link(uplink_mbps=config.initial_uplink_mbps, rtt_ms=config.initial_rtt_ms)
-    plans = PlanBook(link=link)
+    plans = PlanBook(link=link, headroom_fraction=config.plan_headroom_fraction)
     app.extensions[PLANS_KEY] = plans
     return plans
 

@@ -20,6 +20,7 @@ import yaml
 
 from popex.background.uplink import RTT_METHODS
 from popex.decision.table import OBJECTIVES
+from popex.decision.policies import DEFAULT_HEADROOM_FRACTION, MAX_HEADROOM_FRACTION
 from popex.errors import ConfigError
 from popex.experiments.shaping import IFACE_PATTERN
 from popex.runtime.link_emulation import parse_link
@@ -77,6 +78,10 @@ class EdgeConfig:
         Latency requirement of a request that gives none, ms.
     objective : {"mean", "tail"}
         Expected (mean) or worst-case (tail) latency must meet the deadline.
+    plan_headroom_fraction : float
+        Plans hold every policy's predicted latency to the requirement less
+        this fraction of it (0.05: 47.5 ms for 50 ms), room for prediction
+        error; 0 plans right up to the requirement.
     emulate_link : str or None
         ``"RATE_MBPS,RTT_MS"``: emulate that uplink in the cloud client.
     emulate_edge_slowdown : float
@@ -132,6 +137,7 @@ class EdgeConfig:
     distortion_aware_default: bool = True
     default_deadline_ms: float = 100.0
     objective: str = "mean"
+    plan_headroom_fraction: float = DEFAULT_HEADROOM_FRACTION
     emulate_link: str | None = None
     emulate_edge_slowdown: float = 1.0
     initial_uplink_mbps: float = 10.0
@@ -199,6 +205,8 @@ class EdgeConfig:
             "initial_rtt_ms": _number("initial_rtt_ms", self.initial_rtt_ms, low=0.0, high=60_000.0),
             "probe_interval_s": _number("probe_interval_s", self.probe_interval_s, low=0.0, high=86_400.0,
                                         low_open=True),
+            "plan_headroom_fraction": _number("plan_headroom_fraction", self.plan_headroom_fraction,
+                                              low=0.0, high=MAX_HEADROOM_FRACTION),
             "replan_hysteresis_fraction": _number("replan_hysteresis_fraction", self.replan_hysteresis_fraction,
                                                   low=0.0, high=10.0),
             "initial_offload_overhead_ms": _number("initial_offload_overhead_ms", self.initial_offload_overhead_ms,

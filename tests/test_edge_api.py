@@ -189,7 +189,8 @@ def test_config_layers_and_checks(tmp_path):
     assert (config.objective, config.default_deadline_ms, config.emulate_link) == ("tail", 50.0, "5.85,50")
     assert config.cloud_url == "http://cloud:8001" and TOKEN not in repr(config)
     for bad in ({"emulate_link": "fast"}, {"objective": "median"}, {"probe_interval_s": 0},
-                {"max_image_bytes": True}, {"unknown_key": 1}, {"cloud_url": "ftp://x"}):
+                {"max_image_bytes": True}, {"unknown_key": 1}, {"cloud_url": "ftp://x"},
+                {"plan_headroom_fraction": 0.6}, {"plan_headroom_fraction": -0.1}):
         with pytest.raises(ConfigError):
             load_config({"token": TOKEN, **bad}, environ={})
     assert isinstance(load_config({"token": TOKEN}, environ={}), EdgeConfig)
@@ -371,6 +372,7 @@ def test_status_reports_uplink_cloud_and_models(client, cloud, registered):
     assert {"uplink_mbps", "rtt_ms", "source", "n_samples", "history"} <= set(body["uplink"])
     assert body["cloud"] == {"url": "http://127.0.0.1:9", "healthy": True}
     assert body["emulated_link"] is None
+    assert body["plan_headroom_fraction"] == 0.05  # configs/edge.yaml's default, used by the plans
     (model,) = body["models"]
     assert model["model_id"] == registered and model["state"] == "ready" and "split" in model["strategy"]
     cloud.down = True

@@ -152,6 +152,24 @@ def test_a_new_link_swaps_the_plan_and_invalidates_the_cache(setup):
     assert plan.profile.offload_overhead_ms == 7.0
 
 
+def test_plans_keep_the_configured_headroom_below_the_requirement(setup, net):
+    """Every model plan (experts too) holds its rows to D · (1 - headroom); the strategy keeps D itself."""
+    model = setup["registry"].get(setup["model_id"])
+    roomy = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0), headroom_fraction=0.3)
+    roomy.install(setup["model_id"], model.calibration, _profile(net))
+    plain = setup["plans"]
+    table = plain.get(setup["model_id"]).table
+    # a requirement that the fastest row meets with 0.2 to spare: no room for 0.3
+    deadline_ms = float(table.latency_ms("mean").min()) / 0.8
+    strategy = roomy.strategy(setup["model_id"], deadline_ms, "mean")
+    assert not strategy.feasible and strategy.deadline_ms == deadline_ms
+    assert plain.strategy(setup["model_id"], deadline_ms, "mean").feasible
+    generous = roomy.strategy(setup["model_id"], 10 * deadline_ms, "mean")
+    assert generous.feasible and generous.latency_ms <= 10 * deadline_ms * 0.7
+    with pytest.raises(ConfigError, match="headroom"):
+        PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0), headroom_fraction=0.9)
+
+
 @pytest.mark.parametrize("deadline_ms, objective", [(-1.0, "mean"), (math.nan, "mean"), (math.inf, "mean"),
                                                      ("abc", "mean"), (10.0, "median")])
 def test_bad_decision_arguments_are_refused(setup, deadline_ms, objective):

@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ from popex.experiments import adaptation, deadline_accuracy, latency_uplink, pre
 from popex.experiments.measure import summarise
 from popex.experiments.netns import HarnessUnavailable, shaped_link
 from popex.experiments.planning import Predictor
-from popex.experiments.policy_runs import PolicyRow, budget_ms, dominance_problems
+from popex.experiments.policy_runs import (PolicyRow, budget_ms, dominance_problems, dominance_ties,
+                                           stratified_latency_ms)
 from popex.experiments.report import read_csv, replace_docs_section, write_csv
 from popex.experiments.services import REPO_ROOT
 from popex.experiments.testbed import Testbed, TestbedConfig, load_images, strategy_text
@@ -222,7 +224,8 @@ def test_summaries_budgets_and_dominance():
                 predicted_latency_ms=1.0, budget_ms=10.0, measured_strategy="", n_requests=1,
                 measured_mean_latency_ms=5.0, measured_p95_latency_ms=5.0, measured_within_share=1.0,
                 measured_offload_share=0.0, measured_fallback_share=0.0, edge_planned_uplink_mbps=1.0,
-                edge_planned_rtt_ms=1.0, edge_offload_overhead_ms=1.0, edge_predicted_ms=1.0, load_1min=0.5)
+                edge_planned_rtt_ms=1.0, edge_offload_overhead_ms=1.0, edge_predicted_ms=1.0, load_1min=0.5,
+                test_mean_latency_ms=math.nan)
     popex = PolicyRow(policy="adaptive", predicted_accuracy=0.9, predicted_feasible=True, measured_accuracy=0.8,
                       measured_meets=True, test_accuracy=0.9, **base)
     better = PolicyRow(policy="cloud-only", predicted_accuracy=0.95, predicted_feasible=False, measured_accuracy=0.85,
@@ -232,12 +235,51 @@ def test_summaries_budgets_and_dominance():
     assert dominance_problems([popex, better], basis="test") == []
     assert dominance_problems([popex, dataclasses.replace(better, measured_meets=False)], basis="measured") == []
     # a baseline that meets the requirement beats a POPEX that does not, whatever the accuracies
-    late = dataclasses.replace(popex, measured_meets=False, measured_mean_latency_ms=12.0)
-    worse = dataclasses.replace(better, test_accuracy=0.5)
+    late = dataclasses.replace(popex, measured_meets=False, measured_mean_latency_ms=12.0, measured_strategy="s=2")
+    worse = dataclasses.replace(better, test_accuracy=0.5, measured_strategy="s=0")
     (problem,) = dominance_problems([late, worse], basis="test")
     assert "POPEX does not (12.0 ms)" in problem
+    # the same strategy measured twice, once on each side of the requirement: a tie, not a violation
+    same = dataclasses.replace(worse, measured_strategy="s=0 θ=[off]")
+    twin = dataclasses.replace(late, measured_strategy="s=0 θ=[off] (mostly)")
+    assert dominance_problems([twin, same], basis="test") == []
+    (tie,) = dominance_ties([twin, same], basis="test")
+    assert "both ran s=0 θ=[off], measured 5.0 and 12.0 ms" in tie
+    # the test view judges the test-split mean: a stream that exited less often than the test split does
+    unlucky = dataclasses.replace(late, test_mean_latency_ms=9.5)
+    assert dominance_problems([unlucky, worse], basis="test") == []
+    assert len(dominance_problems([unlucky, worse], basis="measured")) == 1
     with pytest.raises(ConfigError, match="basis"):
         dominance_problems([popex], basis="vibes")
+
+
+class _TestSplit:
+    """A stand-in for a test-split Predictor: only the exit shares of the strategy asked for."""
+
+    def __init__(self, exit_probs):
+        self.exit_probs = exit_probs
+
+    def strategy(self, split, thresholds, *, link):
+        return types.SimpleNamespace(exit_probs=self.exit_probs)
+
+
+def test_stratified_latency_weights_each_path_by_its_test_share():
+    def record(exit_, latency_ms, strategy="s=2 θ=[off,0.70]"):
+        return {"exit": exit_, "latency_ms": latency_ms, "strategy": strategy, "split": 2, "thresholds": (None, 0.7)}
+
+    # the stream took the branch 6 times in 10 (mean 22 ms); the test split takes it 90% of the time
+    records = [record(1, 10.0)] * 6 + [record("final", 40.0)] * 4
+    link = Link(uplink_mbps=1.0, rtt_ms=1.0)
+    assert stratified_latency_ms(_TestSplit((0.0, 0.9)), records, link) == pytest.approx(0.9 * 10 + 0.1 * 40)
+    # a plan change mid-stream: only the most used strategy counts
+    mixed = records + [record("final", 500.0, strategy="s=0 θ=[off,off]")] * 3
+    assert stratified_latency_ms(_TestSplit((0.0, 0.9)), mixed, link) == pytest.approx(13.0)
+    # a path the test split takes >= 1% of the time was never measured: no estimate
+    assert math.isnan(stratified_latency_ms(_TestSplit((0.05, 0.9)), records, link))
+    # a rarer one is left out and the rest re-weighted
+    assert stratified_latency_ms(_TestSplit((0.005, 0.895)), records, link) == \
+        pytest.approx((0.895 * 10 + 0.1 * 40) / 0.995)
+    assert math.isnan(stratified_latency_ms(None, records, link))
 
 
 def test_set_rate_changes_the_tbf_in_place():

@@ -89,3 +89,31 @@ def test_edge_grid_holds_the_edgent_threshold_and_the_default_grid() -> None:
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ConfigError, match="n_branches"):
             edge_threshold_grids(bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(instances(), st.floats(min_value=0.01, max_value=0.5), st.sampled_from(["mean", "tail"]))
+def test_headroom_holds_every_policy_to_the_reduced_requirement(instance, headroom, objective) -> None:
+    profile, link, calibration, grids = instance
+    grids = [[*grid, EDGENT_THRESHOLD] for grid in grids]
+    _, table = _table(profile, link, calibration, grids)
+    plain, roomy = PolicyBook.build(table), PolicyBook.build(table, headroom_fraction=headroom)
+    latency = table.latency_ms(objective)
+    # a requirement just above a row's latency: met without headroom, not with it
+    deadline_ms = float(np.median(latency)) / (1.0 - headroom / 2.0)
+    for policy in POLICIES:
+        decision = roomy.decide(policy, deadline_ms=deadline_ms, objective=objective)
+        same = plain.decide(policy, deadline_ms=deadline_ms * (1.0 - headroom), objective=objective)
+        assert (decision.row, decision.feasible) == (same.row, same.feasible)
+        assert decision.feasible == bool(latency[decision.row] <= deadline_ms * (1.0 - headroom))
+    adaptive = roomy.decide("adaptive", deadline_ms=deadline_ms, objective=objective)
+    loose = plain.decide("adaptive", deadline_ms=deadline_ms, objective=objective)
+    assert table.n_correct[adaptive.row] <= table.n_correct[loose.row]  # room costs accuracy, never adds it
+
+
+@pytest.mark.parametrize("headroom", [-0.01, 0.51, float("nan"), True, "0.1", None])
+def test_a_bad_headroom_is_a_config_error(headroom) -> None:
+    from tests.test_decide import _planner_table
+
+    with pytest.raises(ConfigError, match="headroom must be a fraction"):
+        PolicyBook.build(_planner_table(0), headroom_fraction=headroom)

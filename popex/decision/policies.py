@@ -19,6 +19,14 @@ latency model and the image stream with POPEX; only the choice differs:
   grid without 0.0 Edgent has only the final exit and equals Neurosurgeon.
 
 Policies are looked up by name; an unknown name is a ConfigError naming it.
+
+Every policy judges feasibility against the requirement less a headroom
+(``headroom_fraction``, the edge's ``plan_headroom_fraction``): a row
+predicted within a few percent of the requirement is as likely to miss it
+as to meet it (median prediction error 3-4%, and a few hundred images take
+a given exit a few points more or less often than the calibration split),
+so a plan keeps that much room. It applies to every policy alike, so the
+baselines still differ from POPEX in their choice only.
 """
 
 from __future__ import annotations
@@ -27,18 +35,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from popex.decision.decide import Decision, DecisionIndex
+from popex.decision.decide import Decision, DecisionIndex, _check_deadline
 from popex.decision.sweep import DEFAULT_THRESHOLDS
 from popex.decision.table import OBJECTIVES, StrategyTable
 from popex.errors import ConfigError
 
-__all__ = ["POLICIES", "EDGENT_THRESHOLD", "PolicyBook", "check_policy", "edge_threshold_grids"]
+__all__ = ["POLICIES", "EDGENT_THRESHOLD", "MAX_HEADROOM_FRACTION", "DEFAULT_HEADROOM_FRACTION", "PolicyBook", "check_policy",
+           "check_headroom", "edge_threshold_grids"]
 
 POLICIES = ("adaptive", "edge-only", "cloud-only", "neurosurgeon", "edgent")
 
 #: A branch with this threshold takes every sample (confidences are >= 0):
 #: Edgent's "exit here always", the network right-sized to that branch.
 EDGENT_THRESHOLD = 0.0
+#: Largest accepted planning headroom (a fraction of the requirement).
+MAX_HEADROOM_FRACTION = 0.5
+#: The edge's default ``plan_headroom_fraction``.
+DEFAULT_HEADROOM_FRACTION = 0.05
 
 
 def check_policy(policy: object) -> str:
@@ -50,6 +63,19 @@ def check_policy(policy: object) -> str:
     if policy not in POLICIES:
         raise ConfigError(f"policy must be one of {POLICIES}, got {policy!r}")
     return str(policy)
+
+
+def check_headroom(headroom_fraction: object) -> float:
+    """Return ``headroom_fraction`` as a float if it is in [0, MAX_HEADROOM_FRACTION], else raise ConfigError.
+
+    >>> check_headroom(0.05)
+    0.05
+    """
+    if isinstance(headroom_fraction, bool) or not isinstance(headroom_fraction, (int, float)) or \
+            not 0.0 <= float(headroom_fraction) <= MAX_HEADROOM_FRACTION:
+        raise ConfigError(f"the planning headroom must be a fraction in [0, {MAX_HEADROOM_FRACTION}], "
+                          f"got {headroom_fraction!r}")
+    return float(headroom_fraction)
 
 
 def edge_threshold_grids(n_branches: int) -> list[list[float]]:
@@ -133,10 +159,21 @@ class PolicyBook:
     indices: dict[str, DecisionIndex]
     fixed_rows: dict[tuple[str, str], int]
     edgent_rows: dict[str, tuple[int, ...]]
+    headroom_fraction: float = 0.0
 
     @classmethod
-    def build(cls, table: StrategyTable) -> PolicyBook:
-        """Index ``table`` for every policy and objective."""
+    def build(cls, table: StrategyTable, *, headroom_fraction: float = 0.0) -> PolicyBook:
+        """Index ``table`` for every policy and objective.
+
+        ``headroom_fraction``: rows must be predicted within
+        ``requirement · (1 - headroom_fraction)`` to count as meeting it.
+
+        Raises
+        ------
+        ConfigError
+            If the headroom is not in [0, :data:`MAX_HEADROOM_FRACTION`].
+        """
+        headroom_fraction = check_headroom(headroom_fraction)
         n_stages = int(table.split.max())
         no_exit = _no_exit_rows(table)
         fixed_rows: dict[tuple[str, str], int] = {}
@@ -148,10 +185,14 @@ class PolicyBook:
             fixed_rows["neurosurgeon", objective] = int(no_exit[np.argmin(latency_ms[no_exit])])
             edgent_rows[objective] = _edgent_candidates(table, latency_ms)
         indices = {objective: DecisionIndex(table, objective=objective) for objective in OBJECTIVES}
-        return cls(table=table, indices=indices, fixed_rows=fixed_rows, edgent_rows=edgent_rows)
+        return cls(table=table, indices=indices, fixed_rows=fixed_rows, edgent_rows=edgent_rows,
+                   headroom_fraction=headroom_fraction)
 
     def decide(self, policy: str, *, deadline_ms: float, objective: str = "mean") -> Decision:
         """The row ``policy`` picks for requirement ``deadline_ms``.
+
+        The returned decision's ``deadline_ms`` is what the rows were held
+        to: the requirement less the book's headroom.
 
         Raises
         ------
@@ -161,7 +202,7 @@ class PolicyBook:
         policy = check_policy(policy)
         if objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        decision = self.indices[objective].lookup(deadline_ms)
+        decision = self.indices[objective].lookup(_check_deadline(deadline_ms) * (1.0 - self.headroom_fraction))
         if policy == "adaptive":
             return decision
         if policy == "edgent":

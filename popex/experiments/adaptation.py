@@ -392,7 +392,8 @@ def run_adaptation(config: AdaptationConfig, *, out_root: Path = DEFAULT_OUT_ROO
     with Testbed(testbed_config, out_dir / "run") as testbed:
         testbed.stream(images.head(_N_WARMUP), policy="cloud-only", deadline_ms=AMPLE_BUDGET_MS, desc="warm-up",
                        progress=False)
-        predictor = Predictor.from_model_dir(testbed_config.model_dir, testbed.profile())
+        predictor = Predictor.from_model_dir(testbed_config.model_dir, testbed.profile(),
+                                             headroom_fraction=testbed_config.plan_headroom_fraction)
         testbed.set_link(uplink_mbps=steps[0].uplink_mbps)
         refresh_edge(testbed, images, estimate_timeout_s=15.0)
         t0_s = time.time()

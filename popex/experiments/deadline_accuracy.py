@@ -58,6 +58,11 @@ class DeadlineAccuracyConfig:
         Link profiles of ``configs/links.yaml``.
     measured_deadlines_ms : tuple of float
         Requirements measured at every profile, ms.
+    measure_knees : bool
+        Also measure, per profile, where plans are tightest (predicted, on
+        the 1 ms grid): the smallest requirement each baseline can meet, and
+        the smallest at which POPEX reaches its best accuracy. A fixed grid
+        mostly lands where every plan has room to spare.
     max_deadline_ms : float
         The predicted curves span 0 to this, ms.
     n_predicted : int
@@ -74,6 +79,7 @@ class DeadlineAccuracyConfig:
 
     profiles: tuple[str, ...] = CITY_PROFILES
     measured_deadlines_ms: tuple[float, ...] = (35.0, 60.0, 100.0, 250.0, 400.0)
+    measure_knees: bool = True
     max_deadline_ms: float = 500.0
     n_predicted: int = 501
     objective: str = "mean"
@@ -86,7 +92,8 @@ class DeadlineAccuracyConfig:
     @classmethod
     def quick_config(cls) -> DeadlineAccuracyConfig:
         """Two requirements per city, 10 images: about a minute and a half."""
-        return cls(measured_deadlines_ms=(60.0, 250.0), n_images=10, estimate_timeout_s=10.0, quick=True)
+        return cls(measured_deadlines_ms=(60.0, 250.0), measure_knees=False, n_images=10, estimate_timeout_s=10.0,
+                   quick=True)
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ def _plot(rows: list[PolicyRow], points: list[PredictedPoint], config: DeadlineA
             ax_measured.plot(x, y, "-", color=_COLOURS[policy], alpha=0.4)
             for xi, yi, row in zip(x, y, measured):
                 ax_measured.plot(xi, yi, "o", color=_COLOURS[policy],
-                                 markerfacecolor=_COLOURS[policy] if row.measured_meets else "none",
+                                 markerfacecolor=_COLOURS[policy] if row.test_meets else "none",
                                  label=policy if row is measured[0] else None)
         link = links[profile]
         ax_predicted.set_title(f"{profile}: {link.uplink_mbps:g} Mbit/s, {link.rtt_ms:g} ms RTT")
@@ -149,6 +156,34 @@ def _first_feasible(points: list[PredictedPoint], profile: str, policy: str) -> 
     return "never"
 
 
+def _knees(points: list[PredictedPoint], profile: str) -> list[float]:
+    """Requirements where a plan is tightest: each baseline's first feasible one, POPEX's first at its best."""
+    knees = set()
+    for policy in POLICIES:
+        curve = [p for p in points if p.profile == profile and p.policy == policy and p.feasible and p.deadline_ms > 0]
+        if not curve:
+            continue
+        if policy == "adaptive":
+            best = max(p.accuracy for p in curve)
+            knees.add(next(p.deadline_ms for p in curve if p.accuracy == best))
+        else:
+            knees.add(curve[0].deadline_ms)
+    return sorted(knees)
+
+
+def _predicted_points(predictor: Predictor, config: DeadlineAccuracyConfig, links: dict) -> list[PredictedPoint]:
+    points = []
+    for name in config.profiles:
+        link = Link(uplink_mbps=links[name].uplink_mbps, rtt_ms=links[name].rtt_ms)
+        for deadline_ms in np.linspace(0.0, config.max_deadline_ms, config.n_predicted):
+            for policy in POLICIES:
+                p = predictor.policy(policy, link=link, deadline_ms=float(deadline_ms), objective=config.objective)
+                points.append(PredictedPoint(profile=name, deadline_ms=float(deadline_ms), policy=policy,
+                                             strategy=p.strategy, latency_ms=p.latency_ms(config.objective),
+                                             accuracy=p.accuracy, feasible=p.feasible))
+    return points
+
+
 def _summary(rows: list[PolicyRow], points: list[PredictedPoint], info: RunInfo, config: DeadlineAccuracyConfig,
              png: Path, docs_path: Path, n_images: int, source: str, test_source: str) -> str:
     predicted_problems = []
@@ -168,23 +203,31 @@ def _summary(rows: list[PolicyRow], points: list[PredictedPoint], info: RunInfo,
                             for profile in config.profiles])
     table = markdown_table(
         ["profile", "requirement ms", "policy", "strategy (measured)", "pred. acc", "test acc", "meas. acc",
-         "meas. ms", "meets", "fallback", "load"],
+         "meas. ms", "meets", "test ms", "meets (test)", "fallback", "load"],
         [[r.profile, f"{r.deadline_ms:g}", r.policy, r.measured_strategy,
           f"{100 * r.predicted_accuracy:.2f}%" if r.predicted_feasible else "(cannot meet)",
           f"{100 * r.test_accuracy:.2f}%", f"{100 * r.measured_accuracy:.1f}%", f"{r.measured_latency_ms:.1f}",
-          "yes" if r.measured_meets else "no", f"{100 * r.measured_fallback_share:.0f}%", f"{r.load_1min:.1f}"]
+          "yes" if r.measured_meets else "no", f"{r.test_latency_ms:.1f}", "yes" if r.test_meets else "no",
+          f"{100 * r.measured_fallback_share:.0f}%", f"{r.load_1min:.1f}"]
          for r in rows])
     return "\n".join([
         f"![accuracy vs requirement]({relative(png, docs_path.parent)})",
         "",
         info.text(),
         f"Links from configs/links.yaml; {config.objective} latency must meet the requirement; edge device emulated "
-        f"{config.testbed.edge_slowdown:g}x slower than this machine. Predicted on {n_grid} requirements from 0 to "
+        f"{config.testbed.edge_slowdown:g}x slower than this machine; every policy plans with "
+        f"{100 * config.testbed.plan_headroom_fraction:g}% headroom (a row meets a requirement D when predicted "
+        f"within {1 - config.testbed.plan_headroom_fraction:g} D). Predicted on {n_grid} requirements from 0 to "
         f"{config.max_deadline_ms:g} ms (calibration accuracy, the latency model on the profile the edge measured); "
-        f"measured with {n_images} test images ({source}) per policy and requirement, the same images for every "
+        f"measured at {', '.join(f'{d:g}' for d in config.measured_deadlines_ms)} ms"
+        + (" and, per city, where plans are tightest (each baseline's smallest feasible requirement, and the "
+           "smallest at which POPEX reaches its best accuracy)" if config.measure_knees else "")
+        + f" with {n_images} test images ({source}) per policy and requirement, the same images for every "
         "policy (fixed baselines measured once per link with an ample budget, judged against each requirement). "
         "Accuracy: pred. = calibration split, test = the strategy the edge used on the whole test split, meas. = "
-        "the streamed images' answers; load: the 1-minute load average when the requests started.",
+        "the streamed images' answers. Latency: meas. = the streamed images' mean, test = each exit path's "
+        "measured mean weighted by how often the whole test split takes that path. Load: the 1-minute load "
+        "average when the requests started.",
         "",
         "Predicted, over the whole requirement grid: POPEX >= every baseline that can meet the requirement — "
         + ("holds at every requirement and link." if not predicted_problems
@@ -231,28 +274,24 @@ def run_accuracy_vs_deadline(config: DeadlineAccuracyConfig, *, out_root: Path =
         testbed.stream(images.head(_N_WARMUP), policy="cloud-only", deadline_ms=AMPLE_BUDGET_MS, desc="warm-up",
                        progress=False)
         profile = testbed.profile()
-        predictor = Predictor.from_model_dir(testbed_config.model_dir, profile)
-        test_predictor = Predictor(test_calibration, profile)
+        predictor = Predictor.from_model_dir(testbed_config.model_dir, profile,
+                                             headroom_fraction=testbed_config.plan_headroom_fraction)
+        test_predictor = Predictor(test_calibration, profile,
+                                   headroom_fraction=testbed_config.plan_headroom_fraction)
+        points = _predicted_points(predictor, config, links)
         for name in tqdm(config.profiles, desc=NAME, file=sys.stderr, disable=not progress):
             link = links[name]
+            deadlines_ms = sorted(set(config.measured_deadlines_ms)
+                                  | set(_knees(points, name) if config.measure_knees else []))
             testbed.set_link(uplink_mbps=link.uplink_mbps, rtt_ms=link.rtt_ms)
             refresh_edge(testbed, images, estimate_timeout_s=config.estimate_timeout_s)
             new_rows, records = measure_policies(
                 testbed, predictor, images, profile=name, link=Link(uplink_mbps=link.uplink_mbps, rtt_ms=link.rtt_ms),
-                deadlines_ms=config.measured_deadlines_ms, objective=config.objective, test_predictor=test_predictor,
+                deadlines_ms=deadlines_ms, objective=config.objective, test_predictor=test_predictor,
                 progress=progress)
             rows += new_rows
             requests_log += records
         mode, link_note = testbed.mode, testbed.link_note
-    points = []
-    for name in config.profiles:
-        link = Link(uplink_mbps=links[name].uplink_mbps, rtt_ms=links[name].rtt_ms)
-        for deadline_ms in np.linspace(0.0, config.max_deadline_ms, config.n_predicted):
-            for policy in POLICIES:
-                p = predictor.policy(policy, link=link, deadline_ms=float(deadline_ms), objective=config.objective)
-                points.append(PredictedPoint(profile=name, deadline_ms=float(deadline_ms), policy=policy,
-                                             strategy=p.strategy, latency_ms=p.latency_ms(config.objective),
-                                             accuracy=p.accuracy, feasible=p.feasible))
     csv_path = write_csv(out_dir / "accuracy_vs_deadline.csv", rows)
     predicted_path = write_csv(out_dir / "predicted.csv", points)
     requests_path = write_csv(out_dir / "requests.csv", requests_log)

@@ -18,7 +18,7 @@ import numpy as np
 
 from popex.decision import Link, Planner, Profile, load_calibration, sweep_exit_stats
 from popex.decision.calibration import Calibration
-from popex.decision.policies import POLICIES, PolicyBook, edge_threshold_grids
+from popex.decision.policies import POLICIES, PolicyBook, check_headroom, edge_threshold_grids
 from popex.decision.table import StrategyTable
 from popex.errors import ConfigError
 from popex.experiments.testbed import strategy_text
@@ -86,6 +86,8 @@ class Prediction:
     offload_prob : float
     feasible : bool
         Whether the policy's row meets the requirement (True for a direct lookup).
+    exit_probs : tuple of float
+        Share of the samples leaving at each branch (the rest reach the final exit).
     """
 
     policy: str
@@ -98,6 +100,7 @@ class Prediction:
     accuracy: float
     offload_prob: float
     feasible: bool
+    exit_probs: tuple[float, ...] = ()
 
     def latency_ms(self, objective: str) -> float:
         """E[T] for "mean", the worst case for "tail"."""
@@ -125,7 +128,7 @@ class Predictor:
     0
     """
 
-    def __init__(self, calibration: Calibration, profile: Profile) -> None:
+    def __init__(self, calibration: Calibration, profile: Profile, *, headroom_fraction: float = 0.0) -> None:
         if not isinstance(calibration, Calibration) or not isinstance(profile, Profile):
             raise ConfigError("Predictor expects (Calibration, Profile), got "
                               f"({type(calibration).__name__}, {type(profile).__name__})")
@@ -135,21 +138,23 @@ class Predictor:
                                  thresholds=edge_threshold_grids(len(profile.branch_after_stage)))
         self.stats = stats
         self._planner = Planner(stats, profile)
+        self.headroom_fraction = check_headroom(headroom_fraction)
         self._books: dict[tuple[float, float], PolicyBook] = {}
         first = self._planner.table(Link(uplink_mbps=1.0, rtt_ms=0.0))
         self._rows = {_key(first.split[i], first.thresholds[i]): i for i in range(len(first))}
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path, profile: Profile) -> Predictor:
+    def from_model_dir(cls, model_dir: Path, profile: Profile, *, headroom_fraction: float = 0.0) -> Predictor:
         """Calibration from ``model_dir/calibration.npz``, with ``profile``."""
-        return cls(load_calibration(Path(model_dir) / _CALIBRATION_FILE), profile)
+        return cls(load_calibration(Path(model_dir) / _CALIBRATION_FILE), profile, headroom_fraction=headroom_fraction)
 
     def book(self, link: Link) -> PolicyBook:
         """The policy book for ``link`` (cached per rate and RTT)."""
         key = (link.uplink_mbps, link.rtt_ms)
         book = self._books.get(key)
         if book is None:
-            book = self._books[key] = PolicyBook.build(self._planner.table(link))
+            book = self._books[key] = PolicyBook.build(self._planner.table(link),
+                                                       headroom_fraction=self.headroom_fraction)
         return book
 
     def table(self, link: Link) -> StrategyTable:
@@ -162,7 +167,8 @@ class Predictor:
                           strategy=strategy_text(data["split"], data["thresholds"]),
                           expected_latency_ms=data["expected_latency_ms"],
                           worst_latency_ms=data["worst_latency_ms"], accuracy=data["accuracy"],
-                          offload_prob=data["offload_prob"], feasible=feasible)
+                          offload_prob=data["offload_prob"], feasible=feasible,
+                          exit_probs=tuple(float(p) for p in data["exit_probs"]))
 
     def policy(self, policy: str, *, link: Link, deadline_ms: float, objective: str = "mean") -> Prediction:
         """What ``policy`` picks for ``deadline_ms`` on ``link``, and its predicted figures.

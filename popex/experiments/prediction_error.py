@@ -243,7 +243,8 @@ def run_prediction_error(config: PredictionErrorConfig, *, out_root: Path = DEFA
         with Testbed(testbed_config, out_dir / f"run-{objective}") as testbed:
             testbed.stream(images.head(_N_WARMUP), policy="cloud-only", deadline_ms=AMPLE_BUDGET_MS,
                            desc="warm-up", progress=False)
-            predictor = Predictor.from_model_dir(testbed_config.model_dir, testbed.profile())
+            predictor = Predictor.from_model_dir(testbed_config.model_dir, testbed.profile(),
+                                                 headroom_fraction=testbed_config.plan_headroom_fraction)
             for uplink_mbps in tqdm(links_mbps, desc=f"{NAME} ({objective})", file=sys.stderr,
                                     disable=not progress):
                 link = Link(uplink_mbps=uplink_mbps, rtt_ms=config.rtt_ms)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from popex.data import default_test_set, encode_png
 from popex.decision.latency import Profile
+from popex.decision.policies import DEFAULT_HEADROOM_FRACTION
 from popex.errors import ConfigError
 from popex.experiments.netns import EMULATED_RATE_MBPS, HarnessUnavailable, ShapedLink, shaped_link
 from popex.experiments.services import REPO_ROOT, ServiceError, ServiceProcess, start_cloud, start_edge
@@ -99,6 +100,9 @@ class TestbedConfig:
         None: ``netns`` where it works (root), else ``emulation``.
     model_dir : Path
         The model the edge serves.
+    plan_headroom_fraction : float
+        The edge's ``plan_headroom_fraction`` (its default); predictions
+        made offline must use the same (``Predictor(headroom_fraction=)``).
     wire_compression : {"none", "deflate"}
         The edge's ``wire_compression``. "none" by default here: tc tbf
         forwards a message that fits its bucket (>= one 1514-byte frame) at
@@ -121,6 +125,7 @@ class TestbedConfig:
     uplink_window_n: int = 5
     mode: str | None = None
     model_dir: Path = REPO_ROOT / "models" / "default"
+    plan_headroom_fraction: float = DEFAULT_HEADROOM_FRACTION
     wire_compression: str = "none"
     edge_overrides: Mapping[str, Any] = field(default_factory=dict)
 
@@ -256,6 +261,7 @@ class Testbed:
             "uplink_window_n": config.uplink_window_n,
             "default_model_dir": str(config.model_dir),
             "wire_compression": config.wire_compression,
+            "plan_headroom_fraction": config.plan_headroom_fraction,
             **config.edge_overrides,
         }
         self._edge = start_edge(token=self.token, cloud_url=cloud.url, state_dir=self.work_dir / "edge",

@@ -409,6 +409,7 @@ class EdgeService:
             "emulated_edge_slowdown": self.runner.edge_slowdown,
             "default_deadline_ms": self.runner.default_deadline_ms,
             "objective": self.runner.objective,
+            "plan_headroom_fraction": self.plans.headroom_fraction,
             "offload_overhead_ms": self.runner.overhead.current_ms,
             "edge_fixed_ms": self.runner.edge_fixed.current_ms,
             "wire_compression": self.runner.wire_compression,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from popex.decision.calibration import Calibration
-from popex.decision.policies import PolicyBook, check_policy, edge_threshold_grids
+from popex.decision.policies import PolicyBook, check_headroom, check_policy, edge_threshold_grids
 from popex.decision.latency import Link, Profile
 from popex.decision.sweep import ExitStats, sweep_exit_stats
 from popex.decision.table import OBJECTIVES, Planner, StrategyTable
@@ -139,9 +139,10 @@ class _Plan:
     experts: dict[str, _Plan] = dataclasses.field(default_factory=dict)  # expert head set -> its plan
 
 
-def _head_plan(planner: Planner, link: Link) -> _Plan:
+def _head_plan(planner: Planner, link: Link, headroom_fraction: float) -> _Plan:
     table = planner.table(link)
-    return _Plan(profile=planner.profile, link=link, table=table, policies=PolicyBook.build(table), cache={})
+    return _Plan(profile=planner.profile, link=link, table=table,
+                 policies=PolicyBook.build(table, headroom_fraction=headroom_fraction), cache={})
 
 
 def _strategy(plan: _Plan, deadline_ms: float, objective: str, policy: str,
@@ -184,6 +185,9 @@ class ModelPlan:
     expert_calibrations : mapping of str to Calibration, optional
         One calibration per expert head set; each gets its own strategy
         table on the same profile (``strategy(..., head=...)``).
+    headroom_fraction : float, default 0
+        Rows count as meeting a requirement D when predicted within
+        ``D · (1 - headroom_fraction)`` (see :mod:`popex.decision.policies`).
 
     Raises
     ------
@@ -199,7 +203,9 @@ class ModelPlan:
         link: Link,
         thresholds: Sequence[Sequence[float]] | None = None,
         expert_calibrations: Mapping[str, Calibration] | None = None,
+        headroom_fraction: float = 0.0,
     ) -> None:
+        self.headroom_fraction = check_headroom(headroom_fraction)
         if thresholds is None:
             thresholds = edge_threshold_grids(len(profile.branch_after_stage))
         self.stats: ExitStats = sweep_exit_stats(
@@ -216,9 +222,10 @@ class ModelPlan:
 
     def _build(self, link: Link) -> _Plan:
         table = self._planner.table(link)
-        return _Plan(profile=self._planner.profile, link=link, table=table, policies=PolicyBook.build(table),
-                     cache={}, experts={head: _head_plan(planner, link)
-                                        for head, planner in self._expert_planners.items()})
+        return _Plan(profile=self._planner.profile, link=link, table=table,
+                     policies=PolicyBook.build(table, headroom_fraction=self.headroom_fraction), cache={},
+                     experts={head: _head_plan(planner, link, self.headroom_fraction)
+                              for head, planner in self._expert_planners.items()})
 
     @property
     def head_names(self) -> tuple[str, ...]:
@@ -354,6 +361,8 @@ class PlanBook:
         Initial link estimate (configured or emulated).
     thresholds : sequence of sequences of float, optional
         Passed to each :class:`ModelPlan`.
+    headroom_fraction : float, default 0
+        Passed to each :class:`ModelPlan`.
 
     Examples
     --------
@@ -362,11 +371,13 @@ class PlanBook:
     []
     """
 
-    def __init__(self, *, link: Link, thresholds: Sequence[Sequence[float]] | None = None) -> None:
+    def __init__(self, *, link: Link, thresholds: Sequence[Sequence[float]] | None = None,
+                 headroom_fraction: float = 0.0) -> None:
         if not isinstance(link, Link):
             raise ConfigError(f"expected a Link, got {type(link).__name__}")
         self._link = link
         self._thresholds = thresholds
+        self.headroom_fraction = check_headroom(headroom_fraction)
         self._plans: dict[str, ModelPlan] = {}
         self._lock = threading.Lock()
 
@@ -404,7 +415,7 @@ class PlanBook:
                 existing.set_profile(profile, link=self._link)
                 return existing
             plan = ModelPlan(calibration, profile=profile, link=self._link, thresholds=self._thresholds,
-                             expert_calibrations=expert_calibrations)
+                             expert_calibrations=expert_calibrations, headroom_fraction=self.headroom_fraction)
             self._plans[model_id] = plan
             return plan
 
