@@ -40,8 +40,8 @@ from popex.decision.sweep import DEFAULT_THRESHOLDS
 from popex.decision.table import OBJECTIVES, StrategyTable
 from popex.errors import ConfigError
 
-__all__ = ["POLICIES", "EDGENT_THRESHOLD", "MAX_HEADROOM_FRACTION", "DEFAULT_HEADROOM_FRACTION", "PolicyBook", "check_policy",
-           "check_headroom", "edge_threshold_grids"]
+__all__ = ["POLICIES", "EDGENT_THRESHOLD", "MAX_HEADROOM_FRACTION", "DEFAULT_HEADROOM_FRACTION", "PolicyBook",
+           "check_policy", "check_headroom", "edge_threshold_grids"]
 
 POLICIES = ("adaptive", "edge-only", "cloud-only", "neurosurgeon", "edgent")
 

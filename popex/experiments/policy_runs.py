@@ -177,7 +177,8 @@ def _row(prediction: Any, records: list[dict[str, Any]], *, profile: str, link: 
         measured_p95_latency_ms=measured.p95_latency_ms, measured_accuracy=measured.accuracy,
         measured_within_share=measured.within_share, measured_offload_share=measured.offload_share,
         measured_fallback_share=measured.fallback_share, measured_meets=bool(measured_latency_ms <= deadline_ms),
-        test_accuracy=test_accuracy, test_mean_latency_ms=test_mean_latency_ms, edge_planned_uplink_mbps=float(planned["uplink_mbps"]),
+        test_accuracy=test_accuracy, test_mean_latency_ms=test_mean_latency_ms,
+        edge_planned_uplink_mbps=float(planned["uplink_mbps"]),
         edge_planned_rtt_ms=float(planned["rtt_ms"]), edge_offload_overhead_ms=overhead_ms,
         edge_predicted_ms=measured.edge_predicted_ms, load_1min=load_1min)
 

@@ -67,8 +67,8 @@ _log = logging.getLogger(__name__)
 
 # O changes by less than this are noise (a scheduler tick), not a reason to re-plan.
 _OVERHEAD_SLACK_MS = 0.5
-_WIRE_RATIO_SLACK = 0.05
-_MEAN_BUDGET_SLACK = 1.25  # room for the latency model's error on the slowest path  # re-plan when the median compression ratio moves more than this
+_WIRE_RATIO_SLACK = 0.05  # re-plan when the median compression ratio moves more than this
+_MEAN_BUDGET_SLACK = 1.25  # room for the latency model's error on the slowest path
 
 
 def _public_name(err: Exception) -> str:
@@ -469,13 +469,12 @@ class EdgeRunner:
             choice = choose_head(model.classifier, model.loaded.net, image) if aware else None
             x = torch.from_numpy(preprocess(image, model.preprocessing))
             self.record_edge_fixed((time.perf_counter() - arrival_s) * 1000.0)  # the classifier's time included
-            run = _Run(arrival_s=arrival_s, deadline_ms=deadline_ms, budget_ms=deadline_ms, features=[x],
-                       evaluated=[])
+            if choice is not None and choice.head is not None:
+                strategy = plan.strategy(deadline_ms, objective, policy, head=choice.head)
+            run = _Run(arrival_s=arrival_s, deadline_ms=deadline_ms,
+                       budget_ms=offload_budget_ms(deadline_ms, objective, strategy), features=[x], evaluated=[])
             if choice is not None:
                 run.head, run.expert_confidence = choice.head, choice.confidence
-                if choice.head is not None:
-                    strategy = plan.strategy(deadline_ms, objective, policy, head=choice.head)
-            run.budget_ms = offload_budget_ms(deadline_ms, objective, strategy)
             with torch.inference_mode():
                 result = self._run(model, plan, strategy, run)
             outcome = ("fallback" if result.fallback else
@@ -545,8 +544,7 @@ class EdgeRunner:
         result = compute(*args, **kwargs)
         owed_ms = run.sleep_overshoot_ms if run is not None else 0.0
         remaining_s = (emulated_ms - owed_ms) / 1000.0 - (time.perf_counter() - started)
-        overshoot_ms = max(0.0, -remaining_s * 1000.0) if owed_ms > 0 else 0.0  # what this piece could not repay
-        overshoot_ms = min(overshoot_ms, owed_ms)
+        overshoot_ms = min(owed_ms, max(0.0, -remaining_s * 1000.0))  # what this piece could not repay
         if remaining_s > 0:
             sleep_started = time.perf_counter()
             time.sleep(remaining_s)

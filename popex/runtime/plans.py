@@ -205,7 +205,7 @@ class ModelPlan:
         expert_calibrations: Mapping[str, Calibration] | None = None,
         headroom_fraction: float = 0.0,
     ) -> None:
-        self.headroom_fraction = check_headroom(headroom_fraction)
+        self.headroom_fraction = headroom_fraction  # PolicyBook.build checks it
         if thresholds is None:
             thresholds = edge_threshold_grids(len(profile.branch_after_stage))
         self.stats: ExitStats = sweep_exit_stats(
