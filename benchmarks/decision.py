@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from popex.background.graph import build_graph, shortest_split  # noqa: E402
+from popex.decision.graph import build_graph, shortest_split  # noqa: E402
 from popex.decision import (  # noqa: E402
     Calibration,
     DecisionIndex,

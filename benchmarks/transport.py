@@ -51,10 +51,10 @@ import requests  # noqa: E402
 
 from popex.nets import EarlyExitNet, LoadedModel, load_model, weights_to_bytes, zoo_spec  # noqa: E402
 from popex.nets.io import SPEC_FILE, WEIGHTS_FILE, compute_model_id  # noqa: E402
-from popex.runtime.cloud_client import CloudClient  # noqa: E402
+from popex.edge.cloud_port import CloudClient  # noqa: E402
 from popex.data.idx import load_fashion_mnist  # noqa: E402
 from popex.data.preprocess import Preprocessing, preprocess  # noqa: E402
-from popex.runtime.wire import (  # noqa: E402
+from popex.wire import (  # noqa: E402
     WIRE_DTYPES,
     compress_payload,
     decode_offload,

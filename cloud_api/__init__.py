@@ -1,4 +1,4 @@
-"""The cloud service: a Flask app factory over popex.runtime.cloud_runner.
+"""The cloud service: a Flask app factory over popex.cloud.runner.
 
 Run it with ``./run_cloud.sh`` (gunicorn ``'cloud_api:create_app()'``).
 Nothing is built at import time.
@@ -17,7 +17,7 @@ from cloud_api.auth import CONFIG_KEY
 from cloud_api.config import CloudConfig, load_config
 from cloud_api.errors import init_errors
 from cloud_api.routes import RUNNER_KEY, init_routes
-from popex.runtime.cloud_runner import CloudRunner
+from popex.cloud.runner import CloudRunner
 
 __all__ = ["create_app", "init_runner", "CloudConfig"]
 

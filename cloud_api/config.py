@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from popex.errors import ConfigError
-from popex.runtime.cloud_runner import MAX_PROFILE_N_REPEATS
+from popex.cloud.runner import MAX_PROFILE_N_REPEATS
 
 __all__ = ["CloudConfig", "load_config", "DEFAULT_CONFIG_PATH", "MIN_TOKEN_CHARS"]
 

@@ -1,4 +1,4 @@
-"""The cloud's HTTP API: thin routes over :class:`popex.runtime.cloud_runner.CloudRunner`.
+"""The cloud's HTTP API: thin routes over :class:`popex.cloud.runner.CloudRunner`.
 
 Every route under ``/api/v1`` requires the shared token; ``/healthz`` does not.
 """
@@ -16,7 +16,7 @@ from werkzeug.exceptions import BadRequest
 
 from cloud_api.auth import CONFIG_KEY, require_token
 from cloud_api.config import CloudConfig
-from popex.runtime.cloud_runner import MAX_PROFILE_N_REPEATS, CloudRunner
+from popex.cloud.runner import MAX_PROFILE_N_REPEATS, CloudRunner
 
 __all__ = ["RUNNER_KEY", "bp", "get_runner", "init_routes"]
 

@@ -7,7 +7,7 @@
 #
 # Defaults come from the environment: IFACE (eth0), LINK_PROFILE, RATE_MBPS,
 # RTT_MS, DST_IP; PYTHON (python3) resolves --profile through
-# configs/links.yaml (python -m popex.experiments.links).
+# configs/links.yaml (python -m popex.link.profiles).
 #
 # Where the delay goes: netem delays only what LEAVES an interface, so this is
 # run on the edge's egress with delay = the FULL RTT. A request leaves the
@@ -24,7 +24,7 @@
 # Every value is checked against a strict pattern before use and re-formatted
 # as an integer (kbit, us), so nothing from the input reaches tc unchecked;
 # the commands are arrays, never a string run by a shell. They are the same
-# as popex.experiments.shaping.tc_commands(..., netem=True) builds (tested).
+# as popex.link.shaping.tc_commands(..., netem=True) builds (tested).
 #
 # --dry-run prints the tc commands instead of running them. Exit status 2 on
 # bad input, tc's status if tc fails.
@@ -97,7 +97,7 @@ fi
 if [[ -n $profile ]]; then
     [[ -z $rate_mbps && -z $rtt_ms ]] || die "give --profile or --rate-mbps/--rtt-ms, not both"
     [[ $profile =~ ^[a-z0-9][a-z0-9-]{0,31}$ ]] || die "profile name must match ^[a-z0-9][a-z0-9-]{0,31}\$, got $(printf '%q' "$profile")"
-    values=$(cd "$repo_root" && "$python" -m popex.experiments.links "$profile") \
+    values=$(cd "$repo_root" && "$python" -m popex.link.profiles "$profile") \
         || die "cannot read link profile '$profile' from configs/links.yaml"
     read -r rate_mbps rtt_ms <<<"$values"
 fi

@@ -24,15 +24,15 @@ from edge_api.errors import init_errors
 from edge_api.models import MAX_MODEL_BYTES_KEY, SERVICE_KEY
 from edge_api.models import bp as models_bp
 from edge_api.status import init_status
-from popex.background.uplink import UplinkMonitor
+from popex.edge.uplink import UplinkMonitor
 from popex.decision.latency import Link
 from popex.errors import PopexError
-from popex.runtime.cloud_client import CloudClient
-from popex.runtime.edge_runner import EdgeRunner, OverheadTracker
-from popex.runtime.edge_service import EdgeService
-from popex.runtime.link_emulation import parse_link
-from popex.runtime.plans import PlanBook
-from popex.runtime.registry import ModelRegistry
+from popex.edge.cloud_port import CloudClient
+from popex.edge.pipeline import EdgeRunner, OverheadTracker
+from popex.edge.preparation import EdgeService
+from popex.link.emulation import parse_link
+from popex.edge.plans import PlanBook
+from popex.edge.store import ModelRegistry
 
 __all__ = [
     "CONFIG_KEY",

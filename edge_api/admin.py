@@ -4,7 +4,7 @@
 (a profile of ``configs/links.yaml``) and answers the link now in force;
 ``GET`` answers it too. Both need ``Authorization: Bearer <the edge's
 token>``. How the link is applied (tc on ``shaping_interface``, or the
-emulated link) is :class:`popex.experiments.link_control.LinkController`'s job.
+emulated link) is :class:`popex.link.control.LinkController`'s job.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from werkzeug.exceptions import BadRequest, Unauthorized, UnsupportedMediaType
 
 import edge_api  # the package's extension keys; read at request time, after it finished importing
 from popex.errors import ConfigError
-from popex.experiments.link_control import LinkController, resolve_cloud_ipv4
+from popex.link.control import LinkController, resolve_cloud_ipv4
 
 __all__ = ["LINK_CONTROLLER_KEY", "bp", "require_admin_token", "get_link_controller"]
 

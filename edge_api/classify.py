@@ -10,7 +10,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
 from popex.errors import DataError
-from popex.runtime.edge_runner import EdgeRunner
+from popex.edge.pipeline import EdgeRunner
 
 __all__ = ["RUNNER_KEY", "MAX_IMAGE_BYTES_KEY", "bp", "get_runner"]
 

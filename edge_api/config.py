@@ -18,13 +18,13 @@ from typing import Any
 
 import yaml
 
-from popex.background.uplink import RTT_METHODS
+from popex.edge.uplink import RTT_METHODS
 from popex.decision.table import OBJECTIVES
 from popex.decision.policies import DEFAULT_HEADROOM_FRACTION, MAX_HEADROOM_FRACTION
 from popex.errors import ConfigError
-from popex.experiments.shaping import IFACE_PATTERN
-from popex.runtime.link_emulation import parse_link
-from popex.runtime.wire import WIRE_COMPRESSIONS, WIRE_DTYPES
+from popex.link.shaping import IFACE_PATTERN
+from popex.link.emulation import parse_link
+from popex.wire import WIRE_COMPRESSIONS, WIRE_DTYPES
 
 __all__ = ["EdgeConfig", "load_config", "DEFAULT_CONFIG_PATH", "MIN_TOKEN_CHARS"]
 

@@ -6,7 +6,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest
 
-from popex.runtime.edge_service import EdgeService
+from popex.edge.preparation import EdgeService
 
 __all__ = ["SERVICE_KEY", "MAX_MODEL_BYTES_KEY", "bp", "get_service"]
 

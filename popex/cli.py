@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from popex.errors import PopexError, ProfileError
 from popex.data.distort import add_distort_parser
-from popex.experiments.cli import add_experiment_parser
+from experiments.cli import add_experiment_parser
 from popex.nets.expert_recipe import add_train_experts_parser
 
 __all__ = ["main"]
@@ -60,7 +60,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 def _measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads: int | None,
                      cloud_speedup: float, offload_overhead_ms: float) -> tuple[object, object, str]:
     """Measure the edge here; the cloud is an assumption until a cloud profile exists."""
-    from popex.background.profiler import build_profile, time_stages
+    from popex.runtime.profiler import build_profile, time_stages
     from popex.nets.io import load_model
 
     model = load_model(model_dir)
@@ -75,7 +75,7 @@ def _measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from popex.background.profiler import plot_profile, save_profile
+    from popex.runtime.profiler import plot_profile, save_profile
 
     profile, timings, note = _measure_profile(args.model, n_repeats=args.repeats, n_warmup=args.warmup,
                                               n_threads=args.threads, cloud_speedup=args.cloud_speedup,
@@ -95,7 +95,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _add_profile(subparsers: argparse._SubParsersAction) -> None:
-    from popex.background.profiler import DEFAULT_OFFLOAD_OVERHEAD_MS
+    from popex.runtime.profiler import DEFAULT_OFFLOAD_OVERHEAD_MS
 
     p = subparsers.add_parser("profile", help="measure per-stage/branch time and bytes; write JSON, CSV, PNG")
     p.add_argument("--model", required=True, help="model directory (spec.json, weights.safetensors)")
@@ -115,7 +115,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from popex.background.profiler import load_profile
+    from popex.runtime.profiler import load_profile
     from popex.decision import DecisionIndex, Link, Planner, load_calibration, sweep_exit_stats
     from popex.nets.io import CALIBRATION_FILE
 
@@ -173,7 +173,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _add_plan(subparsers: argparse._SubParsersAction) -> None:
-    from popex.background.profiler import DEFAULT_OFFLOAD_OVERHEAD_MS
+    from popex.runtime.profiler import DEFAULT_OFFLOAD_OVERHEAD_MS
 
     p = subparsers.add_parser("plan", help="strategy table and decision for a link and a latency requirement")
     p.add_argument("--model", required=True, help="model directory (calibration.npz, optional profile.json)")

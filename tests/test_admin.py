@@ -10,11 +10,11 @@ from edge_api import close_app, create_app
 from edge_api.admin import LINK_CONTROLLER_KEY
 from edge_api.config import load_config
 from popex.errors import ConfigError
-from popex.experiments.link_control import LinkController, LinkNotAdjustable, check_link_numbers
-from popex.experiments.links import load_link_profiles
-from popex.experiments.netns import EMULATED_RATE_MBPS, HarnessUnavailable, shaped_link
-from popex.experiments.shaping import Shaping, ShapingError
-from popex.runtime.link_emulation import LinkEmulator
+from popex.link.control import LinkController, LinkNotAdjustable, check_link_numbers
+from popex.link.profiles import load_link_profiles
+from popex.testbed.netns import EMULATED_RATE_MBPS, HarnessUnavailable, shaped_link
+from popex.link.shaping import Shaping, ShapingError
+from popex.link.emulation import LinkEmulator
 
 TOKEN = "admin-test-token-0123"
 URL = "/api/v1/admin/link"

@@ -15,8 +15,8 @@ from cloud_api import create_app
 from cloud_api.config import CloudConfig, load_config
 from popex.errors import ConfigError
 from popex.nets import EarlyExitNet, compute_model_id, weights_to_bytes, zoo_spec
-from popex.runtime.cloud_runner import CloudRunner
-from popex.runtime.wire import encode_offload
+from popex.cloud.runner import CloudRunner
+from popex.wire import encode_offload
 
 TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

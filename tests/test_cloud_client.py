@@ -18,7 +18,7 @@ import requests
 import torch
 
 from popex.nets import EarlyExitNet, compute_model_id, weights_to_bytes, zoo_spec
-from popex.runtime.cloud_client import (
+from popex.edge.cloud_port import (
     CloudClient,
     CloudError,
     CloudInference,
@@ -27,8 +27,8 @@ from popex.runtime.cloud_client import (
     CloudUnavailable,
     ProbeResult,
 )
-from popex.runtime.link_emulation import LinkEmulator
-from popex.runtime.wire import encode_offload
+from popex.link.emulation import LinkEmulator
+from popex.wire import encode_offload
 
 TOKEN = "client-test-token-123"
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ The compose file parses and has the services, limits and capabilities the
 experiments rely on; every Dockerfile COPY source exists; torch is pinned;
 the scripts exist, are executable and parse (``bash -n``); apply_link.sh
 refuses injected values and builds the same tc commands as
-popex.experiments.shaping.
+popex.link.shaping.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from popex.experiments.links import format_number, load_link_profiles
-from popex.experiments.shaping import tc_commands
+from popex.link.profiles import format_number, load_link_profiles
+from popex.link.shaping import tc_commands
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKER_DIR = REPO_ROOT / "docker"

@@ -13,11 +13,11 @@ from popex.data import Preprocessing, decode_image, encode_png, preprocess
 from popex.decision import DecisionIndex, Link, Profile
 from popex.errors import ConfigError, DataError
 from popex.nets import EarlyExitNet, exit_confidence, weights_to_bytes, zoo_spec
-from popex.runtime.cloud_client import CloudInference, CloudRejected, CloudTimeout, CloudUnavailable
-from popex.runtime.edge_runner import EdgeRunner, OverheadTracker
-from popex.runtime.plans import PlanBook, Strategy
-from popex.runtime.registry import ModelRegistry, UnknownModelError
-from popex.runtime.wire import decode_offload, decompress_payload
+from popex.edge.cloud_port import CloudInference, CloudRejected, CloudTimeout, CloudUnavailable
+from popex.edge.pipeline import EdgeRunner, OverheadTracker
+from popex.edge.plans import PlanBook, Strategy
+from popex.edge.store import ModelRegistry, UnknownModelError
+from popex.wire import decode_offload, decompress_payload
 
 TEMPERATURES = [1.7, 0.8]
 
@@ -364,13 +364,13 @@ def test_models_are_resolved_by_id_name_or_default(setup):
 
 def test_edge_slowdown_emulates_a_device_with_the_scaled_profile_times(setup):
     """An emulated slow edge takes at least each piece's (scaled) profile time, and no more than needed."""
-    from popex.background.profiler import time_stages
+    from popex.runtime.profiler import time_stages
 
     runner = setup["runner"]
     net = runner.registry.get(setup["model_id"]).loaded.net
     x = torch.zeros(1, *net.input_shape)
     waits = []
-    import popex.runtime.edge_runner as module
+    import popex.edge.pipeline as module
 
     real_sleep = module.time.sleep
     module.time.sleep = waits.append

@@ -22,15 +22,15 @@ import pytest
 from popex.decision import Link
 from popex.decision.policies import POLICIES
 from popex.errors import ConfigError
-from popex.experiments import adaptation, deadline_accuracy, latency_uplink, prediction_error, threshold_sweep
-from popex.experiments.measure import summarise
-from popex.experiments.netns import HarnessUnavailable, shaped_link
-from popex.experiments.planning import Predictor
-from popex.experiments.policy_runs import (PolicyRow, budget_ms, dominance_problems, dominance_ties,
+from experiments import adaptation, deadline_accuracy, latency_uplink, prediction_error, threshold_sweep
+from popex.testbed.measure import summarise
+from popex.testbed.netns import HarnessUnavailable, shaped_link
+from experiments.planning import Predictor
+from experiments.policy_runs import (PolicyRow, budget_ms, dominance_problems, dominance_ties,
                                            stratified_latency_ms)
-from popex.experiments.report import read_csv, replace_docs_section, write_csv
-from popex.experiments.services import REPO_ROOT
-from popex.experiments.testbed import Testbed, TestbedConfig, load_images, strategy_text
+from experiments.report import read_csv, replace_docs_section, write_csv
+from popex.testbed.services import REPO_ROOT
+from popex.testbed.harness import Testbed, TestbedConfig, load_images, strategy_text
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -191,7 +191,7 @@ def test_trace_building():
 
 
 def test_predictor_answers_the_policies_rows_and_any_strategy():
-    from popex.background.profiler import load_profile
+    from popex.runtime.profiler import load_profile
 
     profile = load_profile(REPO_ROOT / "models" / "default" / "profile.json")
     predictor = Predictor.from_model_dir(REPO_ROOT / "models" / "default", profile)

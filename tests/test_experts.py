@@ -17,7 +17,7 @@ from popex.data.idx import FASHION_MNIST_FILES
 from popex.data.subset import SHIPPED_SUBSET_ROOT
 from popex.decision import load_calibration, save_calibration
 from popex.errors import PopexError, SpecError, WeightsError
-from popex.experiments.distortion import run_distortion_experiment
+from experiments.distortion import run_distortion_experiment
 from popex.nets import EarlyExitNet, load_model, load_model_bytes, save_model, validate_spec, weights_to_bytes, zoo_spec
 from popex.nets.distortion import ClassifierTrainConfig
 from popex.nets.early_exit import UnknownHeadError

@@ -29,11 +29,11 @@ from popex.decision import load_calibration
 from popex.decision.latency import Link
 from popex.nets import EarlyExitNet, compute_model_id, load_model, weights_to_bytes, zoo_spec
 from popex.nets.early_exit import UnknownHeadError, exit_confidence
-from popex.runtime.cloud_client import CloudInference, CloudTimeout, CloudUnavailable
-from popex.runtime.cloud_runner import CloudRunner
-from popex.runtime.edge_runner import OverheadTracker
-from popex.runtime.plans import ModelPlan
-from popex.runtime.wire import decode_offload, decompress_payload, encode_offload
+from popex.edge.cloud_port import CloudInference, CloudTimeout, CloudUnavailable
+from popex.cloud.runner import CloudRunner
+from popex.edge.pipeline import OverheadTracker
+from popex.edge.plans import ModelPlan
+from popex.wire import decode_offload, decompress_payload, encode_offload
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "default-distortion"

@@ -1,7 +1,7 @@
 """Real-process integration tests: cloud and edge started by run_cloud.sh / run_edge.sh.
 
 No HTTP mocks: one cloud and one edge (gunicorn, 127.0.0.1) serve the whole
-module, started through :mod:`popex.experiments.services` exactly as the demo
+module, started through :mod:`popex.testbed.services` exactly as the demo
 and a user start them. The tests cover issue 3's acceptance: accuracy of the
 default model over HTTP with offloading, a model registered through REST
 becoming classifiable, bad input answered with 4xx JSON errors while both
@@ -42,10 +42,10 @@ from popex.data import Preprocessing, default_test_set, encode_png, load_fashion
 from popex.data.subset import SHIPPED_SUBSET_ROOT
 from popex.data.distort import DEFAULT_LEVELS, gaussian_blur, gaussian_noise
 from popex.decision import save_calibration
-from popex.experiments.services import REPO_ROOT, ServiceProcess, start_cloud, start_edge
+from popex.testbed.services import REPO_ROOT, ServiceProcess, start_cloud, start_edge
 from popex.nets import EarlyExitNet, load_model, save_model, zoo_spec
 from popex.nets.train import calibrate
-from popex.runtime.wire import encode_offload
+from popex.wire import encode_offload
 
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default"
 _MODEL_FILES = ("spec.json", "weights.safetensors", "calibration.npz")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popex.background.graph import build_graph, shortest_split
+from popex.decision.graph import build_graph, shortest_split
 from popex.decision.calibration import Calibration
 from popex.decision.latency import Link, Profile, expected_latency_ms, worst_latency_ms
 from popex.decision.sweep import sweep_exit_stats

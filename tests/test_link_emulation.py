@@ -6,7 +6,7 @@ import time
 import pytest
 
 from popex.errors import ConfigError
-from popex.runtime.link_emulation import LinkEmulator, parse_link
+from popex.link.emulation import LinkEmulator, parse_link
 
 
 class FakeClock:

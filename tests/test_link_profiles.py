@@ -1,4 +1,4 @@
-"""configs/links.yaml and popex.experiments.links: the profiles of issue 4, and clear errors."""
+"""configs/links.yaml and popex.link.profiles: the profiles of issue 4, and clear errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from popex.errors import ConfigError
-from popex.experiments.links import LinkProfile, load_link_profiles, main
+from popex.link.profiles import LinkProfile, load_link_profiles, main
 
 EXPECTED = {
     "sao-paulo": (93.6, 10.0),

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from popex.errors import ConfigError
-from popex.experiments.netns import EMULATED_RATE_MBPS, HarnessUnavailable, cleanup_stale_namespaces, shaped_link, \
+from popex.testbed.netns import EMULATED_RATE_MBPS, HarnessUnavailable, cleanup_stale_namespaces, shaped_link, \
     wait_until_listening
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch
 from popex.decision import Profile
 from popex.errors import CalibrationError, ProfileError, SpecError, WeightsError
 from popex.nets import EarlyExitNet, compute_model_id, weights_to_bytes, zoo_spec
-from popex.runtime.registry import ModelRegistry, UnknownModelError
+from popex.edge.store import ModelRegistry, UnknownModelError
 
 
 def _calibration_bytes(n_exits=2, n_samples=40, seed=0, n_classes=10):

@@ -1,4 +1,4 @@
-"""popex.experiments.shaping: validated tc argv lists, and applying them inside a throwaway namespace."""
+"""popex.link.shaping: validated tc argv lists, and applying them inside a throwaway namespace."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from popex.errors import ConfigError
-from popex.experiments.shaping import ShapingError, apply_shaping, clear_shaping, netem_available, \
+from popex.link.shaping import ShapingError, apply_shaping, clear_shaping, netem_available, \
     tbf_burst_bytes, tc_commands
 
 SAFE_WORD = re.compile(r"^[A-Za-z0-9:./_-]+$")

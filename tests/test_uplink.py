@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from popex.background.uplink import UplinkMonitor, uplink_mbps_from_timing
+from popex.edge.uplink import UplinkMonitor, uplink_mbps_from_timing
 from popex.decision.latency import Link
 from popex.errors import ConfigError
-from popex.runtime.cloud_client import CloudUnavailable, ProbeResult
-from popex.runtime.link_emulation import LinkEmulator
+from popex.edge.cloud_port import CloudUnavailable, ProbeResult
+from popex.link.emulation import LinkEmulator
 
 HTTP_OVERHEAD_MS = 0.5
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_save
 
 from popex.errors import ConfigError, PopexError
-from popex.runtime.wire import (
+from popex.wire import (
     WIRE_DTYPES,
     OffloadRequest,
     UnsupportedEncodingError,

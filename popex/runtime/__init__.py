@@ -1,1 +1,1 @@
-"""popex.runtime"""
+"""What every tier runs: stage timing (the profiler)."""

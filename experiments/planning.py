@@ -21,7 +21,7 @@ from popex.decision.calibration import Calibration
 from popex.decision.policies import POLICIES, PolicyBook, check_headroom, edge_threshold_grids
 from popex.decision.table import StrategyTable
 from popex.errors import ConfigError
-from popex.experiments.testbed import strategy_text
+from popex.testbed.harness import strategy_text
 
 __all__ = ["Prediction", "Predictor", "test_split_calibration"]
 
@@ -76,7 +76,7 @@ class Prediction:
     split : int
     thresholds : tuple of (float or None)
     strategy : str
-        :func:`~popex.experiments.testbed.strategy_text`.
+        :func:`~popex.testbed.harness.strategy_text`.
     expected_latency_ms : float
         E[T], ms.
     worst_latency_ms : float

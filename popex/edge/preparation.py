@@ -43,14 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from popex.background.profiler import StageTimings, build_profile, time_stages
+from popex.runtime.profiler import StageTimings, build_profile, time_stages
 from popex.decision.latency import Profile
 from popex.errors import ConfigError
-from popex.runtime.cloud_client import CloudError
-from popex.runtime.edge_runner import EdgeRunner
-from popex.runtime.plans import ModelPlan
-from popex.runtime.registry import Registration, StoredModel
-from popex.runtime.wire import encode_offload
+from popex.edge.cloud_port import CloudError
+from popex.edge.pipeline import EdgeRunner
+from popex.edge.plans import ModelPlan
+from popex.edge.store import Registration, StoredModel
+from popex.wire import encode_offload
 
 __all__ = ["EdgeService"]
 

@@ -4,10 +4,10 @@ For each uplink rate of a log grid (0.5-100 Mbit/s, RTT fixed) every policy
 (POPEX's ``adaptive``, ``edge-only``, ``cloud-only``, ``neurosurgeon``,
 ``edgent``) is
 
-- **predicted** by the latency model (:class:`~popex.experiments.planning.Predictor`)
+- **predicted** by the latency model (:class:`~experiments.planning.Predictor`)
   on the profile the edge measured, at the true link, and
 - **measured**: the same test images streamed through the real edge and
-  cloud over the shaped link (:mod:`popex.experiments.testbed`), after the
+  cloud over the shaped link (:mod:`popex.testbed.harness`), after the
   edge's uplink monitor has followed the rate change.
 
 All policies get the same images; only the policy differs. POPEX and
@@ -35,12 +35,12 @@ from tqdm import tqdm
 
 from popex.decision import Link
 from popex.decision.policies import POLICIES
-from popex.experiments.planning import Predictor, test_split_calibration
-from popex.experiments.policy_runs import AMPLE_BUDGET_MS, PolicyRow, dominance_text, measure_policies, \
+from experiments.planning import Predictor, test_split_calibration
+from experiments.policy_runs import AMPLE_BUDGET_MS, PolicyRow, dominance_text, measure_policies, \
     refresh_edge
-from popex.experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
+from experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
                                       publish_figure, pyplot, relative, replace_docs_section, write_csv)
-from popex.experiments.testbed import Testbed, TestbedConfig, load_images
+from popex.testbed.harness import Testbed, TestbedConfig, load_images
 
 __all__ = ["NAME", "LatencyUplinkConfig", "run_latency_vs_uplink"]
 

@@ -19,7 +19,10 @@ from typing import Callable
 
 from popex.errors import ConfigError
 
-__all__ = ["LinkEmulator", "parse_link"]
+__all__ = ["EMULATED_RATE_MBPS", "LinkEmulator", "parse_link"]
+
+#: Rate given to a link emulator that only has to add the RTT (the kernel shapes the rate).
+EMULATED_RATE_MBPS = 100_000
 
 _MAX_UPLINK_MBPS = 1e6
 _MAX_RTT_MS = 60_000.0

@@ -20,7 +20,7 @@ The data plane (offloads and probes) goes through one persistent
 per call on a 2-core VM, a third of an offload's overhead O on loopback.
 Control calls (model upload, profile, health) use a ``requests.Session``.
 
-With a :class:`~popex.runtime.link_emulation.LinkEmulator`, offloads and
+With a :class:`~popex.link.emulation.LinkEmulator`, offloads and
 probes first wait for the emulated uplink (model uploads, profiles and
 health checks are control traffic and are not delayed).
 """
@@ -41,7 +41,7 @@ from typing import Any, Callable, TypeVar
 import requests
 
 from popex.errors import ConfigError
-from popex.runtime.link_emulation import LinkEmulator
+from popex.link.emulation import LinkEmulator
 
 __all__ = [
     "API_PREFIX",
@@ -411,13 +411,13 @@ class CloudClient:
         self.link.transmit(n_bytes)
 
     def infer(self, payload: bytes, *, timeout_s: float, content_encoding: str | None = None) -> CloudInference:
-        """Send a wire payload (:func:`popex.runtime.wire.encode_offload`) and get the final exit.
+        """Send a wire payload (:func:`popex.wire.encode_offload`) and get the final exit.
 
         Parameters
         ----------
         payload : bytes
             The safetensors offload payload, or its deflated form
-            (:func:`popex.runtime.wire.compress_payload`) with
+            (:func:`popex.wire.compress_payload`) with
             ``content_encoding="deflate"``.
         timeout_s : float
             Time budget in seconds, emulated link delay included.

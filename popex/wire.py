@@ -321,7 +321,7 @@ def decode_offload(data: bytes, *, max_bytes: int = MAX_WIRE_BYTES) -> OffloadRe
     >>> decode_offload(b"")
     Traceback (most recent call last):
     ...
-    popex.runtime.wire.WireError: empty payload: expected a safetensors tensor
+    popex.wire.WireError: empty payload: expected a safetensors tensor
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"payload must be bytes, got {type(data).__name__}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from popex.experiments.services import REPO_ROOT
+from popex.testbed.services import REPO_ROOT
 
 __all__ = [
     "DEFAULT_OUT_ROOT",

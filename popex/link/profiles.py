@@ -3,13 +3,13 @@
 A profile is what the experiments shape the edge -> cloud link to (Docker:
 tc netem; this machine: the network-namespace harness). The numbers are
 checked here once, so that every consumer (the shaping helpers, the shell
-script docker/apply_link.sh through ``python -m popex.experiments.links``)
+script docker/apply_link.sh through ``python -m popex.link.profiles``)
 can trust them.
 
 Run as a module it prints one profile for shell scripts::
 
-    python -m popex.experiments.links wifi        # -> "18.8 10"
-    python -m popex.experiments.links --list
+    python -m popex.link.profiles wifi        # -> "18.8 10"
+    python -m popex.link.profiles --list
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def load_link_profiles(path: str | Path = DEFAULT_LINKS_PATH) -> dict[str, LinkP
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print one profile as ``UPLINK_MBPS RTT_MS`` (or all with ``--list``); exit 2 on a ConfigError."""
-    parser = argparse.ArgumentParser(prog="python -m popex.experiments.links",
+    parser = argparse.ArgumentParser(prog="python -m popex.link.profiles",
                                      description="Print a link profile for shell scripts.")
     parser.add_argument("name", nargs="?", help="profile name (see --list)")
     parser.add_argument("--path", default=str(DEFAULT_LINKS_PATH), help="link profiles YAML file")

@@ -10,7 +10,7 @@ at a branch or is offloaded):
   strategy forced, the offloads answered by the real cloud service.
 
 The edge runtime runs in this process (``edge_api.create_app`` with a real
-:class:`~popex.runtime.cloud_client.CloudClient` to a real cloud process,
+:class:`~popex.edge.cloud_port.CloudClient` to a real cloud process,
 requests through its Flask test client), because the service's API has no
 way to force a strategy: the runner's plan book is replaced by one that
 answers the swept strategy, the one seam the runner reads its strategy
@@ -38,11 +38,11 @@ from tqdm import tqdm
 from popex.decision import Link, load_calibration, sweep_exit_stats
 from popex.decision.latency import Profile
 from popex.errors import ConfigError
-from popex.experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
+from experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
                                       publish_figure, pyplot, relative, replace_docs_section, write_csv)
-from popex.experiments.services import REPO_ROOT, ServiceError, start_cloud
-from popex.experiments.testbed import load_images
-from popex.runtime.plans import Strategy
+from popex.testbed.services import REPO_ROOT, ServiceError, start_cloud
+from popex.testbed.harness import load_images
+from popex.edge.plans import Strategy
 
 __all__ = ["NAME", "ThresholdSweepConfig", "CalibrationPoint", "MeasuredPoint", "ForcedPlans",
            "calibration_points", "run_threshold_sweep"]
@@ -154,7 +154,7 @@ class _ForcedPlan:
 
 
 class ForcedPlans:
-    """Stands in for the edge runner's :class:`~popex.runtime.plans.PlanBook`: one forced strategy per model.
+    """Stands in for the edge runner's :class:`~popex.edge.plans.PlanBook`: one forced strategy per model.
 
     Parameters
     ----------

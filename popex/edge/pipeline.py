@@ -26,7 +26,7 @@ Each offload feeds the uplink monitor a passive sample and the overhead
 tracker a measurement of O (encode time plus round trip minus cloud compute
 minus the link part); the median of recent O values re-plans when it moves.
 Preparing a model (cloud upload, profiling, planning) is
-:mod:`popex.runtime.preparation`'s job.
+:mod:`popex.edge.preparation`'s job.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ from popex.decision.table import OBJECTIVES
 from popex.errors import ConfigError, PopexError
 from popex.nets.early_exit import PRISTINE_HEAD, exit_confidence
 from popex.nets.experts import choose_head
-from popex.runtime.cloud_client import CloudError, CloudRejected
-from popex.runtime.plans import ModelPlan, PlanBook, Strategy, _check_deadline
-from popex.runtime.registry import ModelRegistry, StoredModel, UnknownModelError
-from popex.runtime.wire import WIRE_COMPRESSIONS, compress_payload, encode_offload
+from popex.edge.cloud_port import CloudError, CloudRejected
+from popex.edge.plans import ModelPlan, PlanBook, Strategy, _check_deadline
+from popex.edge.store import ModelRegistry, StoredModel, UnknownModelError
+from popex.wire import WIRE_COMPRESSIONS, compress_payload, encode_offload
 
 __all__ = [
     "LatencyBreakdown",
@@ -392,7 +392,7 @@ class EdgeRunner:
         raise UnknownModelError(f"no model {model!r} is registered on this edge")
 
     def plan_of(self, model: StoredModel) -> ModelPlan:
-        """The model's plan (installed at registration, see :mod:`popex.runtime.preparation`)."""
+        """The model's plan (installed at registration, see :mod:`popex.edge.preparation`)."""
         try:
             return self.plans.get(model.model_id)
         except ConfigError as err:

@@ -32,20 +32,20 @@ class ExperimentEntry:
 
 EXPERIMENTS: dict[str, ExperimentEntry] = {
     "latency-vs-uplink": ExperimentEntry(
-        "popex.experiments.latency_uplink", "LatencyUplinkConfig", "run_latency_vs_uplink",
+        "experiments.latency_uplink", "LatencyUplinkConfig", "run_latency_vs_uplink",
         "latency and accuracy vs uplink rate (0.5-100 Mbit/s), POPEX vs baselines, predicted and measured"),
     "accuracy-vs-deadline": ExperimentEntry(
-        "popex.experiments.deadline_accuracy", "DeadlineAccuracyConfig", "run_accuracy_vs_deadline",
+        "experiments.deadline_accuracy", "DeadlineAccuracyConfig", "run_accuracy_vs_deadline",
         "accuracy vs latency requirement per policy at the Sao Paulo, Fremont and Paris links"),
     "threshold-sweep": ExperimentEntry(
-        "popex.experiments.threshold_sweep", "ThresholdSweepConfig", "run_threshold_sweep",
+        "experiments.threshold_sweep", "ThresholdSweepConfig", "run_threshold_sweep",
         "offloading probability and accuracy vs exit threshold 0.7-0.9 (calibration and test images)",
         uses_services=False),
     "prediction-error": ExperimentEntry(
-        "popex.experiments.prediction_error", "PredictionErrorConfig", "run_prediction_error",
+        "experiments.prediction_error", "PredictionErrorConfig", "run_prediction_error",
         "measured vs predicted mean latency per strategy on the shaped link"),
     "adaptation": ExperimentEntry(
-        "popex.experiments.adaptation", "AdaptationConfig", "run_adaptation",
+        "experiments.adaptation", "AdaptationConfig", "run_adaptation",
         "a bandwidth trace replayed on the shaped link: uplink estimate, split and latency over time"),
 }
 
@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_experiment_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``popex experiment`` and its experiments (also ``distortion``, where its module exists)."""
-    from popex.experiments.report import DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT
+    from experiments.report import DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT
 
     parser = subparsers.add_parser("experiment", help="run one experiment: CSV + PNG in results/, a section of "
                                                       "docs/results.md")
@@ -90,7 +90,7 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
             p.set_defaults(mode="auto")
         p.set_defaults(run=_run)
     try:  # another experiment module registers itself the same way
-        from popex.experiments.distortion import add_distortion_experiment_parser
+        from experiments.distortion import add_distortion_experiment_parser
     except ImportError as err:  # pragma: no cover - only while that module is missing
         print(f"note: the distortion experiment is unavailable ({err})", file=sys.stderr)
     else:

@@ -1,13 +1,13 @@
 """``popex experiment prediction-error``: measured vs predicted mean latency, strategy by strategy.
 
-On the shaped link (:mod:`popex.experiments.testbed`), the real edge is made
+On the shaped link (:mod:`popex.testbed.harness`), the real edge is made
 to use a set of distinct strategies through policies and requirements: the
 fixed baselines (edge-only, cloud-only, Neurosurgeon), Edgent, and POPEX at
 requirements just above each point of the predicted accuracy/latency front
 (so that each front strategy is chosen). Every request records the
 strategy the edge actually used; for each strategy the measured mean
 latency is compared with the latency model's E[T] for that strategy at the
-true link (:class:`~popex.experiments.planning.Predictor`, on the profile the
+true link (:class:`~experiments.planning.Predictor`, on the profile the
 edge measured at start-up). The edge's own prediction (its plan, its link
 estimate) is reported beside it.
 
@@ -37,11 +37,11 @@ import numpy as np
 from tqdm import tqdm
 
 from popex.decision import Link
-from popex.experiments.planning import Predictor
-from popex.experiments.policy_runs import AMPLE_BUDGET_MS, refresh_edge
-from popex.experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
+from experiments.planning import Predictor
+from experiments.policy_runs import AMPLE_BUDGET_MS, refresh_edge
+from experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
                                       publish_figure, pyplot, relative, replace_docs_section, write_csv)
-from popex.experiments.testbed import Testbed, TestbedConfig, load_images
+from popex.testbed.harness import Testbed, TestbedConfig, load_images
 
 __all__ = ["NAME", "TARGET_ERROR_FRACTION", "PredictionErrorConfig", "StrategyError", "front_requirements",
            "run_prediction_error"]

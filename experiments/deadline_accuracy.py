@@ -10,8 +10,8 @@ latency requirement:
   of requirements;
 - **measured** at a few requirements: the same test images through the
   real services over the shaped link (rate: tbf; RTT: the edge's link
-  emulation, see :mod:`popex.experiments.testbed`), with the policies run as
-  in :mod:`popex.experiments.policy_runs`.
+  emulation, see :mod:`popex.testbed.harness`), with the policies run as
+  in :mod:`experiments.policy_runs`.
 
 Writes ``results/accuracy-vs-deadline/{accuracy_vs_deadline.csv,
 predicted.csv, requests.csv, accuracy_vs_deadline.png}`` and the
@@ -32,13 +32,13 @@ from tqdm import tqdm
 from popex.decision import Link
 from popex.decision.policies import POLICIES
 from popex.errors import ConfigError
-from popex.experiments.links import load_link_profiles
-from popex.experiments.planning import Predictor, test_split_calibration
-from popex.experiments.policy_runs import AMPLE_BUDGET_MS, PolicyRow, dominance_text, measure_policies, \
+from popex.link.profiles import load_link_profiles
+from experiments.planning import Predictor, test_split_calibration
+from experiments.policy_runs import AMPLE_BUDGET_MS, PolicyRow, dominance_text, measure_policies, \
     refresh_edge
-from popex.experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
+from experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
                                       publish_figure, pyplot, relative, replace_docs_section, write_csv)
-from popex.experiments.testbed import Testbed, TestbedConfig, load_images
+from popex.testbed.harness import Testbed, TestbedConfig, load_images
 
 __all__ = ["NAME", "CITY_PROFILES", "DeadlineAccuracyConfig", "PredictedPoint", "run_accuracy_vs_deadline"]
 

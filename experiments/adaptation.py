@@ -43,11 +43,11 @@ from tqdm import tqdm
 
 from popex.decision import Link
 from popex.errors import ConfigError
-from popex.experiments.planning import Predictor
-from popex.experiments.policy_runs import AMPLE_BUDGET_MS, refresh_edge
-from popex.experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
+from experiments.planning import Predictor
+from experiments.policy_runs import AMPLE_BUDGET_MS, refresh_edge
+from experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
                                       publish_figure, pyplot, relative, replace_docs_section, write_csv)
-from popex.experiments.testbed import Testbed, TestbedConfig, load_images, strategy_text
+from popex.testbed.harness import Testbed, TestbedConfig, load_images, strategy_text
 
 __all__ = ["NAME", "REPLAN_TARGET_S", "WITHIN_TARGET_SHARE", "TraceStep", "AdaptationConfig", "StepResult",
            "AdaptationResult", "build_trace", "run_adaptation"]

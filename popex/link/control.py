@@ -4,7 +4,7 @@ This is what the edge's ``PUT /api/v1/admin/link`` calls. Two ways to put a
 link in force, picked once from the edge's configuration:
 
 - **tc** (``shaping_interface`` set; Docker, or a host with CAP_NET_ADMIN):
-  :func:`popex.experiments.shaping.apply_shaping` on that interface's egress
+  :func:`popex.link.shaping.apply_shaping` on that interface's egress
   (argv lists, never a shell string), only towards the cloud's IPv4 address
   when it is known. Where the kernel has no netem the RTT cannot be added by
   tc; then the client's link emulator adds it (its rate set so high that it
@@ -15,7 +15,7 @@ link in force, picked once from the edge's configuration:
 
 The plans are not touched: the uplink monitor notices the new link, as it
 would notice a real change. Values are checked here (finite, within the
-bounds of :mod:`popex.experiments.links`), before anything is applied.
+bounds of :mod:`popex.link.profiles`), before anything is applied.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from popex.errors import ConfigError, PopexError
-from popex.experiments.links import MAX_RTT_MS, MAX_UPLINK_MBPS, MIN_UPLINK_MBPS, load_link_profiles
-from popex.experiments.netns import EMULATED_RATE_MBPS
-from popex.experiments.shaping import Shaping, ShapingError, apply_shaping, netem_available
+from popex.link.profiles import MAX_RTT_MS, MAX_UPLINK_MBPS, MIN_UPLINK_MBPS, load_link_profiles
+from popex.link.emulation import EMULATED_RATE_MBPS
+from popex.link.shaping import Shaping, ShapingError, apply_shaping, netem_available
 
 __all__ = ["LinkNotAdjustable", "LinkSetting", "LinkController", "check_link_numbers", "resolve_cloud_ipv4"]
 

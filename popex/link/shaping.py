@@ -41,7 +41,7 @@ import subprocess
 from dataclasses import dataclass
 
 from popex.errors import ConfigError, PopexError
-from popex.experiments.links import MAX_RTT_MS, MAX_UPLINK_MBPS, MIN_UPLINK_MBPS
+from popex.link.profiles import MAX_RTT_MS, MAX_UPLINK_MBPS, MIN_UPLINK_MBPS
 
 __all__ = [
     "IFACE_PATTERN",

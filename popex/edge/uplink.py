@@ -70,7 +70,7 @@ _MIN_PROBE_SERIALISATION_MS = 0.05
 
 
 class _Client(Protocol):
-    """What the monitor needs from :class:`popex.runtime.cloud_client.CloudClient`."""
+    """What the monitor needs from :class:`popex.edge.cloud_port.CloudClient`."""
 
     link: Any
 

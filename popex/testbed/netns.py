@@ -7,7 +7,7 @@
       egress: tbf rate = uplink_mbps                 egress: netem delay = rtt_ms (if the kernel has netem)
 
 - **Rate**: tbf on the edge side's egress, so edge -> cloud is shaped and the
-  answers are not. The bucket is :func:`~popex.experiments.shaping.tbf_burst_bytes`:
+  answers are not. The bucket is :func:`~popex.link.shaping.tbf_burst_bytes`:
   one frame or 4 ms of the rate, whichever is larger, so that a short probe
   does not see many bytes at line speed.
 - **RTT**: netem delay on the cloud side's egress (answers and ACKs): every
@@ -29,7 +29,7 @@ into a skip.
 
 Run as a module for manual use (needs ``POPEX_TOKEN``)::
 
-    sudo -E .venv/bin/python -m popex.experiments.netns --profile lte
+    sudo -E .venv/bin/python -m popex.testbed.netns --profile lte
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from popex.errors import ConfigError, PopexError
-from popex.experiments.links import DEFAULT_LINKS_PATH, format_number, load_link_profiles
-from popex.experiments.shaping import Shaping, ShapingError, apply_shaping, netem_available, tbf_burst_bytes, \
+from popex.link.emulation import EMULATED_RATE_MBPS
+from popex.link.profiles import DEFAULT_LINKS_PATH, format_number, load_link_profiles
+from popex.link.shaping import Shaping, ShapingError, apply_shaping, netem_available, tbf_burst_bytes, \
     tc_commands
 
 __all__ = [
-    "EMULATED_RATE_MBPS",
     "HarnessUnavailable",
     "ShapedLink",
     "shaped_link",
@@ -68,8 +68,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: Rate given to the edge's link emulator when it only has to add the RTT.
-EMULATED_RATE_MBPS = 100_000
 _PREFIX_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,5}$")  # + 5 digits + 1 letter <= 15 (IFNAMSIZ - 1)
 _N_SUBNETS = 16384  # /30s in 10.231.0.0/16
 _N_PICK_TRIES = 32
@@ -388,7 +386,7 @@ def wait_until_listening(host: str, port: int, *, timeout_s: float,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Start a cloud service behind a shaped link and keep it up until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m popex.experiments.netns",
+    parser = argparse.ArgumentParser(prog="python -m popex.testbed.netns",
                                      description="Run the POPEX cloud in a network namespace behind a shaped link "
                                                  "(needs root and POPEX_TOKEN).")
     parser.add_argument("--profile", help="a profile of configs/links.yaml")

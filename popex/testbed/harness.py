@@ -4,7 +4,7 @@ Two ways to make the link, picked once per run and reported with every result:
 
 - ``netns`` (root, the default where it works): the cloud runs in its own
   network namespace behind a veth pair whose edge -> cloud direction is
-  rate-limited by the kernel (tc tbf, :func:`popex.experiments.netns.shaped_link`).
+  rate-limited by the kernel (tc tbf, :func:`popex.testbed.netns.shaped_link`).
   Where the kernel has no netem (this machine) the RTT is added by the
   edge's client-side link emulation at a rate so high that it adds nothing
   else; the RTT is changed through the edge's admin endpoint.
@@ -41,8 +41,9 @@ from popex.data import default_test_set, encode_png
 from popex.decision.latency import Profile
 from popex.decision.policies import DEFAULT_HEADROOM_FRACTION
 from popex.errors import ConfigError
-from popex.experiments.netns import EMULATED_RATE_MBPS, HarnessUnavailable, ShapedLink, shaped_link
-from popex.experiments.services import REPO_ROOT, ServiceError, ServiceProcess, start_cloud, start_edge
+from popex.link.emulation import EMULATED_RATE_MBPS
+from popex.testbed.netns import HarnessUnavailable, ShapedLink, shaped_link
+from popex.testbed.services import REPO_ROOT, ServiceError, ServiceProcess, start_cloud, start_edge
 
 __all__ = [
     "MODES",

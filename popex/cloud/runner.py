@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from popex.background.profiler import time_stages
+from popex.runtime.profiler import time_stages
 from popex.errors import PopexError, UnknownModelError
 from popex.nets.early_exit import UnknownHeadError
 from popex.nets.io import SPEC_FILE, WEIGHTS_FILE, LoadedModel, compute_model_id, load_model, load_model_bytes
 from popex.nets.spec import parse_spec_json
-from popex.runtime.wire import MAX_WIRE_BYTES, OffloadRequest, WireError, decode_offload, decompress_payload
+from popex.wire import MAX_WIRE_BYTES, OffloadRequest, WireError, decode_offload, decompress_payload
 
 __all__ = [
     "MODELS_DIR",
@@ -305,8 +305,8 @@ class CloudRunner:
         Raises
         ------
         WireError, UnknownModelError, UnknownHeadError
-            As :func:`popex.runtime.wire.decompress_payload`,
-            :func:`popex.runtime.wire.decode_offload` and :meth:`infer`.
+            As :func:`popex.wire.decompress_payload`,
+            :func:`popex.wire.decode_offload` and :meth:`infer`.
         """
         start_s = time.perf_counter()
         payload = decompress_payload(payload, encoding=content_encoding, max_bytes=max_bytes)

@@ -21,9 +21,9 @@ from typing import Any
 from popex.decision import Link
 from popex.decision.policies import POLICIES
 from popex.errors import ConfigError
-from popex.experiments.measure import summarise
-from popex.experiments.planning import Predictor
-from popex.experiments.testbed import ImageSet, Testbed
+from popex.testbed.measure import summarise
+from experiments.planning import Predictor
+from popex.testbed.harness import ImageSet, Testbed
 
 __all__ = ["AMPLE_BUDGET_MS", "PolicyRow", "budget_ms", "requirement_dependent", "refresh_edge",
            "measure_policies", "stratified_latency_ms", "dominance_problems", "dominance_ties",
@@ -192,7 +192,7 @@ def measure_policies(testbed: Testbed, predictor: Predictor, images: ImageSet, *
     A policy that decides from the requirement streams the images once per
     requirement; a fixed baseline streams them once (ample budget) and its
     requests are judged against every requirement. ``test_predictor`` (a
-    :class:`Predictor` on :func:`~popex.experiments.planning.test_split_calibration`)
+    :class:`Predictor` on :func:`~experiments.planning.test_split_calibration`)
     scores the strategy used on the whole test split.
 
     Returns

@@ -1,6 +1,6 @@
 """Summaries of measured requests: latency percentiles, accuracy, shares, the strategy used.
 
-The records are :meth:`popex.experiments.testbed.Testbed.classify`'s dicts.
+The records are :meth:`popex.testbed.harness.Testbed.classify`'s dicts.
 A fallback (the cloud was late or unreachable and the edge answered) is
 counted with its real latency and answer, and also reported as a share.
 """

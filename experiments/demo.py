@@ -8,7 +8,7 @@ decision and the edge-only and cloud-only baselines (same runtime, same
 images; only the policy differs). It prints one table per profile and
 writes a per-request CSV, a summary CSV and a PNG.
 
-Run it with ``./run_demo.sh`` (or ``python -m popex.experiments.demo --help``).
+Run it with ``./run_demo.sh`` (or ``python -m experiments.demo --help``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import requests
 from tqdm import tqdm
 
 from popex.data import default_test_set, encode_png
-from popex.experiments.links import load_link_profiles
-from popex.experiments.services import REPO_ROOT, ServiceError, start_cloud, start_edge
+from popex.link.profiles import load_link_profiles
+from popex.testbed.services import REPO_ROOT, ServiceError, start_cloud, start_edge
 
 __all__ = ["DemoConfig", "DemoRow", "run_demo", "main"]
 
@@ -250,7 +250,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> list[DemoRow]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m popex.experiments.demo``: the README's main job."""
+    """``python -m experiments.demo``: the README's main job."""
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", default=",".join(defaults.profiles), help="link profiles from configs/links.yaml")

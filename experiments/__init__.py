@@ -1,0 +1,1 @@
+"""Experiment runners (``popex experiment NAME``): each starts real services through popex.testbed."""

@@ -1,0 +1,1 @@
+"""The cloud tier: finishes the inference that an edge offloads."""
