@@ -49,7 +49,7 @@ class CloudConfig:
     """
 
     token: str
-    state_dir: Path
+    state_dir: Path = Path("state/cloud")
     max_body_bytes: int = 64 * 2**20
     n_threads: int | None = None
     profile_n_repeats: int = 30
@@ -69,6 +69,25 @@ class CloudConfig:
         if self.n_threads is not None:
             _check_int("n_threads", self.n_threads, 1, _MAX_THREADS)
         _check_int("profile_n_repeats", self.profile_n_repeats, 1, MAX_PROFILE_N_REPEATS)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "CloudConfig":
+        """The whole config from ``mapping`` alone: no YAML file, no environment.
+
+        Tests use this so that a developer's ``POPEX_CLOUD_CONFIG`` or
+        ``POPEX_TOKEN`` cannot change their outcome; keys left out take the
+        dataclass defaults.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown key or a bad value.
+        """
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise ConfigError(f"unknown cloud config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**{"token": "", **mapping})
 
     def __repr__(self) -> str:  # never print the secret
         return (f"CloudConfig(token='***', state_dir={str(self.state_dir)!r}, max_body_bytes={self.max_body_bytes}, "
@@ -121,7 +140,7 @@ def load_config(overrides: Mapping[str, Any] | None = None, *,
     path = Path(explicit_path) if explicit_path else DEFAULT_CONFIG_PATH
     if explicit_path and not path.is_file():
         raise ConfigError(f"POPEX_CLOUD_CONFIG names {explicit_path!r}, which is not a file")
-    values: dict[str, Any] = {"state_dir": "state/cloud"}
+    values: dict[str, Any] = {}
     layers = [("the YAML file " + str(path), _read_yaml(path) if path.is_file() else {}),
               ("the environment", {key: environ[env] for env, key in _ENV_KEYS.items() if environ.get(env)}),
               ("the config mapping", dict(overrides or {}))]

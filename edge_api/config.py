@@ -228,6 +228,25 @@ class EdgeConfig:
         if self.n_threads is not None:
             _integer("n_threads", self.n_threads, low=1, high=1024)
 
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "EdgeConfig":
+        """The whole config from ``mapping`` alone: no YAML file, no environment.
+
+        Tests use this so that a developer's ``POPEX_EDGE_CONFIG`` or
+        ``POPEX_TOKEN`` cannot change their outcome; keys left out take the
+        dataclass defaults.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown key or a bad value.
+        """
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise ConfigError(f"unknown edge config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**{"token": "", **mapping})
+
     def __repr__(self) -> str:  # never print the secret
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "token")
         return f"EdgeConfig(token='***', {shown})"
