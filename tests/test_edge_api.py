@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_api import close_app, create_app
+from edge_api import close_app, create_app, get_node
 from edge_api.config import EdgeConfig, load_config
 from popex.data import encode_png
 from popex.errors import ConfigError
@@ -114,7 +114,7 @@ def client(app):
 
 
 def _service(app):
-    return app.extensions["popex_edge_service"]
+    return get_node(app).preparation
 
 
 def _post_model(client, files, **changes):
@@ -164,7 +164,7 @@ def _error(response, status):
 
 
 def _force(app, model_id, monkeypatch, *, split):
-    plan = app.extensions["popex_edge_runner"].plans.get(model_id)
+    plan = get_node(app).plans.get(model_id)
     strategy = Strategy(split=split, thresholds=(None,), active_branches=(), latency_ms=5.0, worst_latency_ms=5.0,
                         accuracy=0.5, offload_prob=1.0, feasible=True, row=0, objective="mean", deadline_ms=0.0)
     monkeypatch.setattr(plan, "strategy", lambda deadline_ms, objective, policy="adaptive": strategy)
@@ -358,7 +358,7 @@ def test_unknown_routes_and_methods_are_json(shared):
 
 
 def test_an_unexpected_error_is_a_json_500(app, client, registered, monkeypatch):
-    runner = app.extensions["popex_edge_runner"]
+    runner = get_node(app).runner
     monkeypatch.setattr(runner, "classify", lambda *a, **k: 1 / 0)
     assert _error(client.post("/api/v1/classify", data=_png(), content_type="image/png"), 500)["code"] == \
         "internal_error"

@@ -19,7 +19,6 @@ assignment swaps every head's table together.
 from __future__ import annotations
 
 import dataclasses
-import math
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -27,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from popex.checks import check_deadline_ms, check_objective
 from popex.decision.calibration import Calibration
 from popex.decision.policies import PolicyBook, check_headroom, check_policy, edge_threshold_grids
 from popex.decision.latency import Link, Profile
 from popex.decision.sweep import ExitStats, sweep_exit_stats
-from popex.decision.table import OBJECTIVES, Planner, StrategyTable
+from popex.decision.table import Planner, StrategyTable
 from popex.errors import ConfigError
 from popex.nets.early_exit import PRISTINE_HEAD, UnknownHeadError
 
@@ -44,24 +44,6 @@ __all__ = [
 # Deadlines come from clients as arbitrary floats; bound the cache so a client
 # sweeping deadlines cannot grow it without limit (it is refilled on demand).
 _MAX_CACHED_DECISIONS = 4096
-
-
-def _check_objective(objective: object) -> str:
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    return str(objective)
-
-
-def _check_deadline(deadline_ms: object) -> float:
-    if isinstance(deadline_ms, bool):
-        raise ConfigError(f"deadline_ms must be a number, got {deadline_ms!r}")
-    try:
-        value = float(deadline_ms)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"deadline_ms must be a number, got {deadline_ms!r}") from err
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"deadline_ms must be finite and >= 0, got {deadline_ms!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -137,6 +119,11 @@ class _Plan:
     policies: PolicyBook
     cache: dict[tuple[float, str, str], Strategy]
     experts: dict[str, _Plan] = dataclasses.field(default_factory=dict)  # expert head set -> its plan
+
+
+def _hashable(key: tuple[object, ...]) -> bool:
+    """Whether ``key`` can be looked up in a decision cache (a client may send anything)."""
+    return all(isinstance(part, (str, int, float)) and not isinstance(part, bool) for part in key)
 
 
 def _head_plan(planner: Planner, link: Link, headroom_fraction: float) -> _Plan:
@@ -220,6 +207,13 @@ class ModelPlan:
         self._expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
         self._plan = self._build(link)
 
+    def _replan(self, profile: Profile, link: Link) -> None:
+        """New planners for ``profile``, then one new plan swapped in (the caller holds the lock)."""
+        planner = Planner(self.stats, profile)
+        expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
+        self._planner, self._expert_planners = planner, expert_planners
+        self._plan = self._build(link)
+
     def _build(self, link: Link) -> _Plan:
         table = self._planner.table(link)
         return _Plan(profile=self._planner.profile, link=link, table=table,
@@ -287,9 +281,7 @@ class ModelPlan:
             If the profile's branches differ from the model's.
         """
         with self._lock:
-            self._planner = Planner(self.stats, profile)
-            self._expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
-            self._plan = self._build(self._plan.link if link is None else link)
+            self._replan(profile, self._plan.link if link is None else link)
 
     def update_profile(self, **changes: float) -> None:
         """Re-plan with some profile fields replaced (e.g. a measured O or fixed edge time), others kept.
@@ -300,10 +292,7 @@ class ModelPlan:
             If a value is negative or not finite.
         """
         with self._lock:
-            profile = dataclasses.replace(self._planner.profile, **changes)
-            self._planner = Planner(self.stats, profile)
-            self._expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
-            self._plan = self._build(self._plan.link)
+            self._replan(dataclasses.replace(self._planner.profile, **changes), self._plan.link)
 
     def strategy(self, deadline_ms: float, objective: str = "mean", policy: str = "adaptive",
                  head: str | None = PRISTINE_HEAD) -> Strategy:
@@ -330,14 +319,16 @@ class ModelPlan:
         UnknownHeadError
             If the model has no head set ``head``.
         """
-        deadline_ms = _check_deadline(deadline_ms)
         plan = self._head(self._plan, head)  # one read: the whole request uses this plan
+        # Only checked arguments are ever cached, so a hit needs no check.
         key = (deadline_ms, objective, policy)
-        cached = plan.cache.get(key) if isinstance(objective, str) and isinstance(policy, str) else None
+        cached = plan.cache.get(key) if _hashable(key) else None
         if cached is not None:
             return cached
-        strategy = _strategy(plan, deadline_ms, _check_objective(objective), check_policy(policy),
+        deadline_ms = check_deadline_ms(deadline_ms)
+        strategy = _strategy(plan, deadline_ms, check_objective(objective), check_policy(policy),
                              plan.profile.branch_after_stage)
+        key = (deadline_ms, strategy.objective, strategy.policy)
         if len(plan.cache) >= _MAX_CACHED_DECISIONS:
             plan.cache.clear()
         plan.cache[key] = strategy
