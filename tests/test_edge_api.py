@@ -17,7 +17,7 @@ from popex.data import encode_png
 from popex.errors import ConfigError
 from popex.nets import EarlyExitNet, compute_model_id, weights_to_bytes, zoo_spec
 from popex.edge.cloud_port import CloudInference, CloudTimeout, CloudUnavailable
-from popex.edge.plans import Strategy
+from popex.edge.strategy import Strategy
 
 TOKEN = "test-token-0123456789"
 CLASSIFY_KEYS = {"label", "class_name", "confidence", "exit", "where", "split", "thresholds", "fallback",

@@ -18,7 +18,8 @@ from popex.edge.cloud_port import CloudInference, CloudRejected, CloudTimeout, C
 from popex.edge.compute import EdgeCompute
 from popex.edge.pipeline import EdgeRunner
 from popex.edge.planner import BackgroundPlanner
-from popex.edge.plans import PlanBook, Strategy
+from popex.edge.plans import PlanBook
+from popex.edge.strategy import Strategy
 from popex.edge.store import ModelRegistry, UnknownModelError
 from popex.wire import decode_offload, decompress_payload
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from popex.edge.plans import Strategy
+from popex.edge.strategy import Strategy
 
 __all__ = ["RequestRun", "offload_budget_ms"]
 

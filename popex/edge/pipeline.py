@@ -45,7 +45,8 @@ from popex.edge.classification import Classification, LatencyBreakdown
 from popex.edge.cloud_port import CloudError, CloudRejected
 from popex.edge.compute import EdgeCompute
 from popex.edge.fallback import fallback_exit
-from popex.edge.plans import ModelPlan, Strategy
+from popex.edge.plans import ModelPlan
+from popex.edge.strategy import Strategy
 from popex.edge.store import StoredModel, UnknownModelError
 from popex.errors import ConfigError, PopexError
 from popex.nets.early_exit import PRISTINE_HEAD

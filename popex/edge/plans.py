@@ -24,7 +24,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from popex.checks import check_deadline_ms, check_objective
 from popex.decision.calibration import Calibration
@@ -32,80 +31,15 @@ from popex.decision.policies import PolicyBook, check_headroom, check_policy, ed
 from popex.decision.latency import Link, Profile
 from popex.decision.sweep import ExitStats, sweep_exit_stats
 from popex.decision.table import Planner, StrategyTable
+from popex.edge.strategy import Strategy, strategy_from_row
 from popex.errors import ConfigError
 from popex.nets.early_exit import PRISTINE_HEAD, UnknownHeadError
 
-__all__ = [
-    "Strategy",
-    "ModelPlan",
-    "PlanBook",
-]
+__all__ = ["ModelPlan", "PlanBook"]
 
 # Deadlines come from clients as arbitrary floats; bound the cache so a client
 # sweeping deadlines cannot grow it without limit (it is refilled on demand).
 _MAX_CACHED_DECISIONS = 4096
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """What the edge does with one request: where to split and when to exit.
-
-    Attributes
-    ----------
-    split : int
-        Stages run on the edge, 0..N (N = edge only).
-    thresholds : tuple of (float or None), length B
-        Confidence threshold of each branch; None = branch off.
-    active_branches : tuple of int
-        Branches evaluated: k_b <= split and threshold not None.
-    latency_ms : float
-        Predicted (expected) latency E[T], ms.
-    worst_latency_ms : float
-        Latency of a sample that passes every active branch, ms.
-    accuracy : float
-        On the calibration data.
-    offload_prob : float
-        Predicted fraction of requests sent to the cloud.
-    feasible : bool
-        False when no strategy meets the deadline (the fastest is used).
-    row : int
-        Row of the strategy table it came from.
-    objective : str
-        "mean" or "tail".
-    deadline_ms : float
-    policy : str
-        Which policy chose it ("adaptive" is POPEX; the others are baselines).
-    """
-
-    split: int
-    thresholds: tuple[float | None, ...]
-    active_branches: tuple[int, ...]
-    latency_ms: float
-    worst_latency_ms: float
-    accuracy: float
-    offload_prob: float
-    feasible: bool
-    row: int
-    objective: str
-    deadline_ms: float
-    policy: str = "adaptive"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (plain Python types)."""
-        return {
-            "split": self.split,
-            "thresholds": list(self.thresholds),
-            "active_branches": list(self.active_branches),
-            "predicted_latency_ms": self.latency_ms,
-            "worst_latency_ms": self.worst_latency_ms,
-            "accuracy": self.accuracy,
-            "offload_prob": self.offload_prob,
-            "feasible": self.feasible,
-            "row": self.row,
-            "objective": self.objective,
-            "deadline_ms": self.deadline_ms,
-            "policy": self.policy,
-        }
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,27 +66,11 @@ def _head_plan(planner: Planner, link: Link, headroom_fraction: float) -> _Plan:
                  policies=PolicyBook.build(table, headroom_fraction=headroom_fraction), cache={})
 
 
-def _strategy(plan: _Plan, deadline_ms: float, objective: str, policy: str,
-              branch_after_stage: tuple[int, ...]) -> Strategy:
+def _strategy(plan: _Plan, deadline_ms: float, objective: str, policy: str) -> Strategy:
     decision = plan.policies.decide(policy, deadline_ms=deadline_ms, objective=objective)
-    row = plan.table.row(decision.row)
-    split = row["split"]
-    thresholds = tuple(row["thresholds"])
-    active = tuple(b for b, t in enumerate(thresholds) if t is not None and branch_after_stage[b] <= split)
-    return Strategy(
-        split=split,
-        thresholds=thresholds,
-        active_branches=active,
-        latency_ms=row["expected_latency_ms"],
-        worst_latency_ms=row["worst_latency_ms"],
-        accuracy=row["accuracy"],
-        offload_prob=row["offload_prob"],
-        feasible=decision.feasible,
-        row=decision.row,
-        objective=objective,
-        deadline_ms=deadline_ms,
-        policy=policy,
-    )
+    return strategy_from_row(plan.table.row(decision.row), row_index=decision.row, feasible=decision.feasible,
+                             objective=objective, deadline_ms=deadline_ms, policy=policy,
+                             branch_after_stage=plan.profile.branch_after_stage)
 
 
 class ModelPlan:
@@ -182,16 +100,9 @@ class ModelPlan:
         If a calibration, the profile and branch positions disagree.
     """
 
-    def __init__(
-        self,
-        calibration: Calibration,
-        *,
-        profile: Profile,
-        link: Link,
-        thresholds: Sequence[Sequence[float]] | None = None,
-        expert_calibrations: Mapping[str, Calibration] | None = None,
-        headroom_fraction: float = 0.0,
-    ) -> None:
+    def __init__(self, calibration: Calibration, *, profile: Profile, link: Link,
+                 thresholds: Sequence[Sequence[float]] | None = None,
+                 expert_calibrations: Mapping[str, Calibration] | None = None, headroom_fraction: float = 0.0) -> None:
         self.headroom_fraction = headroom_fraction  # PolicyBook.build checks it
         if thresholds is None:
             thresholds = edge_threshold_grids(len(profile.branch_after_stage))
@@ -203,9 +114,7 @@ class ModelPlan:
             for head, c in (expert_calibrations or {}).items()
         }
         self._lock = threading.Lock()
-        self._planner = Planner(self.stats, profile)
-        self._expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
-        self._plan = self._build(link)
+        self._replan(profile, link)
 
     def _replan(self, profile: Profile, link: Link) -> None:
         """New planners for ``profile``, then one new plan swapped in (the caller holds the lock)."""
@@ -215,11 +124,9 @@ class ModelPlan:
         self._plan = self._build(link)
 
     def _build(self, link: Link) -> _Plan:
-        table = self._planner.table(link)
-        return _Plan(profile=self._planner.profile, link=link, table=table,
-                     policies=PolicyBook.build(table, headroom_fraction=self.headroom_fraction), cache={},
-                     experts={head: _head_plan(planner, link, self.headroom_fraction)
-                              for head, planner in self._expert_planners.items()})
+        experts = {head: _head_plan(planner, link, self.headroom_fraction)
+                   for head, planner in self._expert_planners.items()}
+        return dataclasses.replace(_head_plan(self._planner, link, self.headroom_fraction), experts=experts)
 
     @property
     def head_names(self) -> tuple[str, ...]:
@@ -228,6 +135,15 @@ class ModelPlan:
 
     def table_of(self, head: str | None = PRISTINE_HEAD) -> StrategyTable:
         """The current strategy table of head set ``head``.
+
+        Parameters
+        ----------
+        head : str, default "pristine"
+            "pristine" (or None) or an expert head set.
+
+        Returns
+        -------
+        StrategyTable
 
         Raises
         ------
@@ -262,6 +178,10 @@ class ModelPlan:
     def set_link(self, link: Link) -> None:
         """Rebuild the table for a new link estimate and swap it in.
 
+        Parameters
+        ----------
+        link : Link
+
         Raises
         ------
         ConfigError
@@ -275,6 +195,12 @@ class ModelPlan:
     def set_profile(self, profile: Profile, *, link: Link | None = None) -> None:
         """Use a new profile (e.g. measured, or with a new overhead O) and re-plan.
 
+        Parameters
+        ----------
+        profile : Profile
+        link : Link, optional
+            Also a new link estimate; default: the current one.
+
         Raises
         ------
         ProfileError
@@ -285,6 +211,11 @@ class ModelPlan:
 
     def update_profile(self, **changes: float) -> None:
         """Re-plan with some profile fields replaced (e.g. a measured O or fixed edge time), others kept.
+
+        Parameters
+        ----------
+        **changes : float
+            Profile fields, e.g. ``offload_overhead_ms``, ``edge_fixed_ms``, ``wire_ratio``.
 
         Raises
         ------
@@ -326,8 +257,7 @@ class ModelPlan:
         if cached is not None:
             return cached
         deadline_ms = check_deadline_ms(deadline_ms)
-        strategy = _strategy(plan, deadline_ms, check_objective(objective), check_policy(policy),
-                             plan.profile.branch_after_stage)
+        strategy = _strategy(plan, deadline_ms, check_objective(objective), check_policy(policy))
         key = (deadline_ms, strategy.objective, strategy.policy)
         if len(plan.cache) >= _MAX_CACHED_DECISIONS:
             plan.cache.clear()
@@ -335,7 +265,12 @@ class ModelPlan:
         return strategy
 
     def table_csv(self) -> str:
-        """The current strategy table as CSV text (see ``StrategyTable.to_csv``)."""
+        """The current strategy table as CSV text (see ``StrategyTable.to_csv``).
+
+        Returns
+        -------
+        str
+        """
         table = self._plan.table
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "strategies.csv"
@@ -378,7 +313,12 @@ class PlanBook:
         return self._link
 
     def model_ids(self) -> list[str]:
-        """Ids of the models that have a plan."""
+        """Ids of the models that have a plan.
+
+        Returns
+        -------
+        list of str
+        """
         return list(self._plans)
 
     def __contains__(self, model_id: object) -> bool:
@@ -386,6 +326,14 @@ class PlanBook:
 
     def get(self, model_id: str) -> ModelPlan:
         """The plan of ``model_id``.
+
+        Parameters
+        ----------
+        model_id : str
+
+        Returns
+        -------
+        ModelPlan
 
         Raises
         ------
@@ -399,7 +347,24 @@ class PlanBook:
 
     def install(self, model_id: str, calibration: Calibration, profile: Profile, *,
                 expert_calibrations: Mapping[str, Calibration] | None = None) -> ModelPlan:
-        """Plan a model with ``profile`` (one table per head set); replaces the profile if it already has a plan."""
+        """Plan a model with ``profile`` (one table per head set); replaces the profile if it already has a plan.
+
+        Parameters
+        ----------
+        model_id : str
+        calibration : Calibration
+        profile : Profile
+        expert_calibrations : mapping of str to Calibration, optional
+
+        Returns
+        -------
+        ModelPlan
+
+        Raises
+        ------
+        CalibrationError, ProfileError
+            If the calibration, the profile and branch positions disagree.
+        """
         with self._lock:
             existing = self._plans.get(model_id)
             if existing is not None:
@@ -411,7 +376,17 @@ class PlanBook:
             return plan
 
     def set_link(self, link: Link) -> None:
-        """Re-plan every model for a new link estimate."""
+        """Re-plan every model for a new link estimate (the background planner's job).
+
+        Parameters
+        ----------
+        link : Link
+
+        Raises
+        ------
+        ConfigError
+            If ``link`` is not a Link.
+        """
         if not isinstance(link, Link):
             raise ConfigError(f"expected a Link, got {type(link).__name__}")
         with self._lock:
@@ -420,12 +395,37 @@ class PlanBook:
                 plan.set_link(link)
 
     def update_profile(self, **changes: float) -> None:
-        """Re-plan every model with some profile fields replaced (see :meth:`ModelPlan.update_profile`)."""
+        """Re-plan every model with some profile fields replaced (see :meth:`ModelPlan.update_profile`).
+
+        Parameters
+        ----------
+        **changes : float
+
+        Raises
+        ------
+        ProfileError
+            If a value is negative or not finite.
+        """
         with self._lock:
             for plan in list(self._plans.values()):
                 plan.update_profile(**changes)
 
     def strategy(self, model_id: str, deadline_ms: float, objective: str = "mean",
                  policy: str = "adaptive", head: str | None = PRISTINE_HEAD) -> Strategy:
-        """Shortcut for ``get(model_id).strategy(deadline_ms, objective, policy, head)``."""
+        """Shortcut for ``get(model_id).strategy(deadline_ms, objective, policy, head)``.
+
+        Parameters
+        ----------
+        model_id : str
+        deadline_ms, objective, policy, head
+            As for :meth:`ModelPlan.strategy`.
+
+        Returns
+        -------
+        Strategy
+
+        Raises
+        ------
+        ConfigError, UnknownHeadError
+        """
         return self.get(model_id).strategy(deadline_ms, objective, policy, head)
