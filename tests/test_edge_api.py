@@ -396,3 +396,39 @@ def test_unknown_policy_is_400(shared):
                    400)
     assert "policy" in error["message"]
     assert shared["client"].post("/api/v1/classify", data=_png(), content_type="image/png").status_code == 200
+
+
+# -- the node --------------------------------------------------------------------------------
+
+
+def test_the_node_is_built_without_starting_a_thread_and_closes(config, cloud):
+    from popex.decision.latency import Link
+    from popex.edge.node import EdgeNode
+
+    node = EdgeNode.from_config(EdgeConfig.from_mapping(config), cloud_client=cloud)
+    try:
+        assert not node.planner.running and not node.monitor.running
+        assert node.runner.plans is node.plans and node.preparation.plans is node.plans
+        assert node.runner.planner is node.planner and node.views.runner is node.runner
+        node.monitor.on_change(Link(uplink_mbps=2.0, rtt_ms=70.0))  # the monitor only queues the re-plan
+        assert node.plans.link.rtt_ms == 20.0
+        assert node.planner.drain() and node.plans.link == Link(uplink_mbps=2.0, rtt_ms=70.0)
+        node.start()
+        assert node.planner.running and node.monitor.running
+    finally:
+        node.close()
+    assert not node.planner.running and not node.monitor.running
+
+
+def test_a_test_config_replaces_the_yaml_and_the_environment(tmp_path, config, cloud, monkeypatch):
+    path = tmp_path / "developer.yaml"
+    path.write_text("plan_headroom_fraction: 0.1\ndefault_deadline_ms: 33\n")
+    monkeypatch.setenv("POPEX_EDGE_CONFIG", str(path))
+    monkeypatch.setenv("POPEX_TOKEN", "developer-token-0000")
+    app = create_app(config, cloud_client=cloud)
+    try:
+        node = get_node(app)
+        assert node.config.token == TOKEN and node.runner.default_deadline_ms == 100.0
+        assert app.test_client().get("/api/v1/status").json["plan_headroom_fraction"] == 0.05
+    finally:
+        close_app(app)
