@@ -285,20 +285,25 @@ class PlanBook:
     ----------
     link : Link
         Initial link estimate (configured or emulated).
+    headroom_fraction : float
+        Passed to each :class:`ModelPlan` (the config's ``plan_headroom_fraction``).
     thresholds : sequence of sequences of float, optional
         Passed to each :class:`ModelPlan`.
-    headroom_fraction : float, default 0
-        Passed to each :class:`ModelPlan`.
+
+    Raises
+    ------
+    ConfigError
+        If ``link`` is not a Link or the headroom is out of range.
 
     Examples
     --------
-    >>> book = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0))
+    >>> book = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0), headroom_fraction=0.05)
     >>> book.model_ids()
     []
     """
 
-    def __init__(self, *, link: Link, thresholds: Sequence[Sequence[float]] | None = None,
-                 headroom_fraction: float = 0.0) -> None:
+    def __init__(self, *, link: Link, headroom_fraction: float,
+                 thresholds: Sequence[Sequence[float]] | None = None) -> None:
         if not isinstance(link, Link):
             raise ConfigError(f"expected a Link, got {type(link).__name__}")
         self._link = link
