@@ -1,8 +1,8 @@
 """``/api/v1/admin/link``: read or change the edge -> cloud link at run time (token-protected).
 
 ``PUT`` takes ``{"uplink_mbps": R, "rtt_ms": D}`` or ``{"profile": NAME}``
-(a profile of ``configs/links.yaml``) and answers the link now in force;
-``GET`` answers it too. Both need ``Authorization: Bearer <the edge's
+(a profile of ``configs/links.yaml``, read once when the edge started) and
+answers the link now in force; ``GET`` answers it too. Both need ``Authorization: Bearer <the edge's
 token>``. How the link is applied (tc on ``shaping_interface``, or the
 emulated link) is :class:`popex.link.control.LinkController`'s job.
 """
@@ -13,43 +13,22 @@ import functools
 import hmac
 from typing import Any, Callable, TypeVar
 
-from flask import Blueprint, current_app, jsonify, request
-from flask.blueprints import BlueprintSetupState
+from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import BadRequest, Unauthorized, UnsupportedMediaType
 
-import edge_api  # the package's extension keys; read at request time, after it finished importing
+from edge_api.node import get_node
 from popex.errors import ConfigError
-from popex.link.control import LinkController, resolve_cloud_ipv4
 
-__all__ = ["LINK_CONTROLLER_KEY", "bp", "require_admin_token", "get_link_controller"]
+__all__ = ["bp", "require_admin_token"]
 
-LINK_CONTROLLER_KEY = "popex_edge_link_controller"  # app.extensions key of the LinkController
 _MAX_BODY_BYTES = 4096
 _BEARER = "bearer "
 _LINK_KEYS = {"uplink_mbps", "rtt_ms"}
 F = TypeVar("F", bound=Callable[..., Any])
 
 bp = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
-
-
-@bp.record_once
-def _attach_controller(state: BlueprintSetupState) -> None:
-    # Registered after the factory built the config and the cloud client.
-    app = state.app
-    config = app.extensions[edge_api.CONFIG_KEY]
-    interface = config.shaping_interface
-    app.extensions[LINK_CONTROLLER_KEY] = LinkController(
-        interface=interface,
-        emulator=getattr(app.extensions[edge_api.CLIENT_KEY], "link", None),
-        dst_ip=resolve_cloud_ipv4(config.cloud_url) if interface is not None else None,
-    )
-
-
-def get_link_controller() -> LinkController:
-    """The app's :class:`LinkController`."""
-    return current_app.extensions[LINK_CONTROLLER_KEY]
 
 
 def _unauthorized(message: str) -> Unauthorized:
@@ -65,7 +44,7 @@ def require_admin_token(view: F) -> F:
         if header[:len(_BEARER)].lower() != _BEARER:
             raise _unauthorized("missing token: send the header 'Authorization: Bearer <token>'")
         provided = header[len(_BEARER):].strip().encode()
-        expected = current_app.extensions[edge_api.CONFIG_KEY].token.encode()
+        expected = get_node().config.token.encode()
         if not hmac.compare_digest(provided, expected):
             raise _unauthorized("wrong token")
         return view(*args, **kwargs)
@@ -91,7 +70,7 @@ def _json_object() -> dict[str, Any]:
 @require_admin_token
 def get_link() -> ResponseReturnValue:
     """The link in force."""
-    return jsonify(get_link_controller().current().to_dict())
+    return jsonify(get_node().link_controller.current().to_dict())
 
 
 @bp.put("/link")
@@ -101,9 +80,9 @@ def put_link() -> ResponseReturnValue:
     body = _json_object()
     keys = set(body)
     if keys == {"profile"}:
-        setting = get_link_controller().set_profile(body["profile"])
+        setting = get_node().link_controller.set_profile(body["profile"])
     elif keys == _LINK_KEYS:
-        setting = get_link_controller().set_link(body["uplink_mbps"], body["rtt_ms"])
+        setting = get_node().link_controller.set_link(body["uplink_mbps"], body["rtt_ms"])
     else:
         raise ConfigError(f'expected the keys {{"uplink_mbps", "rtt_ms"}} or {{"profile"}}, got {sorted(keys)}')
     return jsonify(setting.to_dict())

@@ -2,36 +2,29 @@
 
 from __future__ import annotations
 
-import math
 import time
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
-from popex.errors import DataError
-from popex.edge.pipeline import EdgeRunner
+from edge_api.node import get_node
+from popex.checks import MAX_DEADLINE_MS, check_deadline_ms
+from popex.errors import ConfigError, DataError
 
-__all__ = ["RUNNER_KEY", "MAX_IMAGE_BYTES_KEY", "bp", "get_runner"]
+__all__ = ["bp"]
 
-RUNNER_KEY = "popex_edge_runner"  # app.extensions key of the EdgeRunner
-MAX_IMAGE_BYTES_KEY = "popex_edge_max_image_bytes"  # app.extensions key of the classify body limit
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 bp = Blueprint("classify", __name__, url_prefix="/api/v1")
 
 
-def get_runner() -> EdgeRunner:
-    """The app's :class:`EdgeRunner`."""
-    return current_app.extensions[RUNNER_KEY]
-
-
 @bp.before_request
 def _mark_arrival() -> None:
     # The request's budget counts from here, before its body is read.
     g.arrival_s = time.perf_counter()
-    request.max_content_length = current_app.extensions[MAX_IMAGE_BYTES_KEY]
+    request.max_content_length = get_node().config.max_image_bytes
 
 
 def _parameter(name: str) -> str | None:
@@ -45,12 +38,10 @@ def _deadline_ms() -> float | None:
     if raw is None or raw.strip() == "":
         return None
     try:
-        deadline_ms = float(raw)
-    except ValueError as err:
-        raise BadRequest(f"deadline_ms must be a number of milliseconds, got {raw[:40]!r}") from err
-    if not math.isfinite(deadline_ms) or deadline_ms < 0:
-        raise BadRequest(f"deadline_ms must be a finite number >= 0, got {raw[:40]!r}")
-    return deadline_ms
+        return check_deadline_ms(raw)
+    except ConfigError as err:
+        raise BadRequest(f"deadline_ms must be a finite number of milliseconds in [0, {MAX_DEADLINE_MS:g}], "
+                         f"got {raw[:40]!r}") from err
 
 
 def _distortion_aware() -> bool | None:
@@ -86,7 +77,7 @@ def _image_bytes() -> bytes:
 def classify() -> ResponseReturnValue:
     """Classify an image (multipart file 'image' or raw body) under deadline_ms, policy, distortion_aware."""
     image_bytes = _image_bytes()
-    result = get_runner().classify(
+    result = get_node().runner.classify(
         image_bytes, model_id=_parameter("model"), deadline_ms=_deadline_ms(),
         policy=_parameter("policy") or "adaptive", arrival_s=g.arrival_s,
         distortion_aware=_distortion_aware(),

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest
 
-from popex.edge.preparation import EdgeService
+from edge_api.node import get_node
 
-__all__ = ["SERVICE_KEY", "MAX_MODEL_BYTES_KEY", "bp", "get_service"]
+__all__ = ["bp"]
 
-SERVICE_KEY = "popex_edge_service"  # app.extensions key of the EdgeService
-MAX_MODEL_BYTES_KEY = "popex_edge_max_model_bytes"  # app.extensions key of the upload limit
 _FILES = {"spec": "spec.json", "weights": "weights.safetensors", "calibration": "calibration.npz"}
 # A model with expert heads also sends calibration_<expert> for each expert and these two.
 _CLASSIFIER_FILES = ("classifier_spec", "classifier_weights")
 _EXPERT_CALIBRATION_PREFIX = "calibration_"
 
 bp = Blueprint("models", __name__, url_prefix="/api/v1/models")
-
-
-def get_service() -> EdgeService:
-    """The app's :class:`EdgeService`."""
-    return current_app.extensions[SERVICE_KEY]
 
 
 def _uploaded(name: str) -> bytes:
@@ -58,29 +51,29 @@ def _float_arg(name: str) -> float | None:
 @bp.post("")
 def register_model() -> ResponseReturnValue:
     """Register a model from multipart files spec, weights, calibration (+ expert files) (202 new, 200 known)."""
-    request.max_content_length = current_app.extensions[MAX_MODEL_BYTES_KEY]
+    node = get_node()
+    request.max_content_length = node.config.max_model_bytes
     spec_bytes, weights_bytes, calibration_bytes = (_uploaded(name) for name in _FILES)
     classifier_spec, classifier_weights = (_optional(name) for name in _CLASSIFIER_FILES)
-    service = get_service()
-    registration = service.register(spec_bytes, weights_bytes, calibration_bytes,
+    registration = node.preparation.register(spec_bytes, weights_bytes, calibration_bytes,
                                     expert_calibrations=_expert_calibrations(), classifier_spec=classifier_spec,
                                     classifier_weights=classifier_weights)
     if registration.created:
         return jsonify({"model_id": registration.model_id, "state": "registered"}), 202
-    model = service.registry.get(registration.model_id)
+    model = node.registry.get(registration.model_id)
     return jsonify({"model_id": registration.model_id, "state": model.state}), 200
 
 
 @bp.get("")
 def list_models() -> ResponseReturnValue:
     """Every registered model: id, name, state."""
-    return jsonify({"models": get_service().list_models()})
+    return jsonify({"models": get_node().views.list_models()})
 
 
 @bp.get("/<model_id>")
 def describe_model(model_id: str) -> ResponseReturnValue:
     """One model: state, classes, profile, current decision, expert heads and distortion classifier."""
-    return jsonify(get_service().describe(model_id))
+    return jsonify(get_node().views.describe(model_id))
 
 
 @bp.get("/<model_id>/strategies")
@@ -88,11 +81,11 @@ def strategies(model_id: str) -> ResponseReturnValue:
     """The current strategy table (JSON rows, or ``?format=csv``; ``?head=`` an expert's) and the chosen row."""
     output_format = request.args.get("format", "json")
     if output_format == "csv":
-        csv_text = get_service().strategies_csv(model_id)
+        csv_text = get_node().views.strategies_csv(model_id)
         return Response(csv_text, mimetype="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="strategies-{model_id[:12]}.csv"'})
     if output_format != "json":
         raise BadRequest(f"format must be 'json' or 'csv', got {output_format[:20]!r}")
-    return jsonify(get_service().strategies(model_id, deadline_ms=_float_arg("deadline_ms"),
+    return jsonify(get_node().views.strategies(model_id, deadline_ms=_float_arg("deadline_ms"),
                                             objective=request.args.get("objective") or None,
                                             head=request.args.get("head") or None))

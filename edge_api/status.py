@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Flask, jsonify
 from flask.typing import ResponseReturnValue
 
-from edge_api.models import get_service
+from edge_api.node import get_node
 
 __all__ = ["bp", "init_status"]
 
@@ -15,12 +15,12 @@ bp = Blueprint("status", __name__, url_prefix="/api/v1")
 @bp.get("/status")
 def status() -> ResponseReturnValue:
     """Uplink estimate, cloud health, models and their current strategies."""
-    return jsonify(get_service().status())
+    return jsonify(get_node().views.status())
 
 
 def healthz() -> ResponseReturnValue:
     """Liveness of the edge itself (the cloud's health is in /api/v1/status)."""
-    return jsonify({"status": "ok", "n_models": len(get_service().registry)})
+    return jsonify({"status": "ok", "n_models": len(get_node().registry)})
 
 
 def init_status(app: Flask) -> None:

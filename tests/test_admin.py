@@ -6,8 +6,7 @@ import subprocess
 
 import pytest
 
-from edge_api import close_app, create_app
-from edge_api.admin import LINK_CONTROLLER_KEY
+from edge_api import close_app, create_app, get_node
 from edge_api.config import load_config
 from popex.errors import ConfigError
 from popex.link.control import LinkController, LinkNotAdjustable, check_link_numbers
@@ -172,8 +171,9 @@ def test_an_edge_without_emulation_or_interface_answers_409(tmp_path):
 
 def _with_fake_tc(app, *, netem: bool, emulator: LinkEmulator | None, fail: bool = False) -> _FakeTc:
     fake = _FakeTc(fail=fail)
-    app.extensions[LINK_CONTROLLER_KEY] = LinkController(interface="veth7", emulator=emulator, dst_ip="10.1.2.3",
-                                                         apply=fake, has_netem=lambda: netem)
+    get_node(app).link_controller = LinkController(profiles=load_link_profiles(), interface="veth7",
+                                                   emulator=emulator, dst_ip="10.1.2.3", apply=fake,
+                                                   has_netem=lambda: netem)
     return fake
 
 
@@ -273,7 +273,7 @@ def test_link_numbers_are_checked_strictly():
     with pytest.raises(ConfigError, match="uplink_mbps"):
         check_link_numbers(0.001, 0)
     with pytest.raises(LinkNotAdjustable):
-        LinkController(interface=None, emulator=None).set_link(1.0, 1.0)
+        LinkController(profiles={}, interface=None, emulator=None).set_link(1.0, 1.0)
 
 
 @pytest.mark.parametrize("value", ["eth0; reboot", "x" * 16, "", 3])
@@ -286,3 +286,16 @@ def test_shaping_interface_comes_from_the_environment_like_the_docker_entrypoint
     config = load_config({"token": TOKEN}, environ={"POPEX_LINK_IFACE": "eth0"})
     assert config.shaping_interface == "eth0"
     assert load_config({"token": TOKEN}, environ={}).shaping_interface is None
+
+
+def test_profiles_are_read_once_when_the_edge_starts(emulated, monkeypatch):
+    """A PUT of a profile uses what was read at start; configs/links.yaml is not read per request."""
+    app, link = emulated
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("link profiles re-read on a request")
+
+    monkeypatch.setattr("popex.link.profiles.load_link_profiles", refuse)
+    monkeypatch.setattr("popex.edge.node.load_link_profiles", refuse)
+    response = app.test_client().put(URL, json={"profile": "lte"}, headers=AUTH)
+    assert response.status_code == 200 and response.json["profile"] == "lte"

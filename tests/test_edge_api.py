@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from edge_api import close_app, create_app
+from edge_api import close_app, create_app, get_node
 from edge_api.config import EdgeConfig, load_config
 from popex.data import encode_png
 from popex.errors import ConfigError
 from popex.nets import EarlyExitNet, compute_model_id, weights_to_bytes, zoo_spec
 from popex.edge.cloud_port import CloudInference, CloudTimeout, CloudUnavailable
-from popex.edge.plans import Strategy
+from popex.edge.strategy import Strategy
 
 TOKEN = "test-token-0123456789"
 CLASSIFY_KEYS = {"label", "class_name", "confidence", "exit", "where", "split", "thresholds", "fallback",
@@ -114,7 +114,7 @@ def client(app):
 
 
 def _service(app):
-    return app.extensions["popex_edge_service"]
+    return get_node(app).preparation
 
 
 def _post_model(client, files, **changes):
@@ -164,7 +164,7 @@ def _error(response, status):
 
 
 def _force(app, model_id, monkeypatch, *, split):
-    plan = app.extensions["popex_edge_runner"].plans.get(model_id)
+    plan = get_node(app).plans.get(model_id)
     strategy = Strategy(split=split, thresholds=(None,), active_branches=(), latency_ms=5.0, worst_latency_ms=5.0,
                         accuracy=0.5, offload_prob=1.0, feasible=True, row=0, objective="mean", deadline_ms=0.0)
     monkeypatch.setattr(plan, "strategy", lambda deadline_ms, objective, policy="adaptive": strategy)
@@ -358,7 +358,7 @@ def test_unknown_routes_and_methods_are_json(shared):
 
 
 def test_an_unexpected_error_is_a_json_500(app, client, registered, monkeypatch):
-    runner = app.extensions["popex_edge_runner"]
+    runner = get_node(app).runner
     monkeypatch.setattr(runner, "classify", lambda *a, **k: 1 / 0)
     assert _error(client.post("/api/v1/classify", data=_png(), content_type="image/png"), 500)["code"] == \
         "internal_error"
@@ -396,3 +396,39 @@ def test_unknown_policy_is_400(shared):
                    400)
     assert "policy" in error["message"]
     assert shared["client"].post("/api/v1/classify", data=_png(), content_type="image/png").status_code == 200
+
+
+# -- the node --------------------------------------------------------------------------------
+
+
+def test_the_node_is_built_without_starting_a_thread_and_closes(config, cloud):
+    from popex.decision.latency import Link
+    from popex.edge.node import EdgeNode
+
+    node = EdgeNode.from_config(EdgeConfig.from_mapping(config), cloud_client=cloud)
+    try:
+        assert not node.planner.running and not node.monitor.running
+        assert node.runner.plans is node.plans and node.preparation.plans is node.plans
+        assert node.runner.planner is node.planner and node.views.runner is node.runner
+        node.monitor.on_change(Link(uplink_mbps=2.0, rtt_ms=70.0))  # the monitor only queues the re-plan
+        assert node.plans.link.rtt_ms == 20.0
+        assert node.planner.drain() and node.plans.link == Link(uplink_mbps=2.0, rtt_ms=70.0)
+        node.start()
+        assert node.planner.running and node.monitor.running
+    finally:
+        node.close()
+    assert not node.planner.running and not node.monitor.running
+
+
+def test_a_test_config_replaces_the_yaml_and_the_environment(tmp_path, config, cloud, monkeypatch):
+    path = tmp_path / "developer.yaml"
+    path.write_text("plan_headroom_fraction: 0.1\ndefault_deadline_ms: 33\n")
+    monkeypatch.setenv("POPEX_EDGE_CONFIG", str(path))
+    monkeypatch.setenv("POPEX_TOKEN", "developer-token-0000")
+    app = create_app(config, cloud_client=cloud)
+    try:
+        node = get_node(app)
+        assert node.config.token == TOKEN and node.runner.default_deadline_ms == 100.0
+        assert app.test_client().get("/api/v1/status").json["plan_headroom_fraction"] == 0.05
+    finally:
+        close_app(app)

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import threading
 import time
 
 import numpy as np
@@ -14,8 +15,11 @@ from popex.decision import DecisionIndex, Link, Profile
 from popex.errors import ConfigError, DataError
 from popex.nets import EarlyExitNet, exit_confidence, weights_to_bytes, zoo_spec
 from popex.edge.cloud_port import CloudInference, CloudRejected, CloudTimeout, CloudUnavailable
-from popex.edge.pipeline import EdgeRunner, OverheadTracker
-from popex.edge.plans import PlanBook, Strategy
+from popex.edge.compute import EdgeCompute
+from popex.edge.pipeline import EdgeRunner
+from popex.edge.planner import BackgroundPlanner
+from popex.edge.plans import PlanBook
+from popex.edge.strategy import Strategy
 from popex.edge.store import ModelRegistry, UnknownModelError
 from popex.wire import decode_offload, decompress_payload
 
@@ -85,14 +89,24 @@ def _profile(net, *, stage_edge_ms=(1.0, 1.0, 1.0), branch_edge_ms=(0.5,)):
 def setup(tmp_path, net):
     registry = ModelRegistry(tmp_path)
     model_id = registry.register(json.dumps(net.spec).encode(), weights_to_bytes(net), _calibration_bytes())
-    plans = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0))
+    plans = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0), headroom_fraction=0.0)
     plans.install(model_id, registry.get(model_id).calibration, _profile(net))
     cloud = FakeCloud(net)
     monitor = FakeMonitor(Link(uplink_mbps=10.0, rtt_ms=20.0))
-    runner = EdgeRunner(registry, plans, cloud, monitor=monitor, default_deadline_ms=1000.0,
-                        overhead=OverheadTracker(initial_ms=1.0))
-    return {"runner": runner, "cloud": cloud, "monitor": monitor, "model_id": model_id, "plans": plans,
-            "registry": registry}
+    planner = BackgroundPlanner(plans=plans, monitor=monitor, initial_offload_overhead_ms=1.0,
+                                replan_hysteresis_fraction=0.2)
+    runner = _runner(registry, plans, cloud, planner)
+    yield {"runner": runner, "cloud": cloud, "monitor": monitor, "model_id": model_id, "plans": plans,
+           "registry": registry, "planner": planner}
+    planner.close()
+
+
+def _runner(registry, plans, cloud, planner, **changes):
+    values = dict(registry=registry, plans=plans, client=cloud, planner=planner,
+                  compute=EdgeCompute(edge_slowdown=1.0), objective="mean", default_deadline_ms=1000.0,
+                  max_image_pixels=4096 * 4096, wire_dtype="float32", wire_compression="deflate",
+                  distortion_aware_default=True)
+    return EdgeRunner(**{**values, **changes})
 
 
 def _image(seed=1):
@@ -234,9 +248,12 @@ def test_offload_sends_the_split_tensor_within_the_budget(monkeypatch, setup, ne
     # one passive sample (bytes, round trip minus cloud time) and one overhead measurement
     # (the bytes that went on the wire: deflated, smaller than the payload)
     assert call["content_encoding"] == "deflate" and call["n_bytes"] < request.n_bytes
+    planner = setup["planner"]
+    assert setup["monitor"].samples == [] and planner.overhead.n_samples == 0  # queued, not yet planned
+    assert planner.drain()
     assert setup["monitor"].samples == [(call["n_bytes"], 28.0)]
-    assert setup["runner"].overhead.n_samples == 1
-    assert setup["runner"].wire_ratio.current_ms == pytest.approx(call["n_bytes"] / request.n_bytes)
+    assert planner.overhead.n_samples == 1
+    assert planner.wire_ratio.current_ms == pytest.approx(call["n_bytes"] / request.n_bytes)
 
 
 def test_without_compression_the_payload_travels_as_is(monkeypatch, setup):
@@ -245,32 +262,34 @@ def test_without_compression_the_payload_travels_as_is(monkeypatch, setup):
     setup["runner"].classify(_image(), deadline_ms=500.0)
     (call,) = setup["cloud"].calls
     assert call["content_encoding"] is None and call["n_bytes"] == call["request"].n_bytes
-    assert setup["runner"].wire_ratio.current_ms == 1.0
+    assert setup["planner"].drain() and setup["planner"].wire_ratio.current_ms == 1.0
 
 
 def test_a_measured_compression_ratio_replans_the_transfer(monkeypatch, setup):
-    runner, plan = setup["runner"], setup["plans"].get(setup["model_id"])
+    planner, plan = setup["planner"], setup["plans"].get(setup["model_id"])
     assert plan.profile.wire_ratio == 1.0
-    runner.record_offload(1000, encode_ms=0.1, round_trip_ms=40.0, cloud_ms=2.0, payload_n_bytes=2000)
+    planner.submit_offload(1000, encode_ms=0.1, round_trip_ms=40.0, cloud_ms=2.0, payload_n_bytes=2000)
+    assert planner.drain()
     assert plan.profile.wire_ratio == pytest.approx(0.5)
     assert plan.profile.wire_bytes[1] == pytest.approx(0.5 * plan.profile.split_bytes[1])
     # a synthetic offload (no payload size) does not count
-    runner.record_offload(10, encode_ms=0.1, round_trip_ms=40.0, cloud_ms=2.0)
-    assert runner.wire_ratio.n_samples == 1
+    planner.submit_offload(10, encode_ms=0.1, round_trip_ms=40.0, cloud_ms=2.0)
+    assert planner.drain() and planner.wire_ratio.n_samples == 1
 
 
 def test_overhead_is_measured_against_the_link_part(setup):
-    runner = setup["runner"]
+    planner = setup["planner"]
     # estimated link part: 8*10_000/(1000*10) + 20 = 28 ms
-    overhead_ms = runner.record_overhead(10_000, encode_ms=0.5, round_trip_ms=40.0, cloud_ms=2.0)
+    overhead_ms = planner.overhead_ms(10_000, encode_ms=0.5, round_trip_ms=40.0, cloud_ms=2.0)
     assert overhead_ms == pytest.approx(0.5 + 40.0 - 2.0 - 28.0)
 
 
 def test_a_moving_overhead_replans(setup):
-    runner, plan = setup["runner"], setup["plans"].get(setup["model_id"])
+    planner, plan = setup["planner"], setup["plans"].get(setup["model_id"])
     for _ in range(5):
-        runner.record_overhead(0, encode_ms=0.0, round_trip_ms=45.0, cloud_ms=0.0)
-    assert runner.overhead.current_ms == pytest.approx(25.0)
+        planner.submit_offload(0, encode_ms=0.0, round_trip_ms=45.0, cloud_ms=0.0)
+    assert planner.drain()
+    assert planner.overhead.current_ms == pytest.approx(25.0)
     assert plan.profile.offload_overhead_ms == pytest.approx(25.0)
 
 
@@ -289,7 +308,8 @@ def test_fallback_uses_the_most_confident_evaluated_branch(monkeypatch, setup, n
     assert (result.confidence, result.label) == pytest.approx(_reference(net, _image())["branch"])
     assert type(error).__name__ in result.fallback_reason
     assert rejected == ([setup["model_id"]] if isinstance(error, CloudRejected) else [])
-    assert setup["monitor"].samples == [] and setup["runner"].overhead.n_samples == 0
+    assert setup["planner"].drain()
+    assert setup["monitor"].samples == [] and setup["planner"].overhead.n_samples == 0
 
 
 def test_fallback_runs_the_rest_of_the_network_when_the_budget_allows(monkeypatch, setup, net):
@@ -370,31 +390,81 @@ def test_edge_slowdown_emulates_a_device_with_the_scaled_profile_times(setup):
     net = runner.registry.get(setup["model_id"]).loaded.net
     x = torch.zeros(1, *net.input_shape)
     waits = []
-    import popex.edge.pipeline as module
+    import popex.edge.compute as module
 
     real_sleep = module.time.sleep
     module.time.sleep = waits.append
-    runner.edge_slowdown = 4.0
+    slow = EdgeCompute(edge_slowdown=4.0)
     try:
-        runner._on_edge(net.run_stages, x, start=0, stop=1, emulated_ms=50.0)
-        runner._on_edge(net.run_stages, x, start=0, stop=1, emulated_ms=0.0)  # compute already took longer
+        slow.on_edge(net.run_stages, x, start=0, stop=1, emulated_ms=50.0)
+        slow.on_edge(net.run_stages, x, start=0, stop=1, emulated_ms=0.0)  # compute already took longer
     finally:
-        runner.edge_slowdown = 1.0
         module.time.sleep = real_sleep
     assert len(waits) == 1 and 0.0 < waits[0] <= 0.050
-    runner._on_edge(net.run_stages, x, start=0, stop=1, emulated_ms=1e6)  # emulation off: no wait at all
+    runner.compute.on_edge(net.run_stages, x, start=0, stop=1, emulated_ms=1e6)  # emulation off: no wait at all
     timings = time_stages(net, n_warmup=0, n_repeats=2)
     assert np.allclose(timings.scaled(4.0).stage_ms, 4.0 * timings.stage_ms)
     with pytest.raises(ConfigError):
-        EdgeRunner(runner.registry, runner.plans, runner.client, edge_slowdown=0.5)
+        EdgeCompute(edge_slowdown=0.5)
 
 
 def test_fixed_edge_time_is_measured_and_enters_the_plan(setup):
     """Reading, decoding and preprocessing cost every request the same: measured, then planned with."""
-    runner, plan = setup["runner"], setup["plans"].get(setup["model_id"])
+    runner, planner, plan = setup["runner"], setup["planner"], setup["plans"].get(setup["model_id"])
     assert plan.profile.edge_fixed_ms == 0.0
     runner.classify(_image(), deadline_ms=1000.0, arrival_s=time.perf_counter() - 0.050)  # arrived 50 ms ago
-    assert runner.edge_fixed.n_samples == 1 and runner.edge_fixed.current_ms >= 50.0
-    assert plan.profile.edge_fixed_ms == runner.edge_fixed.current_ms  # beyond the hysteresis: re-planned
+    assert planner.drain()
+    assert planner.edge_fixed.n_samples == 1 and planner.edge_fixed.current_ms >= 50.0
+    assert plan.profile.edge_fixed_ms == planner.edge_fixed.current_ms  # beyond the hysteresis: re-planned
     strategy = plan.strategy(1000.0, "mean")
     assert strategy.latency_ms >= 50.0 and strategy.worst_latency_ms >= 50.0
+
+
+# -- the request path only reads -------------------------------------------------------------------
+
+
+def test_a_request_completes_while_the_planner_is_blocked(monkeypatch, setup):
+    """An offloading request only queues its measurements: with the planner thread held inside a job,
+    the request still answers and the plan is untouched; released, the planner swaps the re-planned table in."""
+    planner, plan = setup["planner"], setup["plans"].get(setup["model_id"])
+    _force(monkeypatch, setup, split=1, thresholds=[None])
+    planner.start()
+    entered, release = threading.Event(), threading.Event()
+    planner.submit(lambda: (entered.set(), release.wait()))
+    assert entered.wait(10.0)  # the planner thread is now inside the job, waiting
+    table_before = plan.table
+    try:
+        result = setup["runner"].classify(_image(), deadline_ms=500.0)
+        assert (result.where, result.fallback) == ("cloud", False)
+        assert planner.overhead.n_samples == 0 and setup["monitor"].samples == []
+        assert plan.table is table_before and plan.profile.offload_overhead_ms == 1.0
+    finally:
+        release.set()
+    assert planner.drain(10.0)
+    assert planner.overhead.n_samples == 1 and len(setup["monitor"].samples) == 1
+    assert plan.table is not table_before
+    assert plan.profile.offload_overhead_ms == pytest.approx(planner.overhead.current_ms)
+
+
+def test_uplink_changes_replan_on_the_planner_not_the_caller(setup):
+    planner, plan = setup["planner"], setup["plans"].get(setup["model_id"])
+    planner.submit_link(Link(uplink_mbps=0.5, rtt_ms=80.0))
+    assert plan.link.rtt_ms == 20.0  # only queued
+    assert planner.drain()
+    assert plan.link.rtt_ms == 80.0 and setup["plans"].link.uplink_mbps == 0.5
+
+
+def test_a_closed_planner_takes_nothing(setup):
+    planner = setup["planner"]
+    planner.close()
+    planner.submit_offload(100, encode_ms=0.0, round_trip_ms=40.0, cloud_ms=2.0)
+    assert not planner.drain() and planner.overhead.n_samples == 0
+    with pytest.raises(RuntimeError):
+        planner.start()
+
+
+@pytest.mark.parametrize("deadline_ms", [math.inf, math.nan, -1.0, 3.6e6 + 1, True])
+def test_the_runner_refuses_a_bad_deadline_before_any_work(setup, deadline_ms):
+    with pytest.raises(ConfigError, match="deadline_ms"):
+        setup["runner"].classify(_image(), deadline_ms=deadline_ms)
+    assert setup["runner"].counts()["n_rejected"] == 1

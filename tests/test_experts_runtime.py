@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cloud_api import create_app as create_cloud_app
-from edge_api import close_app, create_app
+from edge_api import close_app, create_app, get_node
 from popex.data import Preprocessing, encode_png, load_fashion_mnist, preprocess
 from popex.data.distort import DEFAULT_LEVELS, gaussian_blur, gaussian_noise
 from popex.data.subset import SHIPPED_SUBSET_ROOT
@@ -31,7 +31,7 @@ from popex.nets import EarlyExitNet, compute_model_id, load_model, weights_to_by
 from popex.nets.early_exit import UnknownHeadError, exit_confidence
 from popex.edge.cloud_port import CloudInference, CloudTimeout, CloudUnavailable
 from popex.cloud.runner import CloudRunner
-from popex.edge.pipeline import OverheadTracker
+from popex.edge.overhead import OverheadTracker
 from popex.edge.plans import ModelPlan
 from popex.wire import decode_offload, decompress_payload, encode_offload
 
@@ -126,8 +126,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     cloud = LocalCloud(root / "cloud")
     app = create_app(_config(root / "edge", default_model_dir=str(MODEL_DIR)), cloud_client=cloud)
-    assert app.extensions["popex_edge_service"].wait_idle(120.0)
-    runner = app.extensions["popex_edge_runner"]
+    assert get_node(app).preparation.wait_idle(120.0)
+    runner = get_node(app).runner
     yield {"app": app, "client": app.test_client(), "cloud": cloud, "runner": runner,
            "model_id": runner.default_model_id}
     close_app(app)
@@ -368,7 +368,7 @@ def test_an_expert_model_registers_through_rest_and_survives_a_restart(fresh, mo
     assert response.status_code == 202, response.json
     model_id = response.json["model_id"]
     assert model_id == model_files["model_id"]
-    assert fresh["app"].extensions["popex_edge_service"].wait_idle(120.0)
+    assert get_node(fresh["app"]).preparation.wait_idle(120.0)
     info = client.get(f"/api/v1/models/{model_id}").json
     assert info["state"] == "ready" and info["experts"] == ["blur", "noise"]
     assert info["distortion_classifier"]["classes"] == list(KINDS)
@@ -434,7 +434,7 @@ def test_a_model_without_experts_takes_no_expert_files_and_is_never_distortion_a
         assert answer["expert"] == "pristine" and "expert_confidence" not in answer
     error = _error(_classify(client, images["blur"][0], model=model_id, distortion_aware="true"), 400)
     assert "no expert heads" in error["message"]
-    assert fresh["app"].extensions["popex_edge_service"].wait_idle(60.0)
+    assert get_node(fresh["app"]).preparation.wait_idle(60.0)
 
 
 def test_the_default_can_be_off(tmp_path, images):
@@ -445,7 +445,7 @@ def test_the_default_can_be_off(tmp_path, images):
         client = app.test_client()
         assert _classify(client, images["blur"][0]).json["expert"] == "pristine"
         assert _classify(client, images["blur"][0], distortion_aware="true").json["expert"] == "blur"
-        assert app.extensions["popex_edge_service"].wait_idle(120.0)
+        assert get_node(app).preparation.wait_idle(120.0)
     finally:
         close_app(app)
 
@@ -465,9 +465,11 @@ def test_the_classifier_runs_inside_the_measured_fixed_edge_time(served, images,
         return predict(*args, **kwargs)
 
     monkeypatch.setattr(classifier, "predict", slow_predict)
-    monkeypatch.setattr(runner, "edge_fixed", OverheadTracker(initial_ms=0.0))
+    assert runner.planner.drain()  # earlier requests' measurements go to the old tracker
+    monkeypatch.setattr(runner.planner, "edge_fixed", OverheadTracker(initial_ms=0.0))
     for image in images["noise"][:3]:
         assert _classify(served["client"], image, deadline_ms=1000).status_code == 200
-    assert runner.edge_fixed.n_samples == 3
-    assert runner.edge_fixed.current_ms >= delay_s * 1000.0
+    assert runner.planner.drain()  # the measurements re-plan on the planner, not on the request
+    assert runner.planner.edge_fixed.n_samples == 3
+    assert runner.planner.edge_fixed.current_ms >= delay_s * 1000.0
     assert runner.plans.get(served["model_id"]).profile.edge_fixed_ms >= delay_s * 1000.0  # re-planned

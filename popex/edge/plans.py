@@ -19,111 +19,27 @@ assignment swaps every head's table together.
 from __future__ import annotations
 
 import dataclasses
-import math
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from popex.checks import check_deadline_ms, check_objective
 from popex.decision.calibration import Calibration
 from popex.decision.policies import PolicyBook, check_headroom, check_policy, edge_threshold_grids
 from popex.decision.latency import Link, Profile
 from popex.decision.sweep import ExitStats, sweep_exit_stats
-from popex.decision.table import OBJECTIVES, Planner, StrategyTable
+from popex.decision.table import Planner, StrategyTable
+from popex.edge.strategy import Strategy, strategy_from_row
 from popex.errors import ConfigError
 from popex.nets.early_exit import PRISTINE_HEAD, UnknownHeadError
 
-__all__ = [
-    "Strategy",
-    "ModelPlan",
-    "PlanBook",
-]
+__all__ = ["ModelPlan", "PlanBook"]
 
 # Deadlines come from clients as arbitrary floats; bound the cache so a client
 # sweeping deadlines cannot grow it without limit (it is refilled on demand).
 _MAX_CACHED_DECISIONS = 4096
-
-
-def _check_objective(objective: object) -> str:
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    return str(objective)
-
-
-def _check_deadline(deadline_ms: object) -> float:
-    if isinstance(deadline_ms, bool):
-        raise ConfigError(f"deadline_ms must be a number, got {deadline_ms!r}")
-    try:
-        value = float(deadline_ms)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"deadline_ms must be a number, got {deadline_ms!r}") from err
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"deadline_ms must be finite and >= 0, got {deadline_ms!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """What the edge does with one request: where to split and when to exit.
-
-    Attributes
-    ----------
-    split : int
-        Stages run on the edge, 0..N (N = edge only).
-    thresholds : tuple of (float or None), length B
-        Confidence threshold of each branch; None = branch off.
-    active_branches : tuple of int
-        Branches evaluated: k_b <= split and threshold not None.
-    latency_ms : float
-        Predicted (expected) latency E[T], ms.
-    worst_latency_ms : float
-        Latency of a sample that passes every active branch, ms.
-    accuracy : float
-        On the calibration data.
-    offload_prob : float
-        Predicted fraction of requests sent to the cloud.
-    feasible : bool
-        False when no strategy meets the deadline (the fastest is used).
-    row : int
-        Row of the strategy table it came from.
-    objective : str
-        "mean" or "tail".
-    deadline_ms : float
-    policy : str
-        Which policy chose it ("adaptive" is POPEX; the others are baselines).
-    """
-
-    split: int
-    thresholds: tuple[float | None, ...]
-    active_branches: tuple[int, ...]
-    latency_ms: float
-    worst_latency_ms: float
-    accuracy: float
-    offload_prob: float
-    feasible: bool
-    row: int
-    objective: str
-    deadline_ms: float
-    policy: str = "adaptive"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (plain Python types)."""
-        return {
-            "split": self.split,
-            "thresholds": list(self.thresholds),
-            "active_branches": list(self.active_branches),
-            "predicted_latency_ms": self.latency_ms,
-            "worst_latency_ms": self.worst_latency_ms,
-            "accuracy": self.accuracy,
-            "offload_prob": self.offload_prob,
-            "feasible": self.feasible,
-            "row": self.row,
-            "objective": self.objective,
-            "deadline_ms": self.deadline_ms,
-            "policy": self.policy,
-        }
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,33 +55,22 @@ class _Plan:
     experts: dict[str, _Plan] = dataclasses.field(default_factory=dict)  # expert head set -> its plan
 
 
+def _hashable(key: tuple[object, ...]) -> bool:
+    """Whether ``key`` can be looked up in a decision cache (a client may send anything)."""
+    return all(isinstance(part, (str, int, float)) and not isinstance(part, bool) for part in key)
+
+
 def _head_plan(planner: Planner, link: Link, headroom_fraction: float) -> _Plan:
     table = planner.table(link)
     return _Plan(profile=planner.profile, link=link, table=table,
                  policies=PolicyBook.build(table, headroom_fraction=headroom_fraction), cache={})
 
 
-def _strategy(plan: _Plan, deadline_ms: float, objective: str, policy: str,
-              branch_after_stage: tuple[int, ...]) -> Strategy:
+def _strategy(plan: _Plan, deadline_ms: float, objective: str, policy: str) -> Strategy:
     decision = plan.policies.decide(policy, deadline_ms=deadline_ms, objective=objective)
-    row = plan.table.row(decision.row)
-    split = row["split"]
-    thresholds = tuple(row["thresholds"])
-    active = tuple(b for b, t in enumerate(thresholds) if t is not None and branch_after_stage[b] <= split)
-    return Strategy(
-        split=split,
-        thresholds=thresholds,
-        active_branches=active,
-        latency_ms=row["expected_latency_ms"],
-        worst_latency_ms=row["worst_latency_ms"],
-        accuracy=row["accuracy"],
-        offload_prob=row["offload_prob"],
-        feasible=decision.feasible,
-        row=decision.row,
-        objective=objective,
-        deadline_ms=deadline_ms,
-        policy=policy,
-    )
+    return strategy_from_row(plan.table.row(decision.row), row_index=decision.row, feasible=decision.feasible,
+                             objective=objective, deadline_ms=deadline_ms, policy=policy,
+                             branch_after_stage=plan.profile.branch_after_stage)
 
 
 class ModelPlan:
@@ -195,16 +100,9 @@ class ModelPlan:
         If a calibration, the profile and branch positions disagree.
     """
 
-    def __init__(
-        self,
-        calibration: Calibration,
-        *,
-        profile: Profile,
-        link: Link,
-        thresholds: Sequence[Sequence[float]] | None = None,
-        expert_calibrations: Mapping[str, Calibration] | None = None,
-        headroom_fraction: float = 0.0,
-    ) -> None:
+    def __init__(self, calibration: Calibration, *, profile: Profile, link: Link,
+                 thresholds: Sequence[Sequence[float]] | None = None,
+                 expert_calibrations: Mapping[str, Calibration] | None = None, headroom_fraction: float = 0.0) -> None:
         self.headroom_fraction = headroom_fraction  # PolicyBook.build checks it
         if thresholds is None:
             thresholds = edge_threshold_grids(len(profile.branch_after_stage))
@@ -216,16 +114,19 @@ class ModelPlan:
             for head, c in (expert_calibrations or {}).items()
         }
         self._lock = threading.Lock()
-        self._planner = Planner(self.stats, profile)
-        self._expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
+        self._replan(profile, link)
+
+    def _replan(self, profile: Profile, link: Link) -> None:
+        """New planners for ``profile``, then one new plan swapped in (the caller holds the lock)."""
+        planner = Planner(self.stats, profile)
+        expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
+        self._planner, self._expert_planners = planner, expert_planners
         self._plan = self._build(link)
 
     def _build(self, link: Link) -> _Plan:
-        table = self._planner.table(link)
-        return _Plan(profile=self._planner.profile, link=link, table=table,
-                     policies=PolicyBook.build(table, headroom_fraction=self.headroom_fraction), cache={},
-                     experts={head: _head_plan(planner, link, self.headroom_fraction)
-                              for head, planner in self._expert_planners.items()})
+        experts = {head: _head_plan(planner, link, self.headroom_fraction)
+                   for head, planner in self._expert_planners.items()}
+        return dataclasses.replace(_head_plan(self._planner, link, self.headroom_fraction), experts=experts)
 
     @property
     def head_names(self) -> tuple[str, ...]:
@@ -234,6 +135,15 @@ class ModelPlan:
 
     def table_of(self, head: str | None = PRISTINE_HEAD) -> StrategyTable:
         """The current strategy table of head set ``head``.
+
+        Parameters
+        ----------
+        head : str, default "pristine"
+            "pristine" (or None) or an expert head set.
+
+        Returns
+        -------
+        StrategyTable
 
         Raises
         ------
@@ -268,6 +178,10 @@ class ModelPlan:
     def set_link(self, link: Link) -> None:
         """Rebuild the table for a new link estimate and swap it in.
 
+        Parameters
+        ----------
+        link : Link
+
         Raises
         ------
         ConfigError
@@ -281,18 +195,27 @@ class ModelPlan:
     def set_profile(self, profile: Profile, *, link: Link | None = None) -> None:
         """Use a new profile (e.g. measured, or with a new overhead O) and re-plan.
 
+        Parameters
+        ----------
+        profile : Profile
+        link : Link, optional
+            Also a new link estimate; default: the current one.
+
         Raises
         ------
         ProfileError
             If the profile's branches differ from the model's.
         """
         with self._lock:
-            self._planner = Planner(self.stats, profile)
-            self._expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
-            self._plan = self._build(self._plan.link if link is None else link)
+            self._replan(profile, self._plan.link if link is None else link)
 
     def update_profile(self, **changes: float) -> None:
         """Re-plan with some profile fields replaced (e.g. a measured O or fixed edge time), others kept.
+
+        Parameters
+        ----------
+        **changes : float
+            Profile fields, e.g. ``offload_overhead_ms``, ``edge_fixed_ms``, ``wire_ratio``.
 
         Raises
         ------
@@ -300,10 +223,7 @@ class ModelPlan:
             If a value is negative or not finite.
         """
         with self._lock:
-            profile = dataclasses.replace(self._planner.profile, **changes)
-            self._planner = Planner(self.stats, profile)
-            self._expert_planners = {head: Planner(stats, profile) for head, stats in self.expert_stats.items()}
-            self._plan = self._build(self._plan.link)
+            self._replan(dataclasses.replace(self._planner.profile, **changes), self._plan.link)
 
     def strategy(self, deadline_ms: float, objective: str = "mean", policy: str = "adaptive",
                  head: str | None = PRISTINE_HEAD) -> Strategy:
@@ -330,21 +250,27 @@ class ModelPlan:
         UnknownHeadError
             If the model has no head set ``head``.
         """
-        deadline_ms = _check_deadline(deadline_ms)
         plan = self._head(self._plan, head)  # one read: the whole request uses this plan
+        # Only checked arguments are ever cached, so a hit needs no check.
         key = (deadline_ms, objective, policy)
-        cached = plan.cache.get(key) if isinstance(objective, str) and isinstance(policy, str) else None
+        cached = plan.cache.get(key) if _hashable(key) else None
         if cached is not None:
             return cached
-        strategy = _strategy(plan, deadline_ms, _check_objective(objective), check_policy(policy),
-                             plan.profile.branch_after_stage)
+        deadline_ms = check_deadline_ms(deadline_ms)
+        strategy = _strategy(plan, deadline_ms, check_objective(objective), check_policy(policy))
+        key = (deadline_ms, strategy.objective, strategy.policy)
         if len(plan.cache) >= _MAX_CACHED_DECISIONS:
             plan.cache.clear()
         plan.cache[key] = strategy
         return strategy
 
     def table_csv(self) -> str:
-        """The current strategy table as CSV text (see ``StrategyTable.to_csv``)."""
+        """The current strategy table as CSV text (see ``StrategyTable.to_csv``).
+
+        Returns
+        -------
+        str
+        """
         table = self._plan.table
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "strategies.csv"
@@ -359,20 +285,25 @@ class PlanBook:
     ----------
     link : Link
         Initial link estimate (configured or emulated).
+    headroom_fraction : float
+        Passed to each :class:`ModelPlan` (the config's ``plan_headroom_fraction``).
     thresholds : sequence of sequences of float, optional
         Passed to each :class:`ModelPlan`.
-    headroom_fraction : float, default 0
-        Passed to each :class:`ModelPlan`.
+
+    Raises
+    ------
+    ConfigError
+        If ``link`` is not a Link or the headroom is out of range.
 
     Examples
     --------
-    >>> book = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0))
+    >>> book = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0), headroom_fraction=0.05)
     >>> book.model_ids()
     []
     """
 
-    def __init__(self, *, link: Link, thresholds: Sequence[Sequence[float]] | None = None,
-                 headroom_fraction: float = 0.0) -> None:
+    def __init__(self, *, link: Link, headroom_fraction: float,
+                 thresholds: Sequence[Sequence[float]] | None = None) -> None:
         if not isinstance(link, Link):
             raise ConfigError(f"expected a Link, got {type(link).__name__}")
         self._link = link
@@ -387,7 +318,12 @@ class PlanBook:
         return self._link
 
     def model_ids(self) -> list[str]:
-        """Ids of the models that have a plan."""
+        """Ids of the models that have a plan.
+
+        Returns
+        -------
+        list of str
+        """
         return list(self._plans)
 
     def __contains__(self, model_id: object) -> bool:
@@ -395,6 +331,14 @@ class PlanBook:
 
     def get(self, model_id: str) -> ModelPlan:
         """The plan of ``model_id``.
+
+        Parameters
+        ----------
+        model_id : str
+
+        Returns
+        -------
+        ModelPlan
 
         Raises
         ------
@@ -408,7 +352,24 @@ class PlanBook:
 
     def install(self, model_id: str, calibration: Calibration, profile: Profile, *,
                 expert_calibrations: Mapping[str, Calibration] | None = None) -> ModelPlan:
-        """Plan a model with ``profile`` (one table per head set); replaces the profile if it already has a plan."""
+        """Plan a model with ``profile`` (one table per head set); replaces the profile if it already has a plan.
+
+        Parameters
+        ----------
+        model_id : str
+        calibration : Calibration
+        profile : Profile
+        expert_calibrations : mapping of str to Calibration, optional
+
+        Returns
+        -------
+        ModelPlan
+
+        Raises
+        ------
+        CalibrationError, ProfileError
+            If the calibration, the profile and branch positions disagree.
+        """
         with self._lock:
             existing = self._plans.get(model_id)
             if existing is not None:
@@ -420,7 +381,17 @@ class PlanBook:
             return plan
 
     def set_link(self, link: Link) -> None:
-        """Re-plan every model for a new link estimate."""
+        """Re-plan every model for a new link estimate (the background planner's job).
+
+        Parameters
+        ----------
+        link : Link
+
+        Raises
+        ------
+        ConfigError
+            If ``link`` is not a Link.
+        """
         if not isinstance(link, Link):
             raise ConfigError(f"expected a Link, got {type(link).__name__}")
         with self._lock:
@@ -429,12 +400,37 @@ class PlanBook:
                 plan.set_link(link)
 
     def update_profile(self, **changes: float) -> None:
-        """Re-plan every model with some profile fields replaced (see :meth:`ModelPlan.update_profile`)."""
+        """Re-plan every model with some profile fields replaced (see :meth:`ModelPlan.update_profile`).
+
+        Parameters
+        ----------
+        **changes : float
+
+        Raises
+        ------
+        ProfileError
+            If a value is negative or not finite.
+        """
         with self._lock:
             for plan in list(self._plans.values()):
                 plan.update_profile(**changes)
 
     def strategy(self, model_id: str, deadline_ms: float, objective: str = "mean",
                  policy: str = "adaptive", head: str | None = PRISTINE_HEAD) -> Strategy:
-        """Shortcut for ``get(model_id).strategy(deadline_ms, objective, policy, head)``."""
+        """Shortcut for ``get(model_id).strategy(deadline_ms, objective, policy, head)``.
+
+        Parameters
+        ----------
+        model_id : str
+        deadline_ms, objective, policy, head
+            As for :meth:`ModelPlan.strategy`.
+
+        Returns
+        -------
+        Strategy
+
+        Raises
+        ------
+        ConfigError, UnknownHeadError
+        """
         return self.get(model_id).strategy(deadline_ms, objective, policy, head)

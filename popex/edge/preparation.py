@@ -1,6 +1,6 @@
-"""The edge's model lifecycle: register, plan at once, then prepare in the background.
+"""Preparation of a model on the edge: register, plan at once, then prepare in the background.
 
-A registered model is classifiable at once: :meth:`EdgeService.register`
+A registered model is classifiable at once: :meth:`ModelPreparation.register`
 stores it, times its stages on the edge quickly (a few repeats), assumes the
 cloud is ``cloud_speedup`` times faster and plans with the current link
 estimate. One background worker (a single daemon thread, started by the
@@ -10,11 +10,12 @@ first job, never by a constructor) then prepares it properly:
 2. profile the edge (``profile_n_repeats``) and the cloud (its profile
    endpoint); if the cloud is unreachable, cloud = edge / cloud_speedup,
    marked "assumed";
-3. measure the per-offload overhead O with a few real offloads;
+3. measure the per-offload overhead O with a few real offloads (through the
+   background planner, waited for);
 4. build the profile (bytes on the wire measured from real payloads) and
    re-plan; the state becomes "ready" (or "failed" with the error).
 
-Stored models are planned again when the service opens: from their saved
+Stored models are planned again when the node opens: from their saved
 profile if they were ready, else with the quick assumed plan and a new
 preparation. When the cloud later refuses an offload (for example it lost
 the model on a restart), the model is pushed again, at most once per
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -43,16 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from popex.runtime.profiler import StageTimings, build_profile, time_stages
+from popex.checks import check_finite, check_int
 from popex.decision.latency import Profile
-from popex.errors import ConfigError
 from popex.edge.cloud_port import CloudError
-from popex.edge.pipeline import EdgeRunner
-from popex.edge.plans import ModelPlan
+from popex.edge.compute import EdgeCompute
 from popex.edge.store import Registration, StoredModel
+from popex.edge.worker import JobWorker
+from popex.runtime.profiler import StageTimings, build_profile, time_stages
 from popex.wire import encode_offload
 
-__all__ = ["EdgeService"]
+__all__ = ["ModelPreparation"]
 
 _log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ _QUICK_N_WARMUP = 1
 _QUICK_N_REPEATS = 3
 _N_WARMUP = 5
 _N_OVERHEAD_OFFLOADS = 5
-_HEALTH_TIMEOUT_S = 1.0
 _CLASSIFIER_N_REPEATS = 10
+_MAX_N_REPEATS = 1000
 
 
 def _wire_split_bytes(model: StoredModel, wire_dtype: str) -> np.ndarray:
@@ -76,69 +76,33 @@ def _wire_split_bytes(model: StoredModel, wire_dtype: str) -> np.ndarray:
     return np.array(sizes + [0], dtype=np.int64)
 
 
-class _Worker:
-    """One daemon thread running jobs in order; started by the first job.
-
-    A daemon, unlike ``ThreadPoolExecutor``'s workers, so that a long
-    profiling job cannot hold up the process when the server stops.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def submit(self, job: Callable[[], Any]) -> Future[Any]:
-        future: Future[Any] = Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the worker is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-            self._queue.put((future, job))
-        return future
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._queue.put(None)
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, job = item
-            if self._closed:
-                future.cancel()
-                continue
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(job())
-            except BaseException as err:  # handed to whoever waits on the future
-                future.set_exception(err)
-
-
-class EdgeService:
-    """Registered models, their preparation, and the edge's status.
+class ModelPreparation:
+    """Registered models and their preparation (push, profile, measure O, plan).
 
     Parameters
     ----------
-    runner : EdgeRunner
-        Gives the registry, plans, cloud client, monitor and O tracker.
-    cloud_url : str
-        Shown in the status.
-    emulated_link : LinkEmulator, optional
-        Shown in the status.
+    registry : ModelRegistry
+    plans : PlanBook
+        Where each model's plan is installed.
+    client : CloudClient
+        Control calls to the cloud (upload, profile, overhead offloads).
+    planner : BackgroundPlanner
+        Takes the overhead offloads' measurements; its medians go into each profile.
+    compute : EdgeCompute
+        Its ``edge_slowdown`` scales the measured edge times.
+    wire_dtype : {"float32", "float16", "int8"}
+        Precision of offloaded tensors (sets the bytes at each split).
+    distortion_aware_default : bool
+        Whether requests run the distortion classifier by default (its time
+        stands in for the fixed edge time until requests measure it).
     cloud_speedup : float
         Cloud = edge / cloud_speedup when the cloud cannot be profiled.
     profile_n_repeats : int
         Timed runs per stage when preparing (edge and cloud).
     cloud_timeout_s : float
-        Timeout of control calls to the cloud (upload, profile, overhead offloads).
-    resync_interval_s : float
-        Least time between two pushes of one model after the cloud refused it.
+        Timeout of control calls to the cloud, s.
+    resync_interval_s : float, default 10
+        Least time between two pushes of one model after the cloud refused it, s.
 
     Raises
     ------
@@ -146,36 +110,24 @@ class EdgeService:
         On a non-positive speedup, repeat count or timeout.
     """
 
-    def __init__(
-        self,
-        runner: EdgeRunner,
-        *,
-        cloud_url: str,
-        emulated_link: Any | None = None,
-        cloud_speedup: float = 1.0,
-        profile_n_repeats: int = 30,
-        cloud_timeout_s: float = 30.0,
-        resync_interval_s: float = 10.0,
-    ) -> None:
-        for name, value in (("cloud_speedup", cloud_speedup), ("profile_n_repeats", profile_n_repeats),
-                            ("cloud_timeout_s", cloud_timeout_s)):
-            if isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{name} must be positive, got {value!r}")
-        self.runner = runner
-        self.registry = runner.registry
-        self.plans = runner.plans
-        self.client = runner.client
-        self.cloud_url = cloud_url
-        self.emulated_link = emulated_link
-        self.cloud_speedup = float(cloud_speedup)
-        self.profile_n_repeats = int(profile_n_repeats)
-        self.cloud_timeout_s = float(cloud_timeout_s)
-        self.resync_interval_s = float(resync_interval_s)
-        self._worker = _Worker("popex-prepare")
+    def __init__(self, *, registry: Any, plans: Any, client: Any, planner: Any, compute: EdgeCompute,
+                 wire_dtype: str, distortion_aware_default: bool, cloud_speedup: float, profile_n_repeats: int,
+                 cloud_timeout_s: float, resync_interval_s: float = 10.0) -> None:
+        self.registry = registry
+        self.plans = plans
+        self.client = client
+        self.planner = planner
+        self.compute = compute
+        self.wire_dtype = wire_dtype
+        self.distortion_aware_default = distortion_aware_default
+        self.cloud_speedup = check_finite(cloud_speedup, name="cloud_speedup", low=0.0, low_open=True)
+        self.profile_n_repeats = check_int(profile_n_repeats, name="profile_n_repeats", low=1, high=_MAX_N_REPEATS)
+        self.cloud_timeout_s = check_finite(cloud_timeout_s, name="cloud_timeout_s", low=0.0, low_open=True)
+        self.resync_interval_s = check_finite(resync_interval_s, name="resync_interval_s", low=0.0)
+        self._worker = JobWorker("popex-prepare")
         self._jobs: dict[tuple[str, str], Future[Any]] = {}
         self._jobs_lock = threading.Lock()
         self._last_sync_s: dict[str, float] = {}
-        runner.on_cloud_rejected = self.request_sync
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -198,7 +150,18 @@ class EdgeService:
         self._worker.close()
 
     def wait_idle(self, timeout_s: float = 60.0) -> bool:
-        """Wait until no job is queued or running; False if ``timeout_s`` passed first."""
+        """Wait until no job is queued or running.
+
+        Parameters
+        ----------
+        timeout_s : float
+            Longest wait, s.
+
+        Returns
+        -------
+        bool
+            False if ``timeout_s`` passed first.
+        """
         deadline_s = time.monotonic() + timeout_s
         while True:
             with self._jobs_lock:
@@ -251,7 +214,23 @@ class EdgeService:
         return registration
 
     def register_directory(self, directory: str) -> str:
-        """Register the model files of a directory (the default model at start); return its id."""
+        """Register the model files of a directory (the default model at start).
+
+        Parameters
+        ----------
+        directory : str
+            Holds spec.json, weights.safetensors, calibration.npz.
+
+        Returns
+        -------
+        str
+            The model id.
+
+        Raises
+        ------
+        PopexError
+            If the files are missing or invalid.
+        """
         model_id = self.registry.register_directory(directory)
         model = self.registry.get(model_id)
         if model_id not in self.plans:
@@ -265,6 +244,20 @@ class EdgeService:
 
         Failures are recorded in the model's state ("failed" with the
         error), not raised: the model stays classifiable with its assumed plan.
+
+        Parameters
+        ----------
+        model_id : str
+
+        Returns
+        -------
+        StoredModel
+            In its new state.
+
+        Raises
+        ------
+        UnknownModelError
+            If no such model is registered.
         """
         model = self.registry.get(model_id)
         self.registry.set_state(model_id, "profiling")
@@ -283,143 +276,23 @@ class EdgeService:
             return self.registry.set_state(model_id, "failed", error=f"{type(err).__name__}: {err}")
 
     def request_sync(self, model_id: str) -> None:
-        """Push a model to the cloud again soon (after the cloud refused an offload); rate-limited."""
+        """Push a model to the cloud again soon (after the cloud refused an offload); rate-limited.
+
+        Only queues a job, so a request thread may call it.
+
+        Parameters
+        ----------
+        model_id : str
+        """
         now_s = time.monotonic()
         if now_s - self._last_sync_s.get(model_id, -float("inf")) < self.resync_interval_s:
             return
         self._last_sync_s[model_id] = now_s
         self._submit("sync", model_id, self._sync)
 
-    # -- views --------------------------------------------------------------------
-
-    def list_models(self) -> list[dict[str, Any]]:
-        """Every registered model: id, name, state."""
-        return [
-            {"model_id": m.model_id, "name": m.name, "state": m.state}
-            for m in (self.registry.get(i) for i in self.registry.ids())
-        ]
-
-    def describe(self, model_id: str) -> dict[str, Any]:
-        """One model: state, names, profile in use, current decision for the default deadline, experts.
-
-        Raises
-        ------
-        UnknownModelError
-        """
-        model = self.registry.get(model_id)
-        plan = self.runner.plan_of(model)
-        strategy = plan.strategy(self.runner.default_deadline_ms, self.runner.objective)
-        return {
-            "model_id": model.model_id,
-            "name": model.name,
-            "state": model.state,
-            "error": model.error,
-            "class_names": list(model.class_names),
-            "n_stages": model.loaded.net.n_stages,
-            "branch_after_stage": list(model.loaded.net.branch_after_stage),
-            "profile": plan.profile.to_dict(),
-            "cloud_profile": model.cloud_profile or "assumed",
-            "link": {"uplink_mbps": plan.link.uplink_mbps, "rtt_ms": plan.link.rtt_ms},
-            "strategy": strategy.to_dict(),
-            **self._experts_view(model, plan),
-        }
-
-    def _experts_view(self, model: StoredModel, plan: ModelPlan) -> dict[str, Any]:
-        classifier = model.classifier
-        deadline_ms, objective = self.runner.default_deadline_ms, self.runner.objective
-        return {
-            "experts": list(model.expert_names),
-            "distortion_aware_default": self.runner.distortion_aware_default and model.has_experts,
-            "distortion_classifier": None if classifier is None else {
-                "model_id": classifier.model_id,
-                "classes": list(classifier.net.class_names),
-                "input_shape": list(classifier.net.input_shape),
-            },
-            "expert_strategies": {head: plan.strategy(deadline_ms, objective, head=head).to_dict()
-                                  for head in model.expert_names},
-        }
-
-    def strategies(self, model_id: str, *, deadline_ms: float | None = None,
-                   objective: str | None = None, head: str | None = None) -> dict[str, Any]:
-        """The current strategy table of a model as JSON rows, and the row chosen for a deadline.
-
-        Parameters
-        ----------
-        model_id : str
-        deadline_ms : float, optional
-            Default: the config's default deadline.
-        objective : {"mean", "tail"}, optional
-            Default: the config's objective.
-        head : str, optional
-            Whose table: "pristine" (default) or one of the model's experts.
-
-        Raises
-        ------
-        UnknownModelError, ConfigError, UnknownHeadError
-        """
-        model = self.registry.get(model_id)
-        plan = self.runner.plan_of(model)
-        head = "pristine" if head is None else head
-        table = plan.table_of(head)
-        deadline_ms = self.runner.default_deadline_ms if deadline_ms is None else deadline_ms
-        strategy = plan.strategy(deadline_ms, self.runner.objective if objective is None else objective, head=head)
-        return {
-            "model_id": model.model_id,
-            "head": head,
-            "link": {"uplink_mbps": table.link.uplink_mbps, "rtt_ms": table.link.rtt_ms},
-            "n_rows": len(table),
-            "chosen": strategy.to_dict(),
-            "rows": table.to_rows(),
-        }
-
-    def strategies_csv(self, model_id: str) -> str:
-        """The current strategy table of a model as CSV text.
-
-        Raises
-        ------
-        UnknownModelError
-        """
-        return self.runner.plan_of(self.registry.get(model_id)).table_csv()
-
-    def status(self) -> dict[str, Any]:
-        """The edge at a glance: uplink estimate, cloud health, models and their strategies."""
-        monitor = self.runner.monitor
-        if monitor is not None:
-            uplink = monitor.status()
-        else:
-            link = self.plans.link
-            uplink = {"uplink_mbps": link.uplink_mbps, "rtt_ms": link.rtt_ms, "source": "configured",
-                      "n_samples": 0, "history": []}
-        try:
-            healthy = bool(self.client.health(timeout_s=_HEALTH_TIMEOUT_S))
-        except CloudError:
-            healthy = False
-        models = []
-        for info in self.list_models():
-            model = self.registry.get(info["model_id"])
-            strategy = self.runner.plan_of(model).strategy(self.runner.default_deadline_ms, self.runner.objective)
-            models.append({**info, "strategy": strategy.to_dict()})
-        emulated = self.emulated_link
-        return {
-            "uplink": uplink,
-            "cloud": {"url": self.cloud_url, "healthy": healthy},
-            "models": models,
-            "emulated_link": None if emulated is None else {"uplink_mbps": emulated.uplink_mbps,
-                                                            "rtt_ms": emulated.rtt_ms},
-            "emulated_edge_slowdown": self.runner.edge_slowdown,
-            "default_deadline_ms": self.runner.default_deadline_ms,
-            "objective": self.runner.objective,
-            "plan_headroom_fraction": self.plans.headroom_fraction,
-            "offload_overhead_ms": self.runner.overhead.current_ms,
-            "edge_fixed_ms": self.runner.edge_fixed.current_ms,
-            "wire_compression": self.runner.wire_compression,
-            "wire_ratio": self.runner.wire_ratio.current_ms,
-            "requests": self.runner.counts(),
-        }
-
     # -- private ------------------------------------------------------------------
 
-    def _submit(self, kind: str, model_id: str, job: Any) -> None:
+    def _submit(self, kind: str, model_id: str, job: Callable[[str], Any]) -> None:
         key = (kind, model_id)
         with self._jobs_lock:
             running = self._jobs.get(key)
@@ -427,8 +300,8 @@ class EdgeService:
                 return
             try:
                 self._jobs[key] = self._worker.submit(lambda: job(model_id))
-            except RuntimeError:  # shut down: the service is closing
-                _log.info("not queueing %s of %s: the service is closing", kind, model_id)
+            except RuntimeError:  # shut down: the node is closing
+                _log.info("not queueing %s of %s: the node is closing", kind, model_id)
 
     def _install_assumed_plan(self, model: StoredModel) -> None:
         timings = time_stages(model.loaded.net, n_warmup=_QUICK_N_WARMUP, n_repeats=_QUICK_N_REPEATS)
@@ -436,23 +309,23 @@ class EdgeService:
                            expert_calibrations=model.expert_calibrations)
 
     def _profile(self, model: StoredModel, timings: StageTimings, cloud_stage_ms: list[float] | None) -> Profile:
-        timings = dataclasses.replace(timings.scaled(self.runner.edge_slowdown),
-                                      split_bytes=_wire_split_bytes(model, self.runner.wire_dtype))
+        timings = dataclasses.replace(timings.scaled(self.compute.edge_slowdown),
+                                      split_bytes=_wire_split_bytes(model, self.wire_dtype))
         return build_profile(
             timings,
             branch_after_stage=model.loaded.net.branch_after_stage,
             cloud_stage_ms=cloud_stage_ms,
-            offload_overhead_ms=self.runner.overhead.current_ms,
+            offload_overhead_ms=self.planner.overhead.current_ms,
             edge_fixed_ms=self._edge_fixed_ms(model),
-            wire_ratio=self.runner.wire_ratio.current_ms,
+            wire_ratio=self.planner.wire_ratio.current_ms,
             cloud_speedup=self.cloud_speedup,
         )
 
     def _edge_fixed_ms(self, model: StoredModel) -> float:
         """The measured fixed edge time; before any request, the distortion classifier's time for a
         model that runs it by default (requests then measure it as part of the fixed time)."""
-        tracker = self.runner.edge_fixed
-        if tracker.n_samples or model.classifier is None or not self.runner.distortion_aware_default:
+        tracker = self.planner.edge_fixed
+        if tracker.n_samples or model.classifier is None or not self.distortion_aware_default:
             return tracker.current_ms
         return max(tracker.current_ms, model.classifier.time_one_image_ms(n_repeats=_CLASSIFIER_N_REPEATS,
                                                                           n_warmup=1))
@@ -478,20 +351,26 @@ class EdgeService:
             return None
 
     def _measure_overhead(self, model: StoredModel) -> None:
-        """A few real offloads of the input (split 0) to measure O; failures are skipped."""
+        """A few real offloads of the input (split 0) to measure O; failures are skipped.
+
+        The measurements go through the planner like a request's, and this
+        job waits for it, so the profile built next sees them.
+        """
         x = torch.zeros(1, *model.loaded.net.input_shape)
         for _ in range(_N_OVERHEAD_OFFLOADS):
             started_s = time.perf_counter()
             payload = encode_offload(x, model_id=model.model_id, split=0, request_id=uuid.uuid4().hex,
-                                     wire_dtype=self.runner.wire_dtype)
+                                     wire_dtype=self.wire_dtype)
             encode_ms = (time.perf_counter() - started_s) * 1000.0
             try:
                 result = self.client.infer(payload, timeout_s=self.cloud_timeout_s)
             except CloudError as err:
                 _log.warning("overhead offload of model %s failed: %s", model.model_id, err)
                 continue
-            self.runner.record_offload(len(payload), encode_ms=encode_ms, round_trip_ms=float(result.round_trip_ms),
-                                       cloud_ms=float(result.cloud_ms))
+            self.planner.submit_offload(len(payload), encode_ms=encode_ms, round_trip_ms=float(result.round_trip_ms),
+                                        cloud_ms=float(result.cloud_ms))
+        if not self.planner.drain(self.cloud_timeout_s):
+            _log.warning("the planner did not take the overhead measurements of %s in time", model.model_id)
 
     def _sync(self, model_id: str) -> None:
         model = self.registry.get(model_id)

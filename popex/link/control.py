@@ -25,13 +25,13 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 from popex.errors import ConfigError, PopexError
-from popex.link.profiles import MAX_RTT_MS, MAX_UPLINK_MBPS, MIN_UPLINK_MBPS, load_link_profiles
+from popex.link.profiles import MAX_RTT_MS, MAX_UPLINK_MBPS, MIN_UPLINK_MBPS, LinkProfile
 from popex.link.emulation import EMULATED_RATE_MBPS
 from popex.link.shaping import Shaping, ShapingError, apply_shaping, netem_available
 
@@ -150,6 +150,9 @@ class LinkController:
 
     Parameters
     ----------
+    profiles : mapping of str to LinkProfile
+        The named links :meth:`set_profile` knows (``configs/links.yaml``,
+        read once by whoever builds the controller).
     interface : str or None
         Interface to shape with tc; None: use the emulator.
     emulator : LinkEmulator or None
@@ -162,9 +165,10 @@ class LinkController:
         Replaces :func:`netem_available`.
     """
 
-    def __init__(self, *, interface: str | None, emulator: Any | None, dst_ip: str | None = None,
-                 apply: Callable[..., Shaping] = apply_shaping, has_netem: Callable[[], bool] = netem_available
-                 ) -> None:
+    def __init__(self, *, profiles: Mapping[str, LinkProfile], interface: str | None, emulator: Any | None,
+                 dst_ip: str | None = None, apply: Callable[..., Shaping] = apply_shaping,
+                 has_netem: Callable[[], bool] = netem_available) -> None:
+        self.profiles = dict(profiles)
         self.interface = interface
         self.emulator = emulator
         self.dst_ip = dst_ip
@@ -185,7 +189,7 @@ class LinkController:
             return self._setting
 
     def set_profile(self, name: object) -> LinkSetting:
-        """Put a profile of ``configs/links.yaml`` in force (see :meth:`set_link`).
+        """Put one of the known profiles in force (see :meth:`set_link`).
 
         Raises
         ------
@@ -193,7 +197,7 @@ class LinkController:
             On an unknown profile (the message lists the known ones).
         LinkNotAdjustable
         """
-        profiles = load_link_profiles()
+        profiles = self.profiles
         if not isinstance(name, str) or name not in profiles:
             raise ConfigError(f"unknown link profile {name!r}; known: {', '.join(profiles)}")
         profile = profiles[name]
