@@ -30,7 +30,7 @@ OBJECTIVES = ("mean", "tail")
 
 
 def check_finite(value: object, *, name: str, low: float = -math.inf, high: float = math.inf,
-                 low_open: bool = False) -> float:
+                 low_open: bool = False, allow_text: bool = True) -> float:
     """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``).
 
     Parameters
@@ -41,6 +41,12 @@ def check_finite(value: object, *, name: str, low: float = -math.inf, high: floa
         The parameter's name, for the message.
     low, high : float
         Bounds, inclusive unless ``low_open``.
+    low_open : bool
+        Whether ``low`` itself is refused.
+    allow_text : bool
+        Whether a numeric string (a form field) is read as its number;
+        False where a typed source (a config file, a library call) must
+        give a number.
 
     Returns
     -------
@@ -59,10 +65,14 @@ def check_finite(value: object, *, name: str, low: float = -math.inf, high: floa
     Traceback (most recent call last):
     ...
     popex.errors.ConfigError: rtt_ms must be a finite number, got inf
+    >>> check_finite("2", name="rtt_ms", allow_text=False)
+    Traceback (most recent call last):
+    ...
+    popex.errors.ConfigError: rtt_ms must be a number, got '2'
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:
-            if isinstance(value, (bool, bytes)) or value is None:
+            if isinstance(value, (bool, bytes)) or value is None or (isinstance(value, str) and not allow_text):
                 raise TypeError
             number = float(value)  # type: ignore[arg-type]  # numpy scalars, numeric strings from a form
         except (TypeError, ValueError) as err:
@@ -79,6 +89,19 @@ def check_finite(value: object, *, name: str, low: float = -math.inf, high: floa
 
 def check_int(value: object, *, name: str, low: int, high: int) -> int:
     """``value`` as an int in ``low..high``.
+
+    Parameters
+    ----------
+    value : object
+        What was given; bools and floats are refused.
+    name : str
+        The parameter's name, for the message.
+    low, high : int
+        Inclusive bounds.
+
+    Returns
+    -------
+    int
 
     Raises
     ------
@@ -128,6 +151,15 @@ def check_deadline_ms(deadline_ms: object, *, name: str = "deadline_ms") -> floa
 
 def check_objective(objective: object) -> str:
     """``"mean"`` or ``"tail"``.
+
+    Parameters
+    ----------
+    objective : object
+        What was given.
+
+    Returns
+    -------
+    str
 
     Raises
     ------

@@ -84,7 +84,25 @@ class Rule(Protocol):
     """What a constraint does: check one field's value and return it normalised."""
 
     def check(self, name: str, value: object) -> object:
-        """``value`` as the config stores it, or a ConfigError naming ``name``."""
+        """``value`` as the config stores it.
+
+        Parameters
+        ----------
+        name : str
+            The field, named in the message.
+        value : object
+            What the layers gave.
+
+        Returns
+        -------
+        object
+            The value to store (normalised: a float for a number, a Path for a directory).
+
+        Raises
+        ------
+        ConfigError
+            Naming ``name``, the rule and the value, when the value breaks the rule.
+        """
 
 
 @dataclass(frozen=True)
@@ -100,9 +118,8 @@ class Number:
 
     def check(self, name: str, value: object) -> float:
         """See :class:`Rule`."""
-        if isinstance(value, (str, bytes)):
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        return check_finite(value, name=name, low=self.low, high=self.high, low_open=self.low_open)
+        return check_finite(value, name=name, low=self.low, high=self.high, low_open=self.low_open,
+                            allow_text=False)
 
 
 @dataclass(frozen=True)
