@@ -26,10 +26,8 @@ from popex.settings import (
     Nullable,
     Rule,
     Secret,
-    check_settings,
+    Settings,
     load_settings,
-    settings_from_mapping,
-    settings_repr,
     yaml_layer,
 )
 
@@ -43,8 +41,8 @@ _MAX_BODY_BYTES = 2**30
 _MAX_THREADS = 1024
 
 
-@dataclass(frozen=True)
-class CloudConfig:
+@dataclass(frozen=True, repr=False)
+class CloudConfig(Settings):
     """Settings of one cloud service (configs/cloud.yaml documents every key).
 
     Attributes
@@ -65,6 +63,7 @@ class CloudConfig:
         Timed runs per stage when the edge asks for a profile without saying.
     """
 
+    _service: ClassVar[str] = "cloud"
     _constraints: ClassVar[Mapping[str, Rule]] = {
         "token": Secret(MIN_TOKEN_CHARS, "the cloud refuses to start without a token: set POPEX_TOKEN to a shared "
                                          f"secret of at least {MIN_TOKEN_CHARS} characters"),
@@ -79,36 +78,6 @@ class CloudConfig:
     max_body_bytes: int = 64 * 2**20
     n_threads: int | None = 1
     profile_n_repeats: int = 30
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> CloudConfig:
-        """The whole config from ``mapping`` alone: no YAML file, no environment.
-
-        Tests use this so that a developer's ``POPEX_CLOUD_CONFIG`` or
-        ``POPEX_TOKEN`` cannot change their outcome; keys left out take the
-        dataclass defaults.
-
-        Parameters
-        ----------
-        mapping : mapping
-            Keys of :class:`CloudConfig`.
-
-        Returns
-        -------
-        CloudConfig
-
-        Raises
-        ------
-        ConfigError
-            On an unknown key or a bad value.
-        """
-        return settings_from_mapping(cls, mapping, service="cloud")
-
-    def __repr__(self) -> str:  # never print the secret
-        return settings_repr(self)
 
 
 def load_config(overrides: Mapping[str, Any] | None = None, *,

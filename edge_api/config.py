@@ -39,10 +39,8 @@ from popex.settings import (
     Parsed,
     Rule,
     Secret,
-    check_settings,
+    Settings,
     load_settings,
-    settings_from_mapping,
-    settings_repr,
     yaml_layer,
 )
 from popex.wire import WIRE_COMPRESSIONS, WIRE_DTYPES
@@ -62,8 +60,8 @@ _ENV_KEYS = {
 _MAX_MS = 60_000.0
 
 
-@dataclass(frozen=True)
-class EdgeConfig:
+@dataclass(frozen=True, repr=False)
+class EdgeConfig(Settings):
     """Settings of one edge service (configs/edge.yaml documents every key).
 
     Attributes
@@ -136,6 +134,7 @@ class EdgeConfig:
         instead (``emulate_link``).
     """
 
+    _service: ClassVar[str] = "edge"
     _constraints: ClassVar[Mapping[str, Rule]] = {
         "token": Secret(MIN_TOKEN_CHARS, "the edge refuses to start without a token: set POPEX_TOKEN to the secret "
                                          f"shared with the cloud (at least {MIN_TOKEN_CHARS} characters)"),
@@ -198,36 +197,6 @@ class EdgeConfig:
     n_threads: int | None = 1
     start_background: bool = True
     shaping_interface: str | None = None
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> EdgeConfig:
-        """The whole config from ``mapping`` alone: no YAML file, no environment.
-
-        Tests use this so that a developer's ``POPEX_EDGE_CONFIG`` or
-        ``POPEX_TOKEN`` cannot change their outcome; keys left out take the
-        dataclass defaults.
-
-        Parameters
-        ----------
-        mapping : mapping
-            Keys of :class:`EdgeConfig`.
-
-        Returns
-        -------
-        EdgeConfig
-
-        Raises
-        ------
-        ConfigError
-            On an unknown key or a bad value.
-        """
-        return settings_from_mapping(cls, mapping, service="edge")
-
-    def __repr__(self) -> str:  # never print the secret
-        return settings_repr(self)
 
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:

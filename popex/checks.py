@@ -16,6 +16,7 @@ from popex.errors import ConfigError
 __all__ = [
     "MAX_DEADLINE_MS",
     "OBJECTIVES",
+    "check_choice",
     "check_deadline_ms",
     "check_finite",
     "check_int",
@@ -149,8 +150,39 @@ def check_deadline_ms(deadline_ms: object, *, name: str = "deadline_ms") -> floa
     return check_finite(deadline_ms, name=name, low=0.0, high=MAX_DEADLINE_MS)
 
 
+def check_choice(value: object, *, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices`` (names compared exactly: "MEAN" is not "mean").
+
+    Parameters
+    ----------
+    value : object
+        What was given.
+    name : str
+        The parameter's name, for the message.
+    choices : tuple of str
+        The allowed names.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ConfigError
+        For anything else, naming the allowed values.
+
+    Examples
+    --------
+    >>> check_choice("int8", name="wire_dtype", choices=("float32", "int8"))
+    'int8'
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
 def check_objective(objective: object) -> str:
-    """``"mean"`` or ``"tail"``.
+    """``"mean"`` or ``"tail"``: :func:`check_choice` over :data:`OBJECTIVES`.
 
     Parameters
     ----------
@@ -171,6 +203,4 @@ def check_objective(objective: object) -> str:
     >>> check_objective("tail")
     'tail'
     """
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
-    return str(objective)
+    return check_choice(objective, name="objective", choices=OBJECTIVES)

@@ -25,11 +25,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import yaml
 
-from popex.checks import check_finite, check_int
+from popex.checks import check_choice, check_finite, check_int
 from popex.errors import ConfigError
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "Parsed",
     "Secret",
     "Nullable",
+    "Settings",
     "check_settings",
     "settings_repr",
     "settings_from_mapping",
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+S = TypeVar("S", bound="Settings")
 
 
 def _constraints_of(cls: type) -> Mapping[str, Rule]:
@@ -142,9 +144,7 @@ class OneOf:
 
     def check(self, name: str, value: object) -> str:
         """See :class:`Rule`."""
-        if not isinstance(value, str) or value not in self.choices:
-            raise ConfigError(f"{name} must be one of {list(self.choices)}, got {value!r}")
-        return value
+        return check_choice(value, name=name, choices=self.choices)
 
 
 @dataclass(frozen=True)
@@ -237,6 +237,48 @@ class Nullable:
         return None if value is None else self.rule.check(name, value)
 
 
+class Settings:
+    """Base of a service's frozen config dataclass: checked on creation, built from a mapping, secret hidden.
+
+    A subclass is a ``@dataclass(frozen=True, repr=False)`` with the class
+    attributes ``_constraints`` (one :class:`Rule` per field) and
+    ``_service`` ("edge", "cloud": named in messages).
+    """
+
+    _constraints: ClassVar[Mapping[str, Rule]]
+    _service: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+    @classmethod
+    def from_mapping(cls: type[S], mapping: Mapping[str, Any]) -> S:
+        """The whole config from ``mapping`` alone: no YAML file, no environment.
+
+        Tests use this so that a developer's config file or environment
+        cannot change their outcome; keys left out take the dataclass
+        defaults.
+
+        Parameters
+        ----------
+        mapping : mapping
+            Field values.
+
+        Returns
+        -------
+        The config.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown key or a bad value.
+        """
+        return settings_from_mapping(cls, mapping, service=cls._service)
+
+    def __repr__(self) -> str:  # never print the secret
+        return settings_repr(self)
+
+
 def check_settings(config: object) -> None:
     """Apply a frozen config's ``_constraints`` to every field, storing the normalised values.
 
@@ -255,13 +297,12 @@ def check_settings(config: object) -> None:
     Examples
     --------
     >>> from dataclasses import dataclass
-    >>> from typing import ClassVar
     >>> @dataclass(frozen=True)
     ... class Demo:
-    ...     _constraints: ClassVar = {"rate_mbps": Number(low=0.0, low_open=True)}
     ...     rate_mbps: float = 1
     ...     def __post_init__(self):
     ...         check_settings(self)
+    >>> Demo._constraints = {"rate_mbps": Number(low=0.0, low_open=True)}  # a ClassVar in a real config
     >>> Demo().rate_mbps
     1.0
     >>> Demo(rate_mbps=0)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from popex.checks import OBJECTIVES, check_deadline_ms, check_finite, check_objective
+from popex.checks import OBJECTIVES, check_choice, check_deadline_ms, check_finite, check_objective
 from popex.decision.decide import Decision, DecisionIndex
 from popex.decision.sweep import DEFAULT_THRESHOLDS
 from popex.decision.table import StrategyTable
@@ -77,9 +77,7 @@ def check_policy(policy: object) -> str:
     >>> check_policy("edge-only")
     'edge-only'
     """
-    if policy not in POLICIES:
-        raise ConfigError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
-    return str(policy)
+    return check_choice(policy, name="policy", choices=POLICIES)
 
 
 def check_headroom(headroom_fraction: object) -> float:
