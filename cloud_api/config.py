@@ -20,16 +20,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from popex.cloud.runner import MAX_PROFILE_N_REPEATS
-from popex.settings import (
-    DirectoryPath,
-    Integer,
-    Nullable,
-    Rule,
-    Secret,
-    Settings,
-    load_settings,
-    yaml_layer,
-)
+from popex.constraints import DirectoryPath, Integer, Nullable, Rule, Secret
+from popex.settings import Settings, load_settings, yaml_layer
 
 __all__ = ["CloudConfig", "load_config", "DEFAULT_CONFIG_PATH", "MIN_TOKEN_CHARS"]
 
@@ -84,9 +76,6 @@ def load_config(overrides: Mapping[str, Any] | None = None, *,
                 environ: Mapping[str, str] | None = None) -> CloudConfig:
     """Build the production :class:`CloudConfig`: defaults < YAML < the environment < ``overrides``.
 
-    Tests build theirs with :meth:`CloudConfig.from_mapping` instead, so
-    that neither the YAML file nor the environment reaches them.
-
     Parameters
     ----------
     overrides : mapping, optional
@@ -103,8 +92,13 @@ def load_config(overrides: Mapping[str, Any] | None = None, *,
     Raises
     ------
     ConfigError
-        On an unknown key, a value out of range, an unreadable YAML file, or
-        no real token.
+        On an unknown key (naming its layer), a value out of range, an
+        unreadable YAML file, or no real token.
+
+    See Also
+    --------
+    CloudConfig.from_mapping : what tests build instead: neither the YAML
+        file nor the environment reaches them.
     """
     environ = os.environ if environ is None else environ
     layers = [yaml_layer(environ, env_key="POPEX_CLOUD_CONFIG", default_path=DEFAULT_CONFIG_PATH, service="cloud"),

@@ -22,27 +22,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from popex.checks import MAX_DEADLINE_MS, OBJECTIVES
+from popex.constraints import (DirectoryPath, Flag, HttpUrl, Integer, Matching, Nullable, Number, OneOf, Parsed, Rule,
+                               Secret)
 from popex.decision.policies import DEFAULT_HEADROOM_FRACTION, MAX_HEADROOM_FRACTION
 from popex.edge.uplink import RTT_METHODS
 from popex.errors import ConfigError
 from popex.link.emulation import parse_link
 from popex.link.shaping import IFACE_PATTERN
-from popex.settings import (
-    DirectoryPath,
-    Flag,
-    HttpUrl,
-    Integer,
-    Matching,
-    Nullable,
-    Number,
-    OneOf,
-    Parsed,
-    Rule,
-    Secret,
-    Settings,
-    load_settings,
-    yaml_layer,
-)
+from popex.settings import Settings, load_settings, yaml_layer
 from popex.wire import WIRE_COMPRESSIONS, WIRE_DTYPES
 
 __all__ = ["EdgeConfig", "load_config", "DEFAULT_CONFIG_PATH", "MIN_TOKEN_CHARS"]

@@ -20,7 +20,7 @@ from cloud_api.config import load_config as load_cloud_config
 from edge_api.config import EdgeConfig
 from edge_api.config import load_config as load_edge_config
 from popex.errors import ConfigError
-from popex.settings import Nullable
+from popex.constraints import Nullable
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
@@ -65,7 +65,7 @@ def test_the_yaml_file_sets_nothing_and_documents_every_default(cls, path):
     expected = cls.from_mapping({"token": TOKEN})
     for name in names:
         assert getattr(defaults, name) == getattr(expected, name), \
-            f"{path.name} shows {name}: {documented[name]!r}, but {cls.__name__} defaults to {getattr(expected, name)!r}"
+            f"{path.name} shows {name}: {documented[name]!r}; {cls.__name__} defaults to {getattr(expected, name)!r}"
     assert documented["token"] is None  # the secret has no default
 
 
