@@ -55,91 +55,6 @@ MAX_HEADROOM_FRACTION = 0.5
 DEFAULT_HEADROOM_FRACTION = 0.05
 
 
-def check_policy(policy: object) -> str:
-    """Return ``policy`` if it names a policy, else raise ConfigError naming the choices.
-
-    Parameters
-    ----------
-    policy : object
-        A name from :data:`POLICIES`.
-
-    Returns
-    -------
-    str
-
-    Raises
-    ------
-    ConfigError
-        For any other value.
-
-    Examples
-    --------
-    >>> check_policy("edge-only")
-    'edge-only'
-    """
-    return check_choice(policy, name="policy", choices=POLICIES)
-
-
-def check_headroom(headroom_fraction: object) -> float:
-    """The planning headroom as a float in [0, MAX_HEADROOM_FRACTION].
-
-    Parameters
-    ----------
-    headroom_fraction : object
-        A fraction of the requirement.
-
-    Returns
-    -------
-    float
-
-    Raises
-    ------
-    ConfigError
-        If it is not a finite number within the bounds.
-
-    Examples
-    --------
-    >>> check_headroom(0.05)
-    0.05
-    """
-    return check_finite(headroom_fraction, name="headroom_fraction", low=0.0, high=MAX_HEADROOM_FRACTION,
-                        allow_text=False)
-
-
-def edge_threshold_grids(n_branches: int) -> list[list[float]]:
-    """Per-branch threshold grids the edge plans with: the sweep's default grid plus 0.0.
-
-    The 0.0 rows ("every sample exits at this branch") are Edgent's
-    right-sized networks; they also widen POPEX's own choice when a
-    requirement is tight. Kept here, beside the policy that needs them, so
-    that the edge and the offline experiments plan with the same grid.
-
-    Parameters
-    ----------
-    n_branches : int
-        Branches of the model, >= 0.
-
-    Returns
-    -------
-    list of list of float
-        ``n_branches`` grids, each ``[0.0, 0.5, 0.55, ..., 0.95]``.
-
-    Raises
-    ------
-    ConfigError
-        If ``n_branches`` is not a non-negative int.
-
-    Examples
-    --------
-    >>> grids = edge_threshold_grids(2)
-    >>> len(grids), grids[0][:3]
-    (2, [0.0, 0.5, 0.55])
-    """
-    if isinstance(n_branches, bool) or not isinstance(n_branches, (int, np.integer)) or n_branches < 0:
-        raise ConfigError(f"n_branches must be an int >= 0, got {n_branches!r}")
-    return [[EDGENT_THRESHOLD, *DEFAULT_THRESHOLDS] for _ in range(int(n_branches))]
-
-
 def _no_exit_rows(table: StrategyTable) -> np.ndarray:
     return np.flatnonzero(np.isnan(table.thresholds).all(axis=1))
 
@@ -267,3 +182,88 @@ class PolicyBook:
                 return Decision(row=row, feasible=True, objective=objective, deadline_ms=deadline_ms)
         fastest = min(candidates, key=lambda row: (latency_ms[row], row))
         return Decision(row=fastest, feasible=False, objective=objective, deadline_ms=deadline_ms)
+
+
+def check_policy(policy: object) -> str:
+    """Return ``policy`` if it names a policy, else raise ConfigError naming the choices.
+
+    Parameters
+    ----------
+    policy : object
+        A name from :data:`POLICIES`.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ConfigError
+        For any other value.
+
+    Examples
+    --------
+    >>> check_policy("edge-only")
+    'edge-only'
+    """
+    return check_choice(policy, name="policy", choices=POLICIES)
+
+
+def check_headroom(headroom_fraction: object) -> float:
+    """The planning headroom as a float in [0, MAX_HEADROOM_FRACTION].
+
+    Parameters
+    ----------
+    headroom_fraction : object
+        A fraction of the requirement.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ConfigError
+        If it is not a finite number within the bounds.
+
+    Examples
+    --------
+    >>> check_headroom(0.05)
+    0.05
+    """
+    return check_finite(headroom_fraction, name="headroom_fraction", low=0.0, high=MAX_HEADROOM_FRACTION,
+                        allow_text=False)
+
+
+def edge_threshold_grids(n_branches: int) -> list[list[float]]:
+    """Per-branch threshold grids the edge plans with: the sweep's default grid plus 0.0.
+
+    The 0.0 rows ("every sample exits at this branch") are Edgent's
+    right-sized networks; they also widen POPEX's own choice when a
+    requirement is tight. Kept here, beside the policy that needs them, so
+    that the edge and the offline experiments plan with the same grid.
+
+    Parameters
+    ----------
+    n_branches : int
+        Branches of the model, >= 0.
+
+    Returns
+    -------
+    list of list of float
+        ``n_branches`` grids, each ``[0.0, 0.5, 0.55, ..., 0.95]``.
+
+    Raises
+    ------
+    ConfigError
+        If ``n_branches`` is not a non-negative int.
+
+    Examples
+    --------
+    >>> grids = edge_threshold_grids(2)
+    >>> len(grids), grids[0][:3]
+    (2, [0.0, 0.5, 0.55])
+    """
+    if isinstance(n_branches, bool) or not isinstance(n_branches, (int, np.integer)) or n_branches < 0:
+        raise ConfigError(f"n_branches must be an int >= 0, got {n_branches!r}")
+    return [[EDGENT_THRESHOLD, *DEFAULT_THRESHOLDS] for _ in range(int(n_branches))]
