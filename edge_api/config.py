@@ -47,6 +47,17 @@ _ENV_KEYS = {
 _MAX_MS = 60_000.0
 
 
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {key: environ[env] for env, key in _ENV_KEYS.items() if environ.get(env)}
+    if "emulate_edge_slowdown" in values:  # the only number among the environment keys
+        raw = values["emulate_edge_slowdown"]
+        try:
+            values["emulate_edge_slowdown"] = float(raw)
+        except ValueError as err:
+            raise ConfigError(f"POPEX_EMULATE_EDGE_SLOWDOWN must be a number, got {raw!r}") from err
+    return values
+
+
 @dataclass(frozen=True, repr=False)
 class EdgeConfig(Settings):
     """Settings of one edge service (configs/edge.yaml documents every key).
@@ -184,17 +195,6 @@ class EdgeConfig(Settings):
     n_threads: int | None = 1
     start_background: bool = True
     shaping_interface: str | None = None
-
-
-def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {key: environ[env] for env, key in _ENV_KEYS.items() if environ.get(env)}
-    if "emulate_edge_slowdown" in values:  # the only number among the environment keys
-        raw = values["emulate_edge_slowdown"]
-        try:
-            values["emulate_edge_slowdown"] = float(raw)
-        except ValueError as err:
-            raise ConfigError(f"POPEX_EMULATE_EDGE_SLOWDOWN must be a number, got {raw!r}") from err
-    return values
 
 
 def load_config(overrides: Mapping[str, Any] | None = None, *,
