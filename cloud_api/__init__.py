@@ -40,15 +40,23 @@ def create_app(config: CloudConfig | Mapping[str, Any] | None = None) -> Flask:
     Parameters
     ----------
     config : CloudConfig or mapping, optional
-        A ready config, or overrides layered on YAML and the environment
-        (see :func:`cloud_api.config.load_config`).
+        A ready config; a mapping is the whole config
+        (:meth:`CloudConfig.from_mapping`: tests, no YAML, no environment);
+        None reads the production layers (:func:`cloud_api.config.load_config`).
+
+    Returns
+    -------
+    Flask
 
     Raises
     ------
     popex.errors.ConfigError
         If the configuration is invalid, e.g. there is no real token.
     """
-    config = config if isinstance(config, CloudConfig) else load_config(config)
+    if config is None:
+        config = load_config()
+    elif not isinstance(config, CloudConfig):
+        config = CloudConfig.from_mapping(config)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False

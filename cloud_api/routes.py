@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, jsonify, request
@@ -16,7 +15,9 @@ from werkzeug.exceptions import BadRequest
 
 from cloud_api.auth import CONFIG_KEY, require_token
 from cloud_api.config import CloudConfig
+from popex.checks import check_int
 from popex.cloud.runner import MAX_PROFILE_N_REPEATS, CloudRunner
+from popex.errors import ConfigError
 
 __all__ = ["RUNNER_KEY", "bp", "get_runner", "init_routes"]
 
@@ -55,10 +56,11 @@ def _profile_n_repeats() -> int:
         raise BadRequest(f"the body must be JSON like {{\"n_repeats\": 30}}: {err}") from err
     if not isinstance(options, dict) or set(options) - {"n_repeats"}:
         raise BadRequest('the body must be a JSON object with at most the key "n_repeats"')
-    n_repeats = options.get("n_repeats", _config().profile_n_repeats)
-    if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or not 1 <= n_repeats <= MAX_PROFILE_N_REPEATS:
-        raise BadRequest(f"n_repeats must be an int in 1..{MAX_PROFILE_N_REPEATS}, got {n_repeats!r}")
-    return n_repeats
+    try:
+        return check_int(options.get("n_repeats", _config().profile_n_repeats), name="n_repeats",
+                         low=1, high=MAX_PROFILE_N_REPEATS)
+    except ConfigError as err:
+        raise BadRequest(str(err)) from err
 
 
 def _model_info(model_id: str, n_stages: int) -> dict[str, Any]:
@@ -71,7 +73,7 @@ def infer() -> ResponseReturnValue:
     """Finish one offloaded inference from its safetensors payload (deflated or not)."""
     reply = get_runner().infer_payload(request.get_data(cache=False), max_bytes=_config().max_body_bytes,
                                        content_encoding=request.headers.get("Content-Encoding"))
-    return jsonify(asdict(reply))
+    return jsonify(reply.to_dict())
 
 
 @bp.put("/models/<model_id>")

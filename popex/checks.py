@@ -16,6 +16,7 @@ from popex.errors import ConfigError
 __all__ = [
     "MAX_DEADLINE_MS",
     "OBJECTIVES",
+    "check_choice",
     "check_deadline_ms",
     "check_finite",
     "check_int",
@@ -30,7 +31,7 @@ OBJECTIVES = ("mean", "tail")
 
 
 def check_finite(value: object, *, name: str, low: float = -math.inf, high: float = math.inf,
-                 low_open: bool = False) -> float:
+                 low_open: bool = False, allow_text: bool = True) -> float:
     """``value`` as a float in ``[low, high]`` (``(low, high]`` with ``low_open``).
 
     Parameters
@@ -41,6 +42,12 @@ def check_finite(value: object, *, name: str, low: float = -math.inf, high: floa
         The parameter's name, for the message.
     low, high : float
         Bounds, inclusive unless ``low_open``.
+    low_open : bool
+        Whether ``low`` itself is refused.
+    allow_text : bool
+        Whether a numeric string (a form field) is read as its number;
+        False where a typed source (a config file, a library call) must
+        give a number.
 
     Returns
     -------
@@ -59,10 +66,14 @@ def check_finite(value: object, *, name: str, low: float = -math.inf, high: floa
     Traceback (most recent call last):
     ...
     popex.errors.ConfigError: rtt_ms must be a finite number, got inf
+    >>> check_finite("2", name="rtt_ms", allow_text=False)
+    Traceback (most recent call last):
+    ...
+    popex.errors.ConfigError: rtt_ms must be a number, got '2'
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:
-            if isinstance(value, (bool, bytes)) or value is None:
+            if isinstance(value, (bool, bytes)) or value is None or (isinstance(value, str) and not allow_text):
                 raise TypeError
             number = float(value)  # type: ignore[arg-type]  # numpy scalars, numeric strings from a form
         except (TypeError, ValueError) as err:
@@ -79,6 +90,19 @@ def check_finite(value: object, *, name: str, low: float = -math.inf, high: floa
 
 def check_int(value: object, *, name: str, low: int, high: int) -> int:
     """``value`` as an int in ``low..high``.
+
+    Parameters
+    ----------
+    value : object
+        What was given; bools and floats are refused.
+    name : str
+        The parameter's name, for the message.
+    low, high : int
+        Inclusive bounds.
+
+    Returns
+    -------
+    int
 
     Raises
     ------
@@ -126,8 +150,48 @@ def check_deadline_ms(deadline_ms: object, *, name: str = "deadline_ms") -> floa
     return check_finite(deadline_ms, name=name, low=0.0, high=MAX_DEADLINE_MS)
 
 
+def check_choice(value: object, *, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices`` (names compared exactly: "MEAN" is not "mean").
+
+    Parameters
+    ----------
+    value : object
+        What was given.
+    name : str
+        The parameter's name, for the message.
+    choices : tuple of str
+        The allowed names.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ConfigError
+        For anything else, naming the allowed values.
+
+    Examples
+    --------
+    >>> check_choice("int8", name="wire_dtype", choices=("float32", "int8"))
+    'int8'
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
 def check_objective(objective: object) -> str:
-    """``"mean"`` or ``"tail"``.
+    """``"mean"`` or ``"tail"``: :func:`check_choice` over :data:`OBJECTIVES`.
+
+    Parameters
+    ----------
+    objective : object
+        What was given.
+
+    Returns
+    -------
+    str
 
     Raises
     ------
@@ -139,6 +203,4 @@ def check_objective(objective: object) -> str:
     >>> check_objective("tail")
     'tail'
     """
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
-    return str(objective)
+    return check_choice(objective, name="objective", choices=OBJECTIVES)

@@ -1,4 +1,4 @@
-"""The edge -> cloud tensor wire format (DESIGN.md §6).
+"""The edge <-> cloud contract (DESIGN.md §6): the offload payload and the cloud's reply.
 
 One offloaded request is one safetensors payload: the intermediate tensor
 (batch dimension first) under the key ``"tensor"``, and string metadata::
@@ -17,12 +17,12 @@ never run code: nothing on this path is unpickled or evaluated, and tensor
 values never travel as JSON lists.
 
 On the HTTP hop the payload may travel deflate-compressed (``Content-Encoding:
-deflate``, a zlib stream, level 1): post-ReLU feature maps are a third to a
-half zeros and a normalised image has a constant background, so the bytes
-on the wire drop to 0.4-0.6x of the raw fp32 tensor for ~0.2 ms of CPU
-(see benchmarks/transport.py). :func:`decompress_payload` inflates at most
-``max_bytes``, so a small "zip bomb" body cannot make the cloud allocate more
-than the payload limit.
+deflate``, :func:`compress_payload`; :func:`decompress_payload` inflates at
+most ``max_bytes``).
+
+The cloud answers an offload with one JSON object, :class:`OffloadReply`:
+the cloud builds it with :meth:`OffloadReply.to_dict`, the edge reads it
+with :meth:`OffloadReply.from_dict`, so both sides hold the same contract.
 
 ``int8`` is symmetric per-tensor quantisation: ``scale = max|x| / 127``,
 ``q = clamp(round(x / scale), -127, 127)``, decoded as ``q * scale``; every
@@ -31,18 +31,25 @@ value is reproduced within ``scale / 2``. An all-zero tensor gets scale 1.0.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
-import safetensors
 import torch
 from safetensors.numpy import save as safetensors_save
 
-from popex.errors import ConfigError, PopexError
+from popex._wire_bytes import (
+    CONTENT_ENCODINGS,
+    MAX_WIRE_BYTES,
+    WIRE_COMPRESSIONS,
+    compress_payload,
+    decompress_payload,
+    deserialize,
+    read_header,
+)
+from popex._wire_errors import UnsupportedEncodingError, WireError
+from popex.errors import ConfigError
 
 __all__ = [
     "WIRE_DTYPES",
@@ -54,6 +61,7 @@ __all__ = [
     "WireError",
     "UnsupportedEncodingError",
     "OffloadRequest",
+    "OffloadReply",
     "encode_offload",
     "decode_offload",
     "compress_payload",
@@ -63,14 +71,7 @@ __all__ = [
 WIRE_DTYPES = ("float32", "float16", "int8")
 WIRE_FORMAT_VERSION = "1"
 TENSOR_KEY = "tensor"
-MAX_WIRE_BYTES = 64 * 2**20
-#: HTTP Content-Encoding values the cloud accepts on an offload ("identity" = as is).
-CONTENT_ENCODINGS = ("identity", "deflate")
-#: What an edge may do to payloads on the HTTP hop (its ``wire_compression`` setting).
-WIRE_COMPRESSIONS = ("deflate", "none")
-_DEFLATE_LEVEL = 1  # level 6 saves another 2-5% of the bytes for 1.5x the time
 
-_MAX_HEADER_BYTES = 64 * 1024  # a real header is ~300 bytes; refuse to JSON-parse more
 _MAX_ID_CHARS = 128
 _MAX_SPLIT = 100_000
 _MAX_NDIM = 8
@@ -81,32 +82,11 @@ _OPTIONAL_METADATA = ("head", "scale")
 # safetensors dtype tag and the little-endian numpy dtype of each wire dtype
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "int8": "I8"}
 _NUMPY_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
-
-
-class WireError(PopexError):
-    """An offload payload is malformed: not safetensors, wrong keys, metadata or values."""
-
-    code = "bad_tensor"
-
-
-class UnsupportedEncodingError(WireError):
-    """An offload arrived with a Content-Encoding the cloud does not speak."""
-
-    http_status = 415
-    code = "unsupported_media_type"
+_MAX_LABEL = 2**31 - 1
+_MAX_REPLY_MS = 3_600_000.0
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-def _describe_not_safetensors(data: bytes) -> str:
-    if data[:1] == b"\x80":
-        return "it looks like a Python pickle, which POPEX never reads; send a safetensors payload"
-    if data[:4] == b"PK\x03\x04":
-        return "it looks like a torch.save() zip (a pickle inside), which POPEX never reads"
-    if data[:1] in (b"{", b"["):
-        return "it looks like JSON; tensors travel as safetensors, never as JSON lists"
-    return "it is not a valid safetensors payload"
 
 
 def _check_id(value: object, name: str) -> str:
@@ -114,32 +94,6 @@ def _check_id(value: object, name: str) -> str:
         raise WireError(f"{name} must be a non-empty printable string of at most {_MAX_ID_CHARS} characters, "
                         f"got {str(value)[:40]!r}")
     return value
-
-
-def _read_header(data: bytes) -> dict:
-    """The JSON header, after checking its length field (safetensors re-checks all of it)."""
-    if len(data) < 8:
-        raise WireError(f"payload is {len(data)} bytes, too short for safetensors: {_describe_not_safetensors(data)}")
-    n_header_bytes = int.from_bytes(data[:8], "little")
-    if n_header_bytes > min(_MAX_HEADER_BYTES, len(data) - 8):
-        raise WireError(f"cannot read the payload: {_describe_not_safetensors(data)} "
-                        f"(header length field says {n_header_bytes} bytes)")
-    try:
-        header = json.loads(data[8:8 + n_header_bytes])
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise WireError(f"cannot read the payload: {_describe_not_safetensors(data)}") from err
-    if not isinstance(header, dict):
-        raise WireError("cannot read the payload: its safetensors header is not a JSON object")
-    return header
-
-
-def _deserialize(data: bytes) -> list:
-    try:
-        return safetensors.deserialize(data)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as err:  # SafetensorError, or a Rust panic surfaced as a BaseException
-        raise WireError(f"cannot read the payload: {_describe_not_safetensors(data)} ({err})") from err
 
 
 def _check_metadata(metadata: object) -> dict[str, str]:
@@ -181,6 +135,21 @@ def _parse_scale(metadata: dict[str, str]) -> float | None:
     return scale
 
 
+def _reply_number(body: dict, key: str, *, high: float) -> float:
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 <= value <= high:
+        raise WireError(f"the cloud's reply has {key} = {str(value)[:40]!r}; expected a finite number in [0, {high:g}]")
+    return float(value)
+
+
+def _reply_text(body: dict, key: str) -> str:
+    value = body[key]
+    if not isinstance(value, str):
+        raise WireError(f"the cloud's reply has {key} = {str(value)[:40]!r}; expected a string")
+    return value
+
+
 def _quantise_int8(x: np.ndarray) -> tuple[np.ndarray, float]:
     max_abs = float(np.abs(x).max())
     scale = max_abs / _INT8_MAX if max_abs > 0 else 1.0
@@ -188,7 +157,7 @@ def _quantise_int8(x: np.ndarray) -> tuple[np.ndarray, float]:
     return q, scale
 
 
-# -- request -----------------------------------------------------------------------
+# -- request and reply -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -205,6 +174,97 @@ class OffloadRequest:
     request_id: str
     head: str | None
     n_bytes: int
+
+
+@dataclass(frozen=True)
+class OffloadReply:
+    """The cloud's answer to one offload: the body of ``POST /api/v1/infer``.
+
+    Attributes
+    ----------
+    label : int
+        Class index of the final exit.
+    class_name : str
+        Its name.
+    confidence : float
+        Max softmax probability of the final exit (temperature 1), in [0, 1].
+    cloud_ms : float
+        The cloud's inflate + decode + compute time, ms: the edge subtracts
+        it from its round trip to get the transfer time.
+    request_id : str
+        The payload's ``request_id``, echoed.
+    model_id : str
+        The payload's ``model_id``, echoed.
+    """
+
+    label: int
+    class_name: str
+    confidence: float
+    cloud_ms: float
+    request_id: str
+    model_id: str
+
+    def to_dict(self) -> dict[str, int | float | str]:
+        """The JSON object the cloud sends, keys in field order.
+
+        Returns
+        -------
+        dict
+            ``{"label", "class_name", "confidence", "cloud_ms", "request_id", "model_id"}``.
+
+        Examples
+        --------
+        >>> OffloadReply(3, "cat", 0.9, 1.5, "r1", "m").to_dict()["class_name"]
+        'cat'
+        """
+        return {"label": self.label, "class_name": self.class_name, "confidence": self.confidence,
+                "cloud_ms": self.cloud_ms, "request_id": self.request_id, "model_id": self.model_id}
+
+    @classmethod
+    def from_dict(cls, body: object) -> OffloadReply:
+        """Check a reply received from the cloud and type it.
+
+        Keys beyond the six of :meth:`to_dict` are ignored, so a newer cloud
+        may add some.
+
+        Parameters
+        ----------
+        body : object
+            The parsed JSON body.
+
+        Returns
+        -------
+        OffloadReply
+
+        Raises
+        ------
+        WireError
+            If ``body`` is not an object with the six keys, ``label`` is not
+            an int >= 0, ``confidence`` is not in [0, 1], ``cloud_ms`` is not
+            a finite number >= 0, or a name or id is not a string.
+
+        Examples
+        --------
+        >>> reply = OffloadReply(3, "cat", 0.9, 1.5, "r1", "m")
+        >>> OffloadReply.from_dict(reply.to_dict()) == reply
+        True
+        >>> OffloadReply.from_dict({"label": 3})
+        Traceback (most recent call last):
+        ...
+        popex.wire.WireError: the cloud's reply lacks ['class_name', 'confidence', 'cloud_ms', 'request_id', 'model_id']
+        """
+        if not isinstance(body, dict):
+            raise WireError(f"the cloud's reply must be a JSON object, got {type(body).__name__}")
+        missing = [field.name for field in fields(cls) if field.name not in body]
+        if missing:
+            raise WireError(f"the cloud's reply lacks {missing}")
+        label = body["label"]
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= _MAX_LABEL:
+            raise WireError(f"the cloud's reply has label = {str(label)[:40]!r}; expected an int >= 0")
+        return cls(label=label, class_name=_reply_text(body, "class_name"),
+                   confidence=_reply_number(body, "confidence", high=1.0),
+                   cloud_ms=_reply_number(body, "cloud_ms", high=_MAX_REPLY_MS),
+                   request_id=_reply_text(body, "request_id"), model_id=_reply_text(body, "model_id"))
 
 
 # -- public functions --------------------------------------------------------------
@@ -330,8 +390,8 @@ def decode_offload(data: bytes, *, max_bytes: int = MAX_WIRE_BYTES) -> OffloadRe
         raise WireError("empty payload: expected a safetensors tensor")
     if len(data) > max_bytes:
         raise WireError(f"payload is {len(data)} bytes; at most {max_bytes} are accepted")
-    header = _read_header(data)  # cheap checks and clear messages before the full parse
-    entries = _deserialize(data)
+    header = read_header(data)  # cheap checks and clear messages before the full parse
+    entries = deserialize(data)
     metadata = _check_metadata(header.get("__metadata__"))
     names = [name for name, _ in entries]
     if names != [TENSOR_KEY]:
@@ -361,54 +421,3 @@ def decode_offload(data: bytes, *, max_bytes: int = MAX_WIRE_BYTES) -> OffloadRe
         head=_check_id(metadata["head"], "head") if "head" in metadata else None,
         n_bytes=len(data),
     )
-
-
-def compress_payload(payload: bytes) -> bytes | None:
-    """Deflate a wire payload for the HTTP hop; None when that would not shrink it.
-
-    Examples
-    --------
-    >>> payload = encode_offload(torch.zeros(1, 256), model_id="m", split=1, request_id="r")
-    >>> body = compress_payload(payload)
-    >>> len(body) < len(payload), decompress_payload(body, encoding="deflate") == payload
-    (True, True)
-    """
-    body = zlib.compress(payload, _DEFLATE_LEVEL)
-    return body if len(body) < len(payload) else None
-
-
-def decompress_payload(body: bytes, *, encoding: str | None, max_bytes: int = MAX_WIRE_BYTES) -> bytes:
-    """The wire payload inside an HTTP body sent with ``Content-Encoding: encoding``.
-
-    Parameters
-    ----------
-    body : bytes
-        The request body as received.
-    encoding : str or None
-        The Content-Encoding header; None or "identity" for an uncompressed body.
-    max_bytes : int
-        Largest payload accepted after inflating.
-
-    Raises
-    ------
-    UnsupportedEncodingError
-        For an encoding other than :data:`CONTENT_ENCODINGS` (HTTP 415).
-    WireError
-        If the body is not a complete zlib stream or inflates beyond ``max_bytes``.
-    """
-    name = (encoding or "identity").strip().lower()
-    if name == "identity":
-        return bytes(body)
-    if name != "deflate":
-        raise UnsupportedEncodingError(f"Content-Encoding {encoding[:40]!r} is not supported; "
-                                       f"use one of {list(CONTENT_ENCODINGS)}")
-    inflater = zlib.decompressobj()
-    try:
-        payload = inflater.decompress(body, max_bytes + 1)
-    except zlib.error as err:
-        raise WireError(f"the body says Content-Encoding: deflate but is not a zlib stream ({err})") from err
-    if len(payload) > max_bytes or inflater.unconsumed_tail:
-        raise WireError(f"the deflated payload inflates beyond the {max_bytes}-byte limit")
-    if not inflater.eof or inflater.unused_data:
-        raise WireError("the deflated payload is truncated or has trailing bytes")
-    return payload

@@ -332,9 +332,11 @@ def test_scanner_finds_each_forbidden_pattern():
 
 
 def test_transport_code_has_no_unsafe_deserialisation():
-    roots = [REPO / "popex" / "runtime", REPO / "cloud_api", REPO / "edge_api"]
+    roots = [REPO / "popex" / tier for tier in ("runtime", "edge", "cloud", "link")] + [REPO / "cloud_api",
+                                                                                         REPO / "edge_api"]
     files = [path for root in roots if root.is_dir() for path in sorted(root.rglob("*.py"))]
-    assert any(path.name == "wire.py" for path in files)
+    files += sorted((REPO / "popex").glob("*wire*.py"))
+    assert {"wire.py", "_wire_bytes.py", "runner.py", "store.py"} <= {path.name for path in files}
     found = {str(path.relative_to(REPO)): _scan(path.read_text()) for path in files}
     assert {path: names for path, names in found.items() if names} == {}
 

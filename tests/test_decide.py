@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from popex.checks import MAX_DEADLINE_MS
 from popex.decision.calibration import Calibration
 from popex.decision.decide import Decision, DecisionIndex, decide
 from popex.decision.latency import Link, Profile
@@ -51,7 +52,7 @@ def _brute_force(table, deadline_ms, objective):
 
 
 deadlines = st.one_of(
-    st.sampled_from([0.0, 1.0, 2.5, 3.0, 7.0, 10.0, 12.25, 24.5, math.inf]),
+    st.sampled_from([0.0, 1.0, 2.5, 3.0, 7.0, 10.0, 12.25, 24.5, MAX_DEADLINE_MS]),
     st.floats(0.0, 30.0),
 )
 
@@ -92,7 +93,7 @@ def test_index_matches_decide_on_planner_table(seed):
     for objective in ("mean", "tail"):
         index = DecisionIndex(table, objective=objective)
         latency = table.latency_ms(objective)
-        candidates = np.concatenate([latency[::37], latency[::53] - 1e-9, [0.0, math.inf]])
+        candidates = np.concatenate([latency[::37], latency[::53] - 1e-9, [0.0, MAX_DEADLINE_MS]])
         for deadline_ms in np.clip(candidates, 0.0, None).tolist():
             decision = decide(table, deadline_ms=deadline_ms, objective=objective)
             assert index.lookup(deadline_ms) == decision
@@ -104,7 +105,7 @@ def test_infeasible_and_unbounded():
     slow = decide(table, deadline_ms=0.0)
     assert not slow.feasible
     assert slow.row == int(np.argmin(table.expected_latency_ms))
-    free = decide(table, deadline_ms=math.inf, objective="tail")
+    free = decide(table, deadline_ms=MAX_DEADLINE_MS, objective="tail")
     assert free.feasible and table.n_correct[free.row] == table.n_correct.max()
     as_dict = free.as_dict(table)
     assert as_dict["feasible"] is True
@@ -120,7 +121,7 @@ def test_unknown_objective(objective):
         DecisionIndex(table, objective=objective)
 
 
-@pytest.mark.parametrize("deadline_ms", [-1.0, math.nan, "soon", True])
+@pytest.mark.parametrize("deadline_ms", [-1.0, math.nan, math.inf, -math.inf, MAX_DEADLINE_MS * 2, "soon", True, None])
 def test_bad_deadline(deadline_ms):
     table = _planner_table(1)
     with pytest.raises(ConfigError, match="deadline_ms"):

@@ -115,5 +115,5 @@ def test_headroom_holds_every_policy_to_the_reduced_requirement(instance, headro
 def test_a_bad_headroom_is_a_config_error(headroom) -> None:
     from tests.test_decide import _planner_table
 
-    with pytest.raises(ConfigError, match="headroom must be a fraction"):
+    with pytest.raises(ConfigError, match="headroom_fraction must be"):
         PolicyBook.build(_planner_table(0), headroom_fraction=headroom)

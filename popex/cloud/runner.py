@@ -1,9 +1,9 @@
-"""The cloud side of a split inference: registered models, stages split+1..N, final exit.
+"""The cloud half of a split inference: stages split+1..N and the final exit.
 
-Models are registered by the edge (spec JSON + safetensors weights, never a
-pickle) and stored under ``<state_dir>/models/<model_id>/``, so they survive
-a restart and are shared by every worker process on the same state dir: a
-model missing from memory is looked up on disk before it is called unknown.
+:class:`CloudRunner` is the cloud tier's one object: it owns the
+:class:`~popex.cloud.store.ModelStore` of registered models and runs their
+remaining stages on decoded offloads, answering with the wire contract's
+:class:`~popex.wire.OffloadReply`.
 
 A model with expert head sets needs nothing special here: its spec and
 weights hold every head set, and an offload's ``head`` metadata says whose
@@ -12,47 +12,23 @@ final stage to run (the edge's distortion classifier chose it).
 
 from __future__ import annotations
 
-import logging
 import os
-import re
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from popex.checks import check_int
+from popex.cloud.store import ModelStore
+from popex.nets.io import LoadedModel
 from popex.runtime.profiler import time_stages
-from popex.errors import PopexError, UnknownModelError
-from popex.nets.early_exit import UnknownHeadError
-from popex.nets.io import SPEC_FILE, WEIGHTS_FILE, LoadedModel, compute_model_id, load_model, load_model_bytes
-from popex.nets.spec import parse_spec_json
-from popex.wire import MAX_WIRE_BYTES, OffloadRequest, WireError, decode_offload, decompress_payload
+from popex.wire import MAX_WIRE_BYTES, OffloadReply, OffloadRequest, WireError, decode_offload, decompress_payload
 
-__all__ = [
-    "MODELS_DIR",
-    "MAX_PROFILE_N_REPEATS",
-    "UnknownModelError",
-    "UnknownHeadError",
-    "ModelIdMismatchError",
-    "CloudResult",
-    "CloudReply",
-    "CloudRunner",
-]
+__all__ = ["MAX_PROFILE_N_REPEATS", "CloudResult", "CloudRunner"]
 
-log = logging.getLogger(__name__)
-
-MODELS_DIR = "models"
+#: Most timed runs per stage one profile may ask for.
 MAX_PROFILE_N_REPEATS = 1_000
-_MODEL_ID_RE = re.compile(r"[0-9a-f]{64}")
-
-
-class ModelIdMismatchError(PopexError):
-    """The id a model was uploaded under is not the sha256 of its spec and weights."""
-
-    code = "model_id_mismatch"
 
 
 @dataclass(frozen=True)
@@ -65,128 +41,41 @@ class CloudResult:
     cloud_ms: float
 
 
-@dataclass(frozen=True)
-class CloudReply:
-    """What the cloud answers to one offload; ``cloud_ms`` is decode + compute time in ms."""
-
-    label: int
-    class_name: str
-    confidence: float
-    cloud_ms: float
-    request_id: str
-    model_id: str
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; durability is best effort there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class CloudRunner:
     """Registered models and the cloud half of each split inference.
 
     Parameters
     ----------
     state_dir : path
-        Directory holding ``models/<model_id>/{spec.json,weights.safetensors}``;
-        created if missing. Every model found there is loaded now.
+        Directory of the :class:`~popex.cloud.store.ModelStore`; created if
+        missing. Every model found there is loaded now.
     n_threads : int, optional
         Torch intra-op threads used when profiling (None: torch's default).
 
     Notes
     -----
-    Thread-safe: registration and lookups take a lock; inference runs the
-    network under ``torch.inference_mode()``, which changes no module state,
-    so requests for the same model run concurrently.
+    Thread-safe: the store takes its own locks; inference runs the network
+    under ``torch.inference_mode()``, which changes no module state, so
+    requests for the same model run concurrently.
     """
 
     def __init__(self, state_dir: str | os.PathLike[str], *, n_threads: int | None = None) -> None:
-        self.state_dir = Path(state_dir)
+        self.store = ModelStore(state_dir)
+        self.state_dir = self.store.state_dir
         self.n_threads = n_threads
-        self._models_dir = self.state_dir / MODELS_DIR
-        self._models_dir.mkdir(parents=True, exist_ok=True)
-        self._models: dict[str, LoadedModel] = {}
-        self._shapes: dict[str, list[tuple[int, ...]]] = {}  # per model: shape after each split 0..N
-        self._lock = threading.Lock()
-        self._store_lock = threading.Lock()
         self._profile_lock = threading.Lock()  # one profile at a time: they would skew each other
-        for directory in sorted(self._models_dir.iterdir()):
-            if directory.is_dir() and _MODEL_ID_RE.fullmatch(directory.name):
-                self._load_from_disk(directory.name)
 
     @property
     def n_models(self) -> int:
         """Number of models loaded in this process."""
-        with self._lock:
-            return len(self._models)
-
-    # -- registry ------------------------------------------------------------------
-
-    def _load_from_disk(self, model_id: str) -> LoadedModel | None:
-        """Load a stored model; a broken directory is logged and skipped, not fatal."""
-        directory = self._models_dir / model_id
-        if not (directory / SPEC_FILE).is_file():
-            return None
-        try:
-            loaded = load_model(directory)
-        except PopexError as err:
-            log.warning("skipping stored model %s: %s", directory, err)
-            return None
-        if loaded.model_id != model_id:
-            log.warning("skipping stored model %s: its content hashes to %s", directory, loaded.model_id)
-            return None
-        return self._add(loaded)
+        return self.store.n_models
 
     def get(self, model_id: str) -> LoadedModel:
-        """The registered model ``model_id``.
-
-        Raises
-        ------
-        UnknownModelError
-            If no model with this id is registered (here or on disk).
-        """
-        with self._lock:
-            loaded = self._models.get(model_id)
-        if loaded is None and isinstance(model_id, str) and _MODEL_ID_RE.fullmatch(model_id):
-            loaded = self._load_from_disk(model_id)  # registered by another worker on the same state dir
-        if loaded is None:
-            raise UnknownModelError(f"model {str(model_id)[:80]!r} is not registered on this cloud; "
-                                    "upload it with PUT /api/v1/models/<model_id>")
-        return loaded
-
-    def has(self, model_id: str) -> bool:
-        """Whether model ``model_id`` is registered."""
-        try:
-            self.get(model_id)
-        except UnknownModelError:
-            return False
-        return True
-
-    def register(self, model_id: str, spec_bytes: bytes, weights_bytes: bytes) -> LoadedModel:
-        """Check, store and load a model uploaded by the edge; idempotent.
+        """The registered model ``model_id``: :meth:`ModelStore.get <popex.cloud.store.ModelStore.get>`.
 
         Parameters
         ----------
         model_id : str
-            The id the edge claims: must be the sha256 of the canonical spec
-            followed by the weights (see :func:`popex.nets.io.compute_model_id`).
-        spec_bytes : bytes
-            The spec JSON.
-        weights_bytes : bytes
-            The weights, safetensors only (a pickle is refused, never read).
 
         Returns
         -------
@@ -194,57 +83,46 @@ class CloudRunner:
 
         Raises
         ------
-        SpecError, WeightsError
-            If the spec or the weights are invalid or do not fit each other.
-        ModelIdMismatchError
-            If the content hashes to another id than ``model_id``.
+        UnknownModelError
+            If no model with this id is registered (here or on disk).
         """
-        if self.has(model_id):
-            computed = compute_model_id(parse_spec_json(spec_bytes), weights_bytes)
-            self._check_id(model_id, computed)
-            return self.get(model_id)
-        loaded = load_model_bytes(spec_bytes, weights_bytes)
-        self._check_id(model_id, loaded.model_id)
-        self._store(model_id, spec_bytes, weights_bytes)
-        loaded = self._add(loaded)
-        log.info("registered model %s (%s, %d stages)", model_id, loaded.spec.get("name"), loaded.net.n_stages)
-        return loaded
+        return self.store.get(model_id)
 
-    def _add(self, loaded: LoadedModel) -> LoadedModel:
-        """Make a checked model visible; the first of two concurrent adds wins."""
-        shapes = loaded.net.stage_output_shapes()  # a forward pass: done once, outside the lock
-        with self._lock:
-            if loaded.model_id not in self._models:
-                self._shapes[loaded.model_id] = shapes
-                self._models[loaded.model_id] = loaded
-            return self._models[loaded.model_id]
+    def has(self, model_id: str) -> bool:
+        """Whether model ``model_id`` is registered.
 
-    @staticmethod
-    def _check_id(model_id: str, computed: str) -> None:
-        if model_id != computed:
-            raise ModelIdMismatchError(
-                f"model id {str(model_id)[:80]!r} does not match its content: spec + weights hash to {computed}; "
-                "upload the model under the id popex.nets.io.compute_model_id gives"
-            )
+        Parameters
+        ----------
+        model_id : str
 
-    def _store(self, model_id: str, spec_bytes: bytes, weights_bytes: bytes) -> None:
-        """Write both files into a temporary directory, then rename it into place (atomic)."""
-        final = self._models_dir / model_id
-        with self._store_lock:
-            if (final / SPEC_FILE).is_file():
-                return  # stored already, e.g. by another worker process on this state dir
-            tmp = Path(tempfile.mkdtemp(dir=self._models_dir, prefix=f".{model_id[:12]}."))
-            try:
-                _write_file(tmp / WEIGHTS_FILE, weights_bytes)
-                _write_file(tmp / SPEC_FILE, spec_bytes)
-                os.replace(tmp, final)
-                _fsync_dir(self._models_dir)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not (final / SPEC_FILE).is_file():  # else another process stored it first
-                    raise
+        Returns
+        -------
+        bool
+        """
+        return self.store.has(model_id)
 
-    # -- inference -----------------------------------------------------------------
+    def register(self, model_id: str, spec_bytes: bytes, weights_bytes: bytes) -> LoadedModel:
+        """Check, store and load a model uploaded by the edge: :meth:`popex.cloud.store.ModelStore.register`.
+
+        Parameters
+        ----------
+        model_id : str
+            sha256 of the canonical spec followed by the weights.
+        spec_bytes : bytes
+            The spec JSON.
+        weights_bytes : bytes
+            The weights, safetensors only.
+
+        Returns
+        -------
+        LoadedModel
+
+        Raises
+        ------
+        SpecError, WeightsError, ModelIdMismatchError
+            As :meth:`popex.cloud.store.ModelStore.register`.
+        """
+        return self.store.register(model_id, spec_bytes, weights_bytes)
 
     def infer(self, request: OffloadRequest) -> CloudResult:
         """Run stages split+1..N and the final exit on a decoded offload.
@@ -272,13 +150,12 @@ class CloudRunner:
             tensor's shape is not the model's shape at that split.
         """
         start_s = time.perf_counter()
-        loaded = self.get(request.model_id)
-        net = loaded.net
+        net = self.store.get(request.model_id).net
         head = net.check_head(request.head)
         if not 0 <= request.split < net.n_stages:
             raise WireError(f"split {request.split} is out of range for model {request.model_id[:12]}: "
                             f"the cloud runs stages split+1..{net.n_stages}, so split must be in 0..{net.n_stages - 1}")
-        expected = (1, *self._shapes[request.model_id][request.split])
+        expected = (1, *self.store.split_shape(request.model_id, request.split))
         if tuple(request.tensor.shape) != expected:
             raise WireError(f"tensor shape {list(request.tensor.shape)} does not fit model "
                             f"{request.model_id[:12]} at split {request.split}: expected {list(expected)} "
@@ -296,11 +173,23 @@ class CloudRunner:
         )
 
     def infer_payload(self, payload: bytes, *, max_bytes: int = MAX_WIRE_BYTES,
-                      content_encoding: str | None = None) -> CloudReply:
+                      content_encoding: str | None = None) -> OffloadReply:
         """Decode a wire payload and finish its inference: what ``POST /api/v1/infer`` does.
 
-        ``cloud_ms`` in the reply covers inflating, decoding and compute, so
-        the edge can subtract it from its round trip to get the transfer time.
+        Parameters
+        ----------
+        payload : bytes
+            The request body.
+        max_bytes : int
+            Largest payload accepted, after inflating.
+        content_encoding : str, optional
+            The request's Content-Encoding ("deflate" or none).
+
+        Returns
+        -------
+        OffloadReply
+            Its ``cloud_ms`` covers inflating, decoding and compute, so the
+            edge can subtract it from its round trip to get the transfer time.
 
         Raises
         ------
@@ -312,7 +201,7 @@ class CloudRunner:
         payload = decompress_payload(payload, encoding=content_encoding, max_bytes=max_bytes)
         request = decode_offload(payload, max_bytes=max_bytes)
         result = self.infer(request)
-        return CloudReply(
+        return OffloadReply(
             label=result.label,
             class_name=result.class_name,
             confidence=result.confidence,
@@ -321,14 +210,13 @@ class CloudRunner:
             model_id=request.model_id,
         )
 
-    # -- profiling -----------------------------------------------------------------
-
     def profile(self, model_id: str, *, n_repeats: int) -> list[float]:
         """Median cloud time of each stage, in ms, measured now on this machine.
 
         Parameters
         ----------
         model_id : str
+            A registered model.
         n_repeats : int
             Timed runs per stage, 1..MAX_PROFILE_N_REPEATS.
 
@@ -341,13 +229,11 @@ class CloudRunner:
         ------
         UnknownModelError
             If the model is not registered.
-        ValueError
-            If ``n_repeats`` is out of range (callers validate user input).
+        ConfigError
+            If ``n_repeats`` is out of range.
         """
-        if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or \
-                not 1 <= n_repeats <= MAX_PROFILE_N_REPEATS:
-            raise ValueError(f"n_repeats must be an int in 1..{MAX_PROFILE_N_REPEATS}, got {n_repeats!r}")
-        net = self.get(model_id).net
+        n_repeats = check_int(n_repeats, name="n_repeats", low=1, high=MAX_PROFILE_N_REPEATS)
+        net = self.store.get(model_id).net
         with self._profile_lock:
             timings = time_stages(net, n_warmup=min(5, n_repeats), n_repeats=n_repeats, n_threads=self.n_threads)
         return [float(ms) for ms in timings.stage_ms]

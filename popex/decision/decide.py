@@ -5,6 +5,10 @@ worst case) is <= the deadline, the most accurate; ties go to the lower
 latency, then to the lower row index. If no row is feasible, the fastest
 row (ties: lowest index), marked infeasible.
 
+The public entries (:func:`decide`, :meth:`DecisionIndex.lookup`) check
+their arguments with :mod:`popex.checks`; a requirement must be finite
+(at most :data:`popex.checks.MAX_DEADLINE_MS`).
+
 :func:`decide` scans the table; :class:`DecisionIndex` answers the same
 question in O(log n) after an O(n log n) build, for the edge's hot path.
 """
@@ -12,12 +16,12 @@ question in O(log n) after an O(n log n) build, for the edge's hot path.
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from popex.decision.table import StrategyTable, _check_objective, _front_order
+from popex.checks import check_deadline_ms, check_objective
+from popex.decision.table import StrategyTable, _front_order
 from popex.errors import ConfigError
 
 __all__ = [
@@ -25,18 +29,6 @@ __all__ = [
     "DecisionIndex",
     "decide",
 ]
-
-
-def _check_deadline(deadline_ms: object) -> float:
-    if isinstance(deadline_ms, bool):
-        raise ConfigError(f"deadline_ms must be a number, got {deadline_ms!r}")
-    try:
-        value = float(deadline_ms)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"deadline_ms must be a number, got {deadline_ms!r}") from err
-    if math.isnan(value) or value < 0:
-        raise ConfigError(f"deadline_ms must be >= 0, got {deadline_ms!r}")
-    return value
 
 
 def _check_table(table: object) -> StrategyTable:
@@ -118,7 +110,7 @@ class DecisionIndex:
     """
 
     def __init__(self, table: StrategyTable, *, objective: str = "mean") -> None:
-        self.objective = _check_objective(objective)
+        self.objective = check_objective(objective)
         self.table = _check_table(table)
         latency_ms = table.latency_ms(self.objective)
         order, _, best = _front_order(latency_ms, table.n_correct)
@@ -133,7 +125,7 @@ class DecisionIndex:
         Parameters
         ----------
         deadline_ms : float
-            Latency requirement in ms, >= 0.
+            Latency requirement in ms, finite, in [0, MAX_DEADLINE_MS].
 
         Returns
         -------
@@ -142,9 +134,13 @@ class DecisionIndex:
         Raises
         ------
         ConfigError
-            On a negative or NaN deadline.
+            On a deadline that is not a number, NaN, infinite, negative or
+            above :data:`popex.checks.MAX_DEADLINE_MS`.
         """
-        deadline_ms = _check_deadline(deadline_ms)
+        return self._lookup(check_deadline_ms(deadline_ms))
+
+    def _lookup(self, deadline_ms: float) -> Decision:
+        """:meth:`lookup` for a checked ``deadline_ms`` (the policies check it once, then call this)."""
         n_feasible = bisect.bisect_right(self._sorted_latency_ms, deadline_ms)
         if n_feasible == 0:
             return Decision(self._fastest_row, False, self.objective, deadline_ms)
@@ -159,7 +155,8 @@ def decide(table: StrategyTable, *, deadline_ms: float, objective: str = "mean")
     table : StrategyTable
         Non-empty strategy table.
     deadline_ms : float
-        Latency requirement D in ms, >= 0 (``inf`` means no requirement).
+        Latency requirement D in ms, finite, in [0, MAX_DEADLINE_MS]
+        (the most accurate row: a deadline of ``MAX_DEADLINE_MS``).
     objective : {"mean", "tail"}, default "mean"
         Compare D with the expected ("mean") or worst-case ("tail") latency.
 
@@ -170,14 +167,15 @@ def decide(table: StrategyTable, *, deadline_ms: float, objective: str = "mean")
     Raises
     ------
     ConfigError
-        On an unknown objective, a negative or NaN deadline, or an empty table.
+        On an unknown objective, a deadline that is not a finite number in
+        [0, :data:`popex.checks.MAX_DEADLINE_MS`], or an empty table.
 
     See Also
     --------
     DecisionIndex : the same answer in O(log n) per deadline.
     """
-    objective = _check_objective(objective)
-    deadline_ms = _check_deadline(deadline_ms)
+    objective = check_objective(objective)
+    deadline_ms = check_deadline_ms(deadline_ms)
     table = _check_table(table)
     latency_ms = table.latency_ms(objective)
     feasible = np.flatnonzero(latency_ms <= deadline_ms)

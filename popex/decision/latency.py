@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from popex.checks import check_finite
 from popex.errors import ConfigError, ProfileError
 
 __all__ = [
@@ -44,35 +45,33 @@ def _byte_vector(name: str, value: object, length: int) -> np.ndarray:
         raw = np.asarray(value)
         as_float = raw.astype(np.float64)
     except (TypeError, ValueError) as err:
-        raise ProfileError(
-            f"profile {name!r} must be a list of byte counts, got {value!r}"
-        ) from err
+        raise ProfileError(f"profile {name!r} must be a list of byte counts, got {value!r}") from err
     if raw.dtype.kind == "b" or raw.shape != (length,):
-        raise ProfileError(
-            f"profile {name!r} must be {length} byte counts, got dtype {raw.dtype} "
-            f"and shape {raw.shape}"
-        )
-    if (
-        not np.all(np.isfinite(as_float))
-        or np.any(as_float < 0)
-        or np.any(as_float != np.round(as_float))
-    ):
+        raise ProfileError(f"profile {name!r} must be {length} byte counts, got dtype {raw.dtype} "
+                           f"and shape {raw.shape}")
+    if not np.all(np.isfinite(as_float)) or np.any(as_float < 0) or np.any(as_float != np.round(as_float)):
         raise ProfileError(f"profile {name!r} must be whole numbers >= 0, got {raw.tolist()}")
     array = as_float.astype(np.int64)
     array.flags.writeable = False
     return array
 
 
-def _non_negative(owner: str, name: str, value: object, error: type[Exception]) -> float:
+def _non_negative(name: str, value: object) -> float:
     if isinstance(value, bool):
-        raise error(f"{owner} {name} must be a number, got {value!r}")
+        raise ProfileError(f"profile {name} must be a number, got {value!r}")
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError) as err:
-        raise error(f"{owner} {name} must be a number, got {value!r}") from err
+        raise ProfileError(f"profile {name} must be a number, got {value!r}") from err
     if not math.isfinite(number) or number < 0:
-        raise error(f"{owner} {name} must be finite and >= 0, got {value!r}")
+        raise ProfileError(f"profile {name} must be finite and >= 0, got {value!r}")
     return number
+
+
+def _offload_ms(profile: Profile, link: Link, split: int) -> float:
+    """One offload at ``split``, ms: O + transfer + R + the cloud's stages (DESIGN.md §3)."""
+    cloud_ms = sum(profile.stage_cloud_ms[i - 1] for i in range(split + 1, profile.n_stages + 1))
+    return profile.offload_overhead_ms + link.transfer_ms(float(profile.wire_bytes[split])) + link.rtt_ms + cloud_ms
 
 
 def _checked_split(profile: Profile, split: object) -> int:
@@ -207,10 +206,10 @@ class Profile:
         object.__setattr__(
             self,
             "offload_overhead_ms",
-            _non_negative("profile", "offload_overhead_ms", self.offload_overhead_ms, ProfileError),
+            _non_negative("offload_overhead_ms", self.offload_overhead_ms),
         )
         object.__setattr__(
-            self, "edge_fixed_ms", _non_negative("profile", "edge_fixed_ms", self.edge_fixed_ms, ProfileError)
+            self, "edge_fixed_ms", _non_negative("edge_fixed_ms", self.edge_fixed_ms)
         )
         wire_ratio = self.wire_ratio
         if isinstance(wire_ratio, bool) or not isinstance(wire_ratio, (int, float, np.floating, np.integer)) \
@@ -329,15 +328,22 @@ class Link:
     rtt_ms: float
 
     def __post_init__(self) -> None:
-        uplink = _non_negative("link", "uplink_mbps", self.uplink_mbps, ConfigError)
-        if uplink == 0:
-            raise ConfigError(f"link uplink_mbps must be > 0, got {self.uplink_mbps!r}")
-        object.__setattr__(self, "uplink_mbps", uplink)
-        rtt_ms = _non_negative("link", "rtt_ms", self.rtt_ms, ConfigError)
-        object.__setattr__(self, "rtt_ms", rtt_ms)
+        object.__setattr__(self, "uplink_mbps", check_finite(self.uplink_mbps, name="link uplink_mbps", low=0.0,
+                                                             low_open=True, allow_text=False))
+        object.__setattr__(self, "rtt_ms", check_finite(self.rtt_ms, name="link rtt_ms", low=0.0, allow_text=False))
 
     def transfer_ms(self, n_bytes: float) -> float:
-        """Time to push ``n_bytes`` through the uplink, ms: ``8·n/(1000·B)``."""
+        """Time to push ``n_bytes`` through the uplink, ms: ``8·n/(1000·B)``.
+
+        Parameters
+        ----------
+        n_bytes : float
+            Bytes to send, >= 0 (the caller's; not checked on this hot path).
+
+        Returns
+        -------
+        float
+        """
         return 8.0 * n_bytes / (1000.0 * self.uplink_mbps)
 
 
@@ -394,14 +400,7 @@ def expected_latency_ms(
     for b in on:
         total += reach(profile.branch_after_stage[b]) * profile.branch_edge_ms[b]
     if split < n_stages:
-        p_offload = 1.0 - sum(probs[b] for b in on)
-        cloud_ms = sum(profile.stage_cloud_ms[i - 1] for i in range(split + 1, n_stages + 1))
-        total += p_offload * (
-            profile.offload_overhead_ms
-            + link.transfer_ms(float(profile.wire_bytes[split]))
-            + link.rtt_ms
-            + cloud_ms
-        )
+        total += (1.0 - sum(probs[b] for b in on)) * _offload_ms(profile, link, split)
     return float(total)
 
 
@@ -446,11 +445,5 @@ def worst_latency_ms(profile: Profile, link: Link, active: object, split: int) -
         if flags[b] and k <= split:
             total += profile.branch_edge_ms[b]
     if split < n_stages:
-        cloud_ms = sum(profile.stage_cloud_ms[i - 1] for i in range(split + 1, n_stages + 1))
-        total += (
-            profile.offload_overhead_ms
-            + link.transfer_ms(float(profile.wire_bytes[split]))
-            + link.rtt_ms
-            + cloud_ms
-        )
+        total += _offload_ms(profile, link, split)
     return float(total)

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from popex.decision.decide import Decision, DecisionIndex, _check_deadline
+from popex.checks import OBJECTIVES, check_choice, check_deadline_ms, check_finite, check_objective
+from popex.decision.decide import Decision, DecisionIndex
 from popex.decision.sweep import DEFAULT_THRESHOLDS
-from popex.decision.table import OBJECTIVES, StrategyTable
+from popex.decision.table import StrategyTable
 from popex.errors import ConfigError
 
 __all__ = ["POLICIES", "EDGENT_THRESHOLD", "MAX_HEADROOM_FRACTION", "DEFAULT_HEADROOM_FRACTION", "PolicyBook",
@@ -52,64 +53,6 @@ EDGENT_THRESHOLD = 0.0
 MAX_HEADROOM_FRACTION = 0.5
 #: The edge's default ``plan_headroom_fraction``.
 DEFAULT_HEADROOM_FRACTION = 0.05
-
-
-def check_policy(policy: object) -> str:
-    """Return ``policy`` if it names a policy, else raise ConfigError naming the choices.
-
-    >>> check_policy("edge-only")
-    'edge-only'
-    """
-    if policy not in POLICIES:
-        raise ConfigError(f"policy must be one of {POLICIES}, got {policy!r}")
-    return str(policy)
-
-
-def check_headroom(headroom_fraction: object) -> float:
-    """Return ``headroom_fraction`` as a float if it is in [0, MAX_HEADROOM_FRACTION], else raise ConfigError.
-
-    >>> check_headroom(0.05)
-    0.05
-    """
-    if isinstance(headroom_fraction, bool) or not isinstance(headroom_fraction, (int, float)) or \
-            not 0.0 <= float(headroom_fraction) <= MAX_HEADROOM_FRACTION:
-        raise ConfigError(f"the planning headroom must be a fraction in [0, {MAX_HEADROOM_FRACTION}], "
-                          f"got {headroom_fraction!r}")
-    return float(headroom_fraction)
-
-
-def edge_threshold_grids(n_branches: int) -> list[list[float]]:
-    """Per-branch threshold grids the edge plans with: the sweep's default grid plus 0.0.
-
-    The 0.0 rows ("every sample exits at this branch") are Edgent's
-    right-sized networks; they also widen POPEX's own choice when a
-    requirement is tight. Kept here, beside the policy that needs them, so
-    that the edge and the offline experiments plan with the same grid.
-
-    Parameters
-    ----------
-    n_branches : int
-        Branches of the model, >= 0.
-
-    Returns
-    -------
-    list of list of float
-        ``n_branches`` grids, each ``[0.0, 0.5, 0.55, ..., 0.95]``.
-
-    Raises
-    ------
-    ConfigError
-        If ``n_branches`` is not a non-negative int.
-
-    Examples
-    --------
-    >>> grids = edge_threshold_grids(2)
-    >>> len(grids), grids[0][:3]
-    (2, [0.0, 0.5, 0.55])
-    """
-    if isinstance(n_branches, bool) or not isinstance(n_branches, (int, np.integer)) or n_branches < 0:
-        raise ConfigError(f"n_branches must be an int >= 0, got {n_branches!r}")
-    return [[EDGENT_THRESHOLD, *DEFAULT_THRESHOLDS] for _ in range(int(n_branches))]
 
 
 def _no_exit_rows(table: StrategyTable) -> np.ndarray:
@@ -165,8 +108,17 @@ class PolicyBook:
     def build(cls, table: StrategyTable, *, headroom_fraction: float = 0.0) -> PolicyBook:
         """Index ``table`` for every policy and objective.
 
-        ``headroom_fraction``: rows must be predicted within
-        ``requirement · (1 - headroom_fraction)`` to count as meeting it.
+        Parameters
+        ----------
+        table : StrategyTable
+            A planner's table (it holds the split-0 and split-N rows).
+        headroom_fraction : float
+            Rows must be predicted within ``requirement · (1 - headroom_fraction)``
+            to count as meeting it.
+
+        Returns
+        -------
+        PolicyBook
 
         Raises
         ------
@@ -191,8 +143,19 @@ class PolicyBook:
     def decide(self, policy: str, *, deadline_ms: float, objective: str = "mean") -> Decision:
         """The row ``policy`` picks for requirement ``deadline_ms``.
 
-        The returned decision's ``deadline_ms`` is what the rows were held
-        to: the requirement less the book's headroom.
+        Parameters
+        ----------
+        policy : str
+            One of :data:`POLICIES`.
+        deadline_ms : float
+            The latency requirement, ms: finite, in [0, MAX_DEADLINE_MS].
+        objective : {"mean", "tail"}
+
+        Returns
+        -------
+        Decision
+            Its ``deadline_ms`` is what the rows were held to: the
+            requirement less the book's headroom.
 
         Raises
         ------
@@ -200,9 +163,9 @@ class PolicyBook:
             On an unknown policy or objective, or a bad deadline.
         """
         policy = check_policy(policy)
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        decision = self.indices[objective].lookup(_check_deadline(deadline_ms) * (1.0 - self.headroom_fraction))
+        objective = check_objective(objective)
+        held_to_ms = check_deadline_ms(deadline_ms) * (1.0 - self.headroom_fraction)
+        decision = self.indices[objective]._lookup(held_to_ms)  # checked here, once
         if policy == "adaptive":
             return decision
         if policy == "edgent":
@@ -219,3 +182,88 @@ class PolicyBook:
                 return Decision(row=row, feasible=True, objective=objective, deadline_ms=deadline_ms)
         fastest = min(candidates, key=lambda row: (latency_ms[row], row))
         return Decision(row=fastest, feasible=False, objective=objective, deadline_ms=deadline_ms)
+
+
+def check_policy(policy: object) -> str:
+    """Return ``policy`` if it names a policy, else raise ConfigError naming the choices.
+
+    Parameters
+    ----------
+    policy : object
+        A name from :data:`POLICIES`.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ConfigError
+        For any other value.
+
+    Examples
+    --------
+    >>> check_policy("edge-only")
+    'edge-only'
+    """
+    return check_choice(policy, name="policy", choices=POLICIES)
+
+
+def check_headroom(headroom_fraction: object) -> float:
+    """The planning headroom as a float in [0, MAX_HEADROOM_FRACTION].
+
+    Parameters
+    ----------
+    headroom_fraction : object
+        A fraction of the requirement.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ConfigError
+        If it is not a finite number within the bounds.
+
+    Examples
+    --------
+    >>> check_headroom(0.05)
+    0.05
+    """
+    return check_finite(headroom_fraction, name="headroom_fraction", low=0.0, high=MAX_HEADROOM_FRACTION,
+                        allow_text=False)
+
+
+def edge_threshold_grids(n_branches: int) -> list[list[float]]:
+    """Per-branch threshold grids the edge plans with: the sweep's default grid plus 0.0.
+
+    The 0.0 rows ("every sample exits at this branch") are Edgent's
+    right-sized networks; they also widen POPEX's own choice when a
+    requirement is tight. Kept here, beside the policy that needs them, so
+    that the edge and the offline experiments plan with the same grid.
+
+    Parameters
+    ----------
+    n_branches : int
+        Branches of the model, >= 0.
+
+    Returns
+    -------
+    list of list of float
+        ``n_branches`` grids, each ``[0.0, 0.5, 0.55, ..., 0.95]``.
+
+    Raises
+    ------
+    ConfigError
+        If ``n_branches`` is not a non-negative int.
+
+    Examples
+    --------
+    >>> grids = edge_threshold_grids(2)
+    >>> len(grids), grids[0][:3]
+    (2, [0.0, 0.5, 0.55])
+    """
+    if isinstance(n_branches, bool) or not isinstance(n_branches, (int, np.integer)) or n_branches < 0:
+        raise ConfigError(f"n_branches must be an int >= 0, got {n_branches!r}")
+    return [[EDGENT_THRESHOLD, *DEFAULT_THRESHOLDS] for _ in range(int(n_branches))]

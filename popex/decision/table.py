@@ -21,6 +21,7 @@ from os import PathLike
 
 import numpy as np
 
+from popex.checks import OBJECTIVES, check_objective
 from popex.decision.latency import Link, Profile
 from popex.decision.sweep import ExitStats
 from popex.errors import ConfigError, ProfileError
@@ -31,20 +32,10 @@ __all__ = [
     "Planner",
 ]
 
-#: Latency objectives: "mean" uses E[T], "tail" the per-sample worst case.
-OBJECTIVES = ("mean", "tail")
-
-
 def _frozen(array: np.ndarray) -> np.ndarray:
     array = np.ascontiguousarray(array)
     array.flags.writeable = False
     return array
-
-
-def _check_objective(objective: object) -> str:
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    return objective  # type: ignore[return-value]
 
 
 def _front_order(
@@ -117,16 +108,30 @@ class StrategyTable:
     def latency_ms(self, objective: str = "mean") -> np.ndarray:
         """Latency column of an objective: E[T] for "mean", worst case for "tail".
 
+        Parameters
+        ----------
+        objective : {"mean", "tail"}
+
+        Returns
+        -------
+        np.ndarray of float64, shape (n_rows,)
+            ms; the table's own (read-only) column, not a copy.
+
         Raises
         ------
         ConfigError
             On an unknown objective.
         """
-        objective = _check_objective(objective)
+        objective = check_objective(objective)
         return self.expected_latency_ms if objective == "mean" else self.worst_latency_ms
 
     def row(self, index: int) -> dict:
         """Return row ``index`` as a JSON-ready dict of plain Python types.
+
+        Parameters
+        ----------
+        index : int
+            0..len(self) - 1.
 
         Returns
         -------
@@ -158,7 +163,13 @@ class StrategyTable:
         }
 
     def to_rows(self) -> list[dict]:
-        """All rows as :meth:`row` dicts."""
+        """All rows as :meth:`row` dicts.
+
+        Returns
+        -------
+        list of dict
+            ``len(self)`` dicts, in row order.
+        """
         return [self.row(index) for index in range(len(self))]
 
     def to_csv(self, path: str | PathLike[str]) -> None:
@@ -167,6 +178,16 @@ class StrategyTable:
         Columns: ``threshold_<b>``, ``split``, ``accuracy``, ``exit_prob_<b>``,
         ``offload_prob``, ``expected_latency_ms``, ``worst_latency_ms``,
         ``bytes_sent``.
+
+        Parameters
+        ----------
+        path : path
+            The CSV file, overwritten.
+
+        Raises
+        ------
+        OSError
+            If the file cannot be written.
         """
         n_branches = self.thresholds.shape[1]
         header = (

@@ -20,12 +20,9 @@ from typing import Any, Mapping, Sequence
 import requests
 import yaml
 
-from popex.errors import ConfigError
-
 __all__ = ["REPO_ROOT", "ServiceProcess", "ServiceError", "free_port", "start_cloud", "start_edge"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_EDGE_DEFAULTS = REPO_ROOT / "configs" / "edge.yaml"
 
 
 class ServiceError(RuntimeError):
@@ -121,11 +118,7 @@ def start_edge(*, token: str, cloud_url: str, state_dir: Path, log_path: Path, h
     ``POPEX_EDGE_CONFIG``, the same way a user points the edge at their own file.
     """
     port = free_port(host) if port is None else port
-    values = yaml.safe_load(_EDGE_DEFAULTS.read_text()) or {}
-    unknown = set(config or {}) - set(values)
-    if unknown:
-        raise ConfigError(f"unknown edge config keys {sorted(unknown)}")
-    values.update(config or {})
+    values = dict(config or {})  # configs/edge.yaml sets no key (defaults live in EdgeConfig); the edge checks these
     config_path = log_path.with_suffix(".yaml")
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(values))
