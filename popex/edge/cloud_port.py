@@ -73,14 +73,17 @@ class CloudPort(Protocol):
         timeout_s : float
             Time left in the request's budget, s.
         content_encoding : str, optional
+            How ``payload`` is encoded ("deflate") or None.
 
         Returns
         -------
         CloudInference
+            The final exit's answer and where the time went.
 
         Raises
         ------
         CloudTimeout, CloudUnavailable, CloudRejected
+            The budget ran out; the cloud is unreachable or failed; it refused the payload.
         """
         ...
 
@@ -90,15 +93,19 @@ class CloudPort(Protocol):
         Parameters
         ----------
         n_bytes : int
+            Padding to upload; 0 times the round trip alone.
         timeout_s : float
+            The monitor's timeout of one probe, s.
 
         Returns
         -------
         ProbeResult
+            Raw timings, for the monitor to turn into an estimate.
 
         Raises
         ------
         CloudTimeout, CloudUnavailable, CloudRejected
+            The probe is lost: no sample this round.
         """
         ...
 
@@ -108,15 +115,19 @@ class CloudPort(Protocol):
         Parameters
         ----------
         model_id : str
+            The edge's id of the model (sha256 of spec and weights).
         timeout_s : float
+            Timeout of this control call, s.
 
         Returns
         -------
         bool
+            True when the upload can be skipped.
 
         Raises
         ------
         CloudTimeout, CloudUnavailable, CloudRejected
+            The cloud could not answer; the preparation assumes the cloud's times.
         """
         ...
 
@@ -127,16 +138,21 @@ class CloudPort(Protocol):
         Parameters
         ----------
         model_id : str
+            The id the cloud must find again from the two files.
         spec_bytes, weights_bytes : bytes
+            spec.json and weights.safetensors as the edge stores them.
         timeout_s : float
+            Timeout of this control call, s.
 
         Returns
         -------
         RegisteredModel
+            The id, its stage count, and whether it was new.
 
         Raises
         ------
         CloudTimeout, CloudUnavailable, CloudRejected
+            Rejected: the cloud found the spec, weights or id wrong.
         """
         ...
 
@@ -146,16 +162,21 @@ class CloudPort(Protocol):
         Parameters
         ----------
         model_id : str
+            A model the cloud holds.
         n_repeats : int
+            Timed runs per stage.
         timeout_s : float
+            Timeout of this control call, s.
 
         Returns
         -------
         list of float
+            ``t^c_i`` of DESIGN.md §3, one per stage, ms.
 
         Raises
         ------
         CloudTimeout, CloudUnavailable, CloudRejected
+            The preparation then assumes cloud = edge / speedup.
         """
         ...
 

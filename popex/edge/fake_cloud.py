@@ -148,8 +148,6 @@ class FakeCloud:
         mode = "scripted" if self.runner is None else f"runner on {str(self.runner.state_dir)!r}"
         return f"FakeCloud({mode}, link={self.link!r}, down={self.down})"
 
-    # -- failing on demand ---------------------------------------------------------
-
     def fail(self, method: str, error: CloudError) -> None:
         """Make every call of ``method`` raise ``error`` (``health`` answers False) until :meth:`recover`.
 
@@ -294,7 +292,9 @@ class FakeCloud:
         Parameters
         ----------
         model_id : str
+            Looked up in ``models``, then on the real half's disk.
         timeout_s : float
+            Checked like the client's (positive, finite).
 
         Returns
         -------
