@@ -59,8 +59,9 @@ class CloudProcess:
     def __init__(self, state_dir, log_path, token, port=None):
         self.port = _free_port() if port is None else port
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "POPEX_TOKEN": token, "POPEX_CLOUD_STATE_DIR": str(state_dir),
-               "PYTHONPATH": str(REPO)}
+        # The developer's POPEX_* settings (e.g. POPEX_CLOUD_CONFIG) stay out of the test's cloud.
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("POPEX_")}, "POPEX_TOKEN": token,
+               "POPEX_CLOUD_STATE_DIR": str(state_dir), "PYTHONPATH": str(REPO)}
         self.log_path = Path(log_path)
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(_gunicorn_command(self.port), cwd=REPO, env=env, stdout=self._log,

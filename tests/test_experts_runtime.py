@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from cloud_api import create_app as create_cloud_app
+from cloud_api.config import CloudConfig
 from popex.data import Preprocessing, encode_png, load_fashion_mnist, preprocess
 from popex.data.distort import DEFAULT_LEVELS, gaussian_blur, gaussian_noise
 from popex.data.subset import SHIPPED_SUBSET_ROOT
@@ -284,7 +285,8 @@ def test_the_cloud_answer_with_a_head_is_that_heads_local_answer(cloud_runner, m
 
 
 def test_the_cloud_service_takes_expert_models_and_refuses_unknown_heads(tmp_path, token, model_files, expert_net):
-    client = create_cloud_app({"token": token, "state_dir": str(tmp_path / "cloud")}).test_client()
+    config = CloudConfig.from_mapping({"token": token, "state_dir": str(tmp_path / "cloud")})
+    client = create_cloud_app(config).test_client()
     auth = {"Authorization": f"Bearer {token}"}
     files = model_files["files"]
     response = client.put(f"/api/v1/models/{model_files['model_id']}", headers=auth, data={
