@@ -1,10 +1,13 @@
-"""The one FakeCloud: scripted and real answers, records, failures on demand, the gate, probes."""
+"""The one FakeCloud (scripted and real answers, records, failures on demand, the gate, probes) and the shared fixtures over it."""
 
 import threading
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from popex.data import encode_png
 from popex.decision.latency import Link
 from popex.edge.cloud_port import CloudPort, CloudRejected, CloudTimeout, CloudUnavailable
 from popex.edge.fake_cloud import FakeCloud
@@ -12,6 +15,8 @@ from popex.errors import ConfigError
 from popex.link.emulation import LinkEmulator
 from popex.nets import EarlyExitNet, zoo_spec
 from popex.wire import compress_payload, encode_offload
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 
 
 def _payload(model_id, *, split=1, seed=0):
@@ -31,7 +36,10 @@ def test_a_scripted_cloud_answers_records_and_keeps_models(lenet_files):
     registered = cloud.put_model(model_id, files["spec"], files["weights"], timeout_s=1.0)
     assert (registered.n_stages, registered.created) == (3, True) and model_id in cloud.models
     assert not cloud.put_model(model_id, files["spec"], files["weights"], timeout_s=1.0).created
-    assert cloud.profile(model_id, n_repeats=2, timeout_s=1.0) == [0.05, 0.05, 0.02]
+    assert cloud.profile(model_id, n_repeats=2, timeout_s=1.0) == [0.05, 0.05, 0.05]
+    with pytest.raises(CloudRejected, match="unknown_model"):
+        cloud.profile("f" * 64, n_repeats=2, timeout_s=1.0)
+    assert FakeCloud(stage_cloud_ms=[0.5, 0.2]).profile("any", n_repeats=1, timeout_s=1.0) == [0.5, 0.2]
     payload = compress_payload(_payload(model_id))
     answer = cloud.infer(payload, timeout_s=0.5, content_encoding="deflate")
     assert (answer.label, answer.class_name, answer.confidence) == (4, "class4", 0.9)
@@ -40,9 +48,9 @@ def test_a_scripted_cloud_answers_records_and_keeps_models(lenet_files):
     (offload,) = cloud.offloads
     assert (offload.request.model_id, offload.request.split, offload.timeout_s, offload.n_bytes,
             offload.content_encoding) == (model_id, 1, 0.5, len(payload), "deflate")
-    assert cloud.calls == ["has_model", "put_model", "put_model", "profile", "infer"]
+    assert cloud.calls == ["has_model", "put_model", "put_model", "profile", "profile", "infer"]
     cloud.close()
-    assert cloud.closed and cloud.calls[-1] == "close"
+    assert cloud.calls[-1] == "close"
 
 
 def test_a_real_cloud_half_finishes_offloads_and_refuses_unknown_models(tmp_path, lenet_files):
@@ -112,3 +120,32 @@ def test_probes_cross_the_emulated_or_the_computed_link():
     assert emulated.probe(10_000, timeout_s=1.0).round_trip_ms == pytest.approx(30.0)
     with pytest.raises(CloudTimeout, match="emulated link"):
         emulated.probe(10_000_000, timeout_s=1.0)
+
+
+# -- the shared fixtures of tests/conftest.py, over the fake ----------------------------------
+
+
+def test_the_default_app_serves_the_default_model_through_the_fake(client, model_actions, fake_cloud):
+    (listed,) = client.get("/api/v1/models").json["models"]
+    info = model_actions.wait_ready(listed["model_id"])
+    assert info["cloud_profile"] == "measured" and listed["model_id"] in fake_cloud.models
+    n_offloads = len(fake_cloud.offloads)  # the preparation's, measuring the offload overhead
+    assert model_actions.register_directory(DEFAULT_MODEL_DIR).status_code == 200  # known already
+    model_actions.force(listed["model_id"], split=0)
+    image = encode_png(np.zeros((28, 28), np.uint8))
+    body = client.post("/api/v1/classify", data=image, content_type="image/png").json
+    assert (body["where"], body["split"], body["label"], body["fallback"]) == ("cloud", 0, 4, False)
+    fake_cloud.fail("infer", CloudTimeout("late"))
+    body = client.post("/api/v1/classify", data=image, content_type="image/png").json
+    assert (body["where"], body["fallback"]) == ("edge", True)
+    assert [o.request.split for o in fake_cloud.offloads[n_offloads:]] == [0, 0]
+
+
+def test_the_config_fixture_is_the_whole_config(tmp_path, monkeypatch, make_app, config):
+    """The developer's YAML and environment do not reach an app built from the fixture."""
+    leaky = tmp_path / "leaky.yaml"
+    leaky.write_text("plan_headroom_fraction: 0.1\ndefault_deadline_ms: 55\n")
+    monkeypatch.setenv("POPEX_EDGE_CONFIG", str(leaky))
+    monkeypatch.setenv("POPEX_TOKEN", "another-token-0123456789")
+    client = make_app({**config, "default_model_dir": None}).test_client()
+    assert client.get("/api/v1/status").json["plan_headroom_fraction"] == 0.05

@@ -2,10 +2,9 @@
 
 :class:`FakeCloud` satisfies :class:`popex.edge.cloud_port.CloudPort`, so the
 edge (request pipeline, preparation, uplink monitor, Flask factory) runs
-against it unchanged. Offloads are answered from a script (the default) or
-by a real :class:`popex.cloud.runner.CloudRunner` on ``state_dir``, which
-stores uploaded models, times their stages and finishes inferences as the
-cloud service does, without HTTP.
+against it unchanged. It answers from a script (the default) or by a real
+:class:`popex.cloud.runner.CloudRunner` on ``state_dir``, which stores, times
+and runs models as the cloud service does, without HTTP.
 """
 
 from __future__ import annotations
@@ -32,10 +31,12 @@ from popex.link.emulation import LinkEmulator
 from popex.nets.spec import parse_spec_json
 from popex.wire import OffloadRequest, decode_offload, decompress_payload
 
-__all__ = ["PORT_METHODS", "Offload", "FakeCloud"]
+__all__ = ["PORT_METHODS", "SCRIPTED_STAGE_MS", "Offload", "FakeCloud"]
 
 #: The port's calls, the names :meth:`FakeCloud.fail` and ``calls`` use.
 PORT_METHODS = ("infer", "probe", "has_model", "put_model", "profile", "health")
+#: The scripted cloud time of each stage, ms (a cloud faster than any edge).
+SCRIPTED_STAGE_MS = 0.05
 _GATED = ("has_model", "put_model", "profile")  # the preparation's calls; offloads are never held
 
 
@@ -46,9 +47,7 @@ def _rejected(err: PopexError) -> CloudRejected:
 
 @dataclass(frozen=True)
 class Offload:
-    """One offload the fake received: the decoded ``request``, the budget the
-    edge gave it, and the bytes on the wire (deflated when ``content_encoding``
-    says so)."""
+    """One offload received: the decoded request, the edge's budget, the bytes on the wire (maybe deflated)."""
 
     request: OffloadRequest
     timeout_s: float
@@ -76,8 +75,9 @@ class FakeCloud:
         Reported per offload; default 1.0 scripted, the measured time when real.
     transfer_ms : float
         Reported per offload on top of any emulated link, ms.
-    stage_cloud_ms : sequence of float
-        The scripted profile, ms per stage.
+    stage_cloud_ms : sequence of float, optional
+        The scripted profile, ms per stage; by default ``SCRIPTED_STAGE_MS``
+        for each stage of the model as it was put here.
     probe_overhead_ms : float
         Added to a probe's link time (HTTP and timer overhead).
     gate_timeout_s : float
@@ -98,7 +98,6 @@ class FakeCloud:
         Ids of the models put here.
     runner : CloudRunner or None
         The real cloud half (with ``state_dir``).
-    closed : bool
 
     Raises
     ------
@@ -119,7 +118,7 @@ class FakeCloud:
     def __init__(self, *, state_dir: str | os.PathLike[str] | None = None, link: LinkEmulator | None = None,
                  uplink: Link | None = None, label: int = 4, class_name: str = "class4", confidence: float = 0.9,
                  cloud_ms: float | None = None, transfer_ms: float = 0.0,
-                 stage_cloud_ms: Sequence[float] = (0.05, 0.05, 0.02), probe_overhead_ms: float = 0.5,
+                 stage_cloud_ms: Sequence[float] | None = None, probe_overhead_ms: float = 0.5,
                  gate_timeout_s: float = 10.0) -> None:
         if link is not None and not isinstance(link, LinkEmulator):
             raise ConfigError(f"link must be a LinkEmulator, got {type(link).__name__}")
@@ -131,7 +130,8 @@ class FakeCloud:
         self.label, self.class_name, self.confidence = int(label), str(class_name), float(confidence)
         self.cloud_ms = None if cloud_ms is None else check_finite(cloud_ms, name="cloud_ms", low=0.0)
         self.transfer_ms = check_finite(transfer_ms, name="transfer_ms", low=0.0)
-        self.stage_cloud_ms = [check_finite(ms, name="stage_cloud_ms", low=0.0) for ms in stage_cloud_ms]
+        self.stage_cloud_ms = None if stage_cloud_ms is None else \
+            [check_finite(ms, name="stage_cloud_ms", low=0.0) for ms in stage_cloud_ms]
         self.probe_overhead_ms = check_finite(probe_overhead_ms, name="probe_overhead_ms", low=0.0)
         self.gate_timeout_s = check_finite(gate_timeout_s, name="gate_timeout_s", low=0.0)
         self.down = False
@@ -140,13 +140,9 @@ class FakeCloud:
         self.calls: list[str] = []
         self.offloads: list[Offload] = []
         self.models: set[str] = set()
-        self.closed = False
+        self._n_stages: dict[str, int] = {}
         self._failures: dict[str, CloudError] = {}
         self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        mode = "scripted" if self.runner is None else f"runner on {str(self.runner.state_dir)!r}"
-        return f"FakeCloud({mode}, link={self.link!r}, down={self.down})"
 
     def fail(self, method: str, error: CloudError) -> None:
         """Make every call of ``method`` raise ``error`` (``health`` answers False) until :meth:`recover`.
@@ -342,6 +338,7 @@ class FakeCloud:
             raise _rejected(err) from err
         with self._lock:
             self.models.add(model_id)
+            self._n_stages[model_id] = n_stages
         return RegisteredModel(model_id=model_id, n_stages=n_stages, created=created)
 
     def profile(self, model_id: str, *, n_repeats: int, timeout_s: float) -> list[float]:
@@ -361,14 +358,18 @@ class FakeCloud:
         Raises
         ------
         CloudRejected
-            When real and the model is unknown (404).
+            If the model is unknown (404) and there is no scripted profile.
         CloudUnavailable, CloudError
             While ``down``; as set by :meth:`fail`.
         """
         self._enter("profile", timeout_s)
         self._raise_failure("profile")
-        if self.runner is None:
+        if self.runner is None and self.stage_cloud_ms is not None:
             return list(self.stage_cloud_ms)
+        if self.runner is None:
+            if model_id not in self._n_stages:
+                raise CloudRejected(404, "unknown_model", f"no model {model_id!r} was put on this FakeCloud")
+            return [SCRIPTED_STAGE_MS] * self._n_stages[model_id]
         try:
             return self.runner.profile(model_id, n_repeats=n_repeats)
         except PopexError as err:
@@ -393,7 +394,6 @@ class FakeCloud:
         return True
 
     def close(self) -> None:
-        """Mark the fake closed (it holds no connection); calls keep working."""
+        """Record the close (the fake holds no connection); calls keep working."""
         with self._lock:
             self.calls.append("close")
-        self.closed = True
