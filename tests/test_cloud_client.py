@@ -1,8 +1,9 @@
-"""CloudClient against a real cloud process (gunicorn on 127.0.0.1), and its failure mapping.
+"""CloudClient against a real cloud process (gunicorn on 127.0.0.1), its failure mapping, and the port it implements.
 
 Bounded in time, never asserting on latency.
 """
 
+import inspect
 import json
 import os
 import signal
@@ -22,15 +23,16 @@ from popex.edge.cloud_port import (
     CloudClient,
     CloudError,
     CloudInference,
+    CloudPort,
     CloudRejected,
     CloudTimeout,
     CloudUnavailable,
     ProbeResult,
 )
+from popex.edge.fake_cloud import FakeCloud
 from popex.link.emulation import LinkEmulator
 from popex.wire import encode_offload
 
-TOKEN = "client-test-token-123"
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_S = 60.0
 
@@ -54,11 +56,12 @@ def _gunicorn_command(port):
 class CloudProcess:
     """A cloud service in a subprocess: ``wait_ready()`` after starting, ``stop()`` at the end (idempotent)."""
 
-    def __init__(self, state_dir, log_path, port=None):
+    def __init__(self, state_dir, log_path, token, port=None):
         self.port = _free_port() if port is None else port
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "POPEX_TOKEN": TOKEN, "POPEX_CLOUD_STATE_DIR": str(state_dir),
-               "PYTHONPATH": str(REPO)}
+        # The developer's POPEX_* settings (e.g. POPEX_CLOUD_CONFIG) stay out of the test's cloud.
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("POPEX_")}, "POPEX_TOKEN": token,
+               "POPEX_CLOUD_STATE_DIR": str(state_dir), "PYTHONPATH": str(REPO)}
         self.log_path = Path(log_path)
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(_gunicorn_command(self.port), cwd=REPO, env=env, stdout=self._log,
@@ -91,10 +94,10 @@ class CloudProcess:
 
 
 @pytest.fixture(scope="module")
-def clouds(tmp_path_factory):
+def clouds(tmp_path_factory, token):
     """Two cloud processes, started together: one serves the tests, one is there to be killed."""
     directory = tmp_path_factory.mktemp("clouds")
-    servers = [CloudProcess(directory / f"state{i}", directory / f"cloud{i}.log") for i in range(2)]
+    servers = [CloudProcess(directory / f"state{i}", directory / f"cloud{i}.log", token) for i in range(2)]
     try:
         for server in servers:
             server.wait_ready()
@@ -120,8 +123,8 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def registered(cloud, model):
-    with CloudClient(cloud.url, token=TOKEN) as client:
+def registered(cloud, model, token):
+    with CloudClient(cloud.url, token=token) as client:
         if not client.has_model(model["model_id"], timeout_s=10):
             client.put_model(model["model_id"], model["spec_bytes"], model["weights_bytes"], timeout_s=30)
     return model
@@ -136,8 +139,8 @@ def _payload(model, split=1, seed=0):
     return encode_offload(h, model_id=model["model_id"], split=split, request_id=f"req-{seed}"), expected_label
 
 
-def test_put_has_and_infer(cloud, model):
-    with CloudClient(cloud.url, token=TOKEN) as client:
+def test_put_has_and_infer(cloud, model, token):
+    with CloudClient(cloud.url, token=token) as client:
         assert client.health(timeout_s=5)
         registration = client.put_model(model["model_id"], model["spec_bytes"], model["weights_bytes"], timeout_s=30)
         assert registration.model_id == model["model_id"] and registration.n_stages == 3
@@ -154,8 +157,8 @@ def test_put_has_and_infer(cloud, model):
             assert result.transfer_ms == pytest.approx(result.round_trip_ms - result.cloud_ms)
 
 
-def test_profile_and_probe(cloud, registered):
-    with CloudClient(cloud.url, token=TOKEN) as client:
+def test_profile_and_probe(cloud, registered, token):
+    with CloudClient(cloud.url, token=token) as client:
         stage_ms = client.profile(registered["model_id"], n_repeats=3, timeout_s=30)
         assert len(stage_ms) == 3 and all(ms > 0 for ms in stage_ms)
         probe = client.probe(50_000, timeout_s=10)
@@ -163,8 +166,8 @@ def test_profile_and_probe(cloud, registered):
         assert probe.n_bytes == 50_000 and probe.round_trip_ms >= probe.server_ms >= 0
 
 
-def test_rejections_carry_the_cloud_error(cloud, registered):
-    with CloudClient(cloud.url, token=TOKEN) as client:
+def test_rejections_carry_the_cloud_error(cloud, registered, token):
+    with CloudClient(cloud.url, token=token) as client:
         with pytest.raises(CloudRejected) as info:
             client.infer(b"not a tensor", timeout_s=10)
         assert (info.value.status, info.value.code) == (400, "bad_tensor")
@@ -180,8 +183,8 @@ def test_rejections_carry_the_cloud_error(cloud, registered):
         assert (info.value.status, info.value.code) == (401, "unauthorized")
 
 
-def test_tiny_timeouts_raise_cloud_timeout(cloud, registered):
-    with CloudClient(cloud.url, token=TOKEN) as client:
+def test_tiny_timeouts_raise_cloud_timeout(cloud, registered, token):
+    with CloudClient(cloud.url, token=token) as client:
         with pytest.raises(CloudTimeout):
             client.profile(registered["model_id"], n_repeats=100, timeout_s=0.005)
         with pytest.raises(CloudTimeout):
@@ -189,21 +192,21 @@ def test_tiny_timeouts_raise_cloud_timeout(cloud, registered):
         assert client.infer(_payload(registered)[0], timeout_s=10).label >= 0  # the client still works
 
 
-def test_emulated_link_counts_in_transfer_time(cloud, registered):
+def test_emulated_link_counts_in_transfer_time(cloud, registered, token):
     payload, expected_label = _payload(registered)
     link = LinkEmulator(1.0, 20.0)  # 1 Mbit/s: ~4.9 kB take ~39 ms, plus 20 ms RTT
     emulated_ms = link.delay_ms(len(payload))
-    with CloudClient(cloud.url, token=TOKEN, link=link) as client:
+    with CloudClient(cloud.url, token=token, link=link) as client:
         result = client.infer(payload, timeout_s=10)
         assert result.label == expected_label
         assert result.transfer_ms >= emulated_ms - 1.0
         assert client.probe(1000, timeout_s=10).round_trip_ms >= link.serialisation_ms(1000) + link.rtt_ms - 1.0
 
 
-def test_emulated_link_beyond_the_budget_times_out_without_sending(cloud, registered):
+def test_emulated_link_beyond_the_budget_times_out_without_sending(cloud, registered, token):
     payload, _ = _payload(registered)
     link = LinkEmulator(0.1, 0.0)  # ~390 ms for the payload
-    with CloudClient(cloud.url, token=TOKEN, link=link) as client:
+    with CloudClient(cloud.url, token=token, link=link) as client:
         start_s = time.monotonic()
         with pytest.raises(CloudTimeout, match="emulated link"):
             client.infer(payload, timeout_s=0.05)
@@ -211,9 +214,9 @@ def test_emulated_link_beyond_the_budget_times_out_without_sending(cloud, regist
         assert link.delay_ms(len(payload)) == pytest.approx(link.serialisation_ms(len(payload)))  # nothing queued
 
 
-def test_stopped_cloud_is_unavailable(clouds, model):
+def test_stopped_cloud_is_unavailable(clouds, model, token):
     server = clouds[1]
-    client = CloudClient(server.url, token=TOKEN)
+    client = CloudClient(server.url, token=token)
     client.put_model(model["model_id"], model["spec_bytes"], model["weights_bytes"], timeout_s=30)
     assert client.infer(_payload(model)[0], timeout_s=10).label >= 0  # a keep-alive connection is open now
     server.stop(crash=True)
@@ -226,16 +229,16 @@ def test_stopped_cloud_is_unavailable(clouds, model):
     client.close()
 
 
-def test_a_restarted_cloud_is_reached_on_a_fresh_connection(tmp_path, model):
+def test_a_restarted_cloud_is_reached_on_a_fresh_connection(tmp_path, model, token):
     """The keep-alive socket of the data plane goes stale when the cloud restarts; one retry reconnects."""
-    first = CloudProcess(tmp_path / "state", tmp_path / "first.log").wait_ready()
-    client = CloudClient(first.url, token=TOKEN)
+    first = CloudProcess(tmp_path / "state", tmp_path / "first.log", token).wait_ready()
+    client = CloudClient(first.url, token=token)
     try:
         client.put_model(model["model_id"], model["spec_bytes"], model["weights_bytes"], timeout_s=30)
         payload, expected_label = _payload(model)
         assert client.infer(payload, timeout_s=10).label == expected_label
         first.stop()
-        second = CloudProcess(tmp_path / "state", tmp_path / "second.log", port=first.port).wait_ready()
+        second = CloudProcess(tmp_path / "state", tmp_path / "second.log", token, port=first.port).wait_ready()
         try:
             assert client.infer(payload, timeout_s=10).label == expected_label  # models are on disk
             assert client.probe(1000, timeout_s=10).n_bytes == 1000
@@ -246,11 +249,11 @@ def test_a_restarted_cloud_is_reached_on_a_fresh_connection(tmp_path, model):
         client.close()
 
 
-def test_a_cloud_that_never_answers_times_out_within_the_budget():
+def test_a_cloud_that_never_answers_times_out_within_the_budget(token):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(4)  # accepts connections (the kernel does), never answers
-        client = CloudClient(f"http://127.0.0.1:{server.getsockname()[1]}", token=TOKEN)
+        client = CloudClient(f"http://127.0.0.1:{server.getsockname()[1]}", token=token)
         start_s = time.monotonic()
         with pytest.raises(CloudTimeout):
             client.infer(b"payload", timeout_s=0.2)
@@ -258,18 +261,18 @@ def test_a_cloud_that_never_answers_times_out_within_the_budget():
         client.close()
 
 
-def test_data_plane_sockets_do_not_wait_for_delayed_acks(cloud, registered):
+def test_data_plane_sockets_do_not_wait_for_delayed_acks(cloud, registered, token):
     """Without TCP_NODELAY a body written after its headers waits for the server's delayed ACK (up to 40 ms):
     the uplink estimate on an 8 Mbit/s tbf link fell from 7.5 to 6.7 Mbit/s and R rose by 10 ms."""
-    with CloudClient(cloud.url, token=TOKEN) as client:
+    with CloudClient(cloud.url, token=token) as client:
         client.probe(10_000, timeout_s=10)
         connection = client._connections._local.connection  # this thread's keep-alive connection
         assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
-def test_threads_share_a_client(cloud, registered):
+def test_threads_share_a_client(cloud, registered, token):
     payload, expected_label = _payload(registered)
-    with CloudClient(cloud.url, token=TOKEN) as client:
+    with CloudClient(cloud.url, token=token) as client:
         with ThreadPoolExecutor(4) as pool:
             labels = list(pool.map(lambda _: client.infer(payload, timeout_s=10).label, range(40)))
     assert labels == [expected_label] * 40
@@ -281,14 +284,15 @@ def test_threads_share_a_client(cloud, registered):
 class ScriptedSession(requests.Session):
     """Answers each request with the next scripted exception or (status, json body)."""
 
-    def __init__(self, script):
+    def __init__(self, script, token):
         super().__init__()
+        self.token = token
         self.script = list(script)
         self.n_calls = 0
 
     def request(self, method, url, **kwargs):
         self.n_calls += 1
-        assert kwargs["timeout"] > 0 and kwargs["headers"]["Authorization"] == f"Bearer {TOKEN}"
+        assert kwargs["timeout"] > 0 and kwargs["headers"]["Authorization"] == f"Bearer {self.token}"
         step = self.script.pop(0)
         if isinstance(step, Exception):
             raise step
@@ -303,13 +307,13 @@ OK_INFER = (200, {"label": 3, "class_name": "c3", "confidence": 0.9, "cloud_ms":
                   "model_id": "m"})
 
 
-def test_one_retry_of_a_connection_error():
-    session = ScriptedSession([requests.ConnectionError("reset"), OK_INFER])
-    client = CloudClient("http://cloud.invalid", token=TOKEN, session=session)
+def test_one_retry_of_a_connection_error(token):
+    session = ScriptedSession([requests.ConnectionError("reset"), OK_INFER], token)
+    client = CloudClient("http://cloud.invalid", token=token, session=session)
     assert client.infer(b"payload", timeout_s=5).label == 3
     assert session.n_calls == 2
-    session = ScriptedSession([requests.ConnectionError("refused")] * 3)
-    client = CloudClient("http://cloud.invalid", token=TOKEN, session=session)
+    session = ScriptedSession([requests.ConnectionError("refused")] * 3, token)
+    client = CloudClient("http://cloud.invalid", token=token, session=session)
     with pytest.raises(CloudUnavailable) as info:
         client.infer(b"payload", timeout_s=5)
     assert session.n_calls == 2  # at most one retry
@@ -323,11 +327,37 @@ def test_one_retry_of_a_connection_error():
     (requests.ReadTimeout("slow"), CloudTimeout),
     (requests.ConnectTimeout("slow"), CloudTimeout),
 ])
-def test_no_retry_of_anything_else(step, error):
-    session = ScriptedSession([step, OK_INFER])
-    client = CloudClient("http://cloud.invalid", token=TOKEN, session=session)
+def test_no_retry_of_anything_else(step, error, token):
+    session = ScriptedSession([step, OK_INFER], token)
+    client = CloudClient("http://cloud.invalid", token=token, session=session)
     with pytest.raises(error) as info:
         client.infer(b"payload", timeout_s=5)
     assert isinstance(info.value, CloudError) and session.n_calls == 1
     if error is CloudRejected:
         assert (info.value.status, info.value.code, info.value.message) == (400, "bad_tensor", "no")
+
+
+# -- the port ----------------------------------------------------------------------------
+
+
+PORT_MEMBERS = ("infer", "probe", "has_model", "put_model", "profile", "health", "close")
+
+
+def test_the_client_and_the_fake_are_cloud_ports_with_the_same_signatures(token):
+    client = CloudClient("http://cloud.invalid", token=token)
+    for port in (client, FakeCloud()):
+        assert isinstance(port, CloudPort) and port.link is None
+        for name in PORT_MEMBERS:
+            assert inspect.signature(getattr(port, name)) == inspect.signature(getattr(CloudPort, name)).replace(
+                parameters=list(inspect.signature(getattr(CloudPort, name)).parameters.values())[1:]), name
+    client.close()
+
+
+def test_an_object_missing_a_port_call_is_no_cloud_port():
+    class ProbesOnly:
+        link = None
+
+        def probe(self, n_bytes, *, timeout_s):
+            raise CloudTimeout("no")
+
+    assert not isinstance(ProbesOnly(), CloudPort)

@@ -3,7 +3,7 @@
 The model is the shipped ``models/default-distortion`` (B-AlexNet with blur
 and noise expert heads and its distortion classifier); the images are real
 Fashion-MNIST test images, distorted by :mod:`popex.data.distort` at the
-default middle levels. The cloud is a fake client over a real
+default middle levels. The cloud is a :class:`FakeCloud` over a real
 :class:`CloudRunner` in this process, so an offload's head is applied by the
 same code the cloud service runs.
 """
@@ -21,23 +21,22 @@ import pytest
 import torch
 
 from cloud_api import create_app as create_cloud_app
-from edge_api import close_app, create_app, get_node
+from cloud_api.config import CloudConfig
 from popex.data import Preprocessing, encode_png, load_fashion_mnist, preprocess
 from popex.data.distort import DEFAULT_LEVELS, gaussian_blur, gaussian_noise
 from popex.data.subset import SHIPPED_SUBSET_ROOT
 from popex.decision import load_calibration
 from popex.decision.latency import Link
-from popex.nets import EarlyExitNet, compute_model_id, load_model, weights_to_bytes, zoo_spec
+from popex.nets import compute_model_id, load_model
 from popex.nets.early_exit import UnknownHeadError, exit_confidence
-from popex.edge.cloud_port import CloudInference, CloudTimeout, CloudUnavailable
 from popex.cloud.runner import CloudRunner
+from popex.edge.fake_cloud import FakeCloud
 from popex.edge.overhead import OverheadTracker
 from popex.edge.plans import ModelPlan
-from popex.wire import decode_offload, decompress_payload, encode_offload
+from popex.wire import encode_offload
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "default-distortion"
-TOKEN = "test-token-0123456789"
 N_IMAGES = 5  # per kind; the classifier must get at least N_MIN_RIGHT of them
 N_MIN_RIGHT = 4
 KINDS = ("pristine", "blur", "noise")
@@ -46,52 +45,19 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "distortion-classifier" / "weig
                                 reason="models/default-distortion is not in this checkout")
 
 
-class LocalCloud:
-    """The cloud client's methods over a real CloudRunner (no HTTP); records each offload's head."""
-
-    def __init__(self, state_dir):
-        self.runner = CloudRunner(state_dir)
-        self.link = None
-        self.down = False
-        self.heads = []
-
-    def _check(self):
-        if self.down:
-            raise CloudUnavailable("connection refused")
-
-    def has_model(self, model_id, *, timeout_s):
-        self._check()
-        return self.runner.has(model_id)
-
-    def put_model(self, model_id, spec_bytes, weights_bytes, *, timeout_s):
-        self._check()
-        self.runner.register(model_id, spec_bytes, weights_bytes)
-
-    def profile(self, model_id, *, n_repeats, timeout_s):
-        self._check()
-        return self.runner.profile(model_id, n_repeats=n_repeats)
-
-    def infer(self, payload, *, timeout_s, content_encoding=None):
-        self._check()
-        self.heads.append(decode_offload(decompress_payload(payload, encoding=content_encoding)).head)
-        reply = self.runner.infer_payload(payload, content_encoding=content_encoding)
-        return CloudInference(label=reply.label, class_name=reply.class_name, confidence=reply.confidence,
-                              cloud_ms=reply.cloud_ms, transfer_ms=0.0, round_trip_ms=reply.cloud_ms,
-                              n_bytes=len(payload))
-
-    def probe(self, n_bytes, *, timeout_s):
-        raise CloudTimeout("probe not needed in these tests")
-
-    def health(self, *, timeout_s):
-        return not self.down
-
-
 # -- fixtures -------------------------------------------------------------------------------
 
 
-def _config(state_dir, **changes):
-    return {"token": TOKEN, "state_dir": str(state_dir), "default_model_dir": None, "start_background": False,
-            "profile_n_repeats": 2, "cloud_url": "http://127.0.0.1:9", **changes}
+@pytest.fixture
+def config(config):
+    """No default model: the registration tests register their own."""
+    return {**config, "default_model_dir": None}
+
+
+@pytest.fixture
+def fake_cloud(tmp_path):
+    """The cloud's half for real, in this process."""
+    return FakeCloud(state_dir=tmp_path / "cloud")
 
 
 @pytest.fixture(scope="module")
@@ -121,35 +87,20 @@ def model_files():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """One edge app with models/default-distortion as its default model, prepared against a LocalCloud."""
+def served(tmp_path_factory, make_config, open_edge, edge_internals):
+    """One edge app with models/default-distortion as its default model, prepared against the real cloud half."""
     root = tmp_path_factory.mktemp("served")
-    cloud = LocalCloud(root / "cloud")
-    app = create_app(_config(root / "edge", default_model_dir=str(MODEL_DIR)), cloud_client=cloud)
-    assert get_node(app).preparation.wait_idle(120.0)
-    runner = get_node(app).runner
-    yield {"app": app, "client": app.test_client(), "cloud": cloud, "runner": runner,
-           "model_id": runner.default_model_id}
-    close_app(app)
-
-
-@pytest.fixture
-def fresh(tmp_path):
-    """An edge app with no model, for registrations."""
-    cloud = LocalCloud(tmp_path / "cloud")
-    app = create_app(_config(tmp_path / "edge"), cloud_client=cloud)
-    yield {"app": app, "client": app.test_client(), "cloud": cloud, "config": _config(tmp_path / "edge")}
-    close_app(app)
+    cloud = FakeCloud(state_dir=root / "cloud")
+    with open_edge(make_config(root / "edge", default_model_dir=str(MODEL_DIR)), cloud) as app:
+        service, runner = edge_internals(app)
+        assert service.wait_idle(120.0)
+        yield {"app": app, "client": app.test_client(), "cloud": cloud, "runner": runner,
+               "model_id": runner.default_model_id}
 
 
 def _classify(client, image, **params):
     query = "&".join(f"{key}={value}" for key, value in params.items())
     return client.post(f"/api/v1/classify?{query}", data=encode_png(image), content_type="image/png")
-
-
-def _post_model(client, files):
-    data = {name: (io.BytesIO(content), f"{name}.bin") for name, content in files.items() if content is not None}
-    return client.post("/api/v1/models", data=data, content_type="multipart/form-data")
 
 
 def _error(response, status):
@@ -164,17 +115,6 @@ def _exit_logits(net, image, head):
     x = torch.from_numpy(preprocess(image, Preprocessing.from_spec_dict(net.spec)))
     with torch.inference_mode():
         return net(x, head=head)
-
-
-def _small_calibration(n_exits, n_samples=50):
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, n_samples)
-    predicted = rng.integers(0, 10, (n_samples, n_exits))
-    buffer = io.BytesIO()
-    np.savez(buffer, confidence=rng.random((n_samples, n_exits)), predicted=predicted,
-             correct=predicted == labels[:, None], labels=labels, temperature=np.ones(n_exits),
-             confidence_method=np.array("max_softmax"))
-    return buffer.getvalue()
 
 
 # -- the classifier picks the head set -------------------------------------------------------
@@ -220,7 +160,7 @@ def test_the_offload_names_the_head_and_the_cloud_applies_it(served, images, exp
                 break
         assert answer["expert"] == kind, "no image of this kind was classified as such"
         assert (answer["where"], answer["split"], answer["fallback"]) == ("cloud", 0, False), answer
-        assert cloud.heads[-1] == (None if kind == "pristine" else kind)  # omitted for pristine
+        assert cloud.offloads[-1].request.head == (None if kind == "pristine" else kind)  # omitted for pristine
         logits = _exit_logits(expert_net, image, kind)[-1]
         assert answer["label"] == int(logits.argmax())
         assert answer["confidence"] == pytest.approx(float(torch.softmax(logits, 1).max()), rel=1e-5)
@@ -344,9 +284,10 @@ def test_the_cloud_answer_with_a_head_is_that_heads_local_answer(cloud_runner, m
         cloud_runner.infer_payload(fog)
 
 
-def test_the_cloud_service_takes_expert_models_and_refuses_unknown_heads(tmp_path, model_files, expert_net):
-    client = create_cloud_app({"token": TOKEN, "state_dir": str(tmp_path / "cloud")}).test_client()
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+def test_the_cloud_service_takes_expert_models_and_refuses_unknown_heads(tmp_path, token, model_files, expert_net):
+    config = CloudConfig.from_mapping({"token": token, "state_dir": str(tmp_path / "cloud")})
+    client = create_cloud_app(config).test_client()
+    auth = {"Authorization": f"Bearer {token}"}
     files = model_files["files"]
     response = client.put(f"/api/v1/models/{model_files['model_id']}", headers=auth, data={
         "spec": (io.BytesIO(files["spec"]), "spec.json"), "weights": (io.BytesIO(files["weights"]), "w")})
@@ -362,39 +303,38 @@ def test_the_cloud_service_takes_expert_models_and_refuses_unknown_heads(tmp_pat
 # -- registration through REST ---------------------------------------------------------------------
 
 
-def test_an_expert_model_registers_through_rest_and_survives_a_restart(fresh, model_files, images):
-    client = fresh["client"]
-    response = _post_model(client, model_files["files"])
+def test_an_expert_model_registers_through_rest_and_survives_a_restart(client, model_actions, fake_cloud, config,
+                                                                     make_app, model_files, images):
+    response = model_actions.register_directory(MODEL_DIR)
     assert response.status_code == 202, response.json
     model_id = response.json["model_id"]
     assert model_id == model_files["model_id"]
-    assert get_node(fresh["app"]).preparation.wait_idle(120.0)
-    info = client.get(f"/api/v1/models/{model_id}").json
-    assert info["state"] == "ready" and info["experts"] == ["blur", "noise"]
+    info = model_actions.wait_ready(model_id)
+    assert info["experts"] == ["blur", "noise"]
     assert info["distortion_classifier"]["classes"] == list(KINDS)
-    assert fresh["cloud"].runner.has(model_id)  # pushed with every head set in its weights
-    stored = Path(fresh["config"]["state_dir"]) / "models" / model_id
+    assert fake_cloud.runner.has(model_id)  # pushed with every head set in its weights
+    stored = Path(config["state_dir"]) / "models" / model_id
     assert {"calibration_blur.npz", "calibration_noise.npz", "distortion-classifier"} <= \
         {p.name for p in stored.iterdir()}
     assert _classify(client, images["blur"][0], deadline_ms=1000).json["expert"] == "blur"
-    assert _post_model(client, model_files["files"]).status_code == 200  # known
+    assert model_actions.register(model_files["files"]).status_code == 200  # known
 
-    restarted = create_app(fresh["config"], cloud_client=fresh["cloud"])
-    try:
-        again = restarted.test_client()
-        info = again.get(f"/api/v1/models/{model_id}").json
-        assert info["state"] == "ready" and info["experts"] == ["blur", "noise"]
-        assert info["distortion_classifier"] is not None
-        assert _classify(again, images["noise"][0], deadline_ms=1000).json["expert"] == "noise"
-    finally:
-        close_app(restarted)
+    again = make_app(config).test_client()  # a restart on the same state dir and cloud
+    info = again.get(f"/api/v1/models/{model_id}").json
+    assert info["state"] == "ready" and info["experts"] == ["blur", "noise"]
+    assert info["distortion_classifier"] is not None
+    assert _classify(again, images["noise"][0], deadline_ms=1000).json["expert"] == "noise"
 
 
-def _lenet_files():
-    torch.manual_seed(0)
-    net = EarlyExitNet(zoo_spec("b-lenet"))
-    return {"spec": json.dumps(net.spec).encode(), "weights": weights_to_bytes(net),
-            "calibration": _small_calibration(net.n_exits)}
+def _small_calibration(n_exits, n_samples=50):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n_samples)
+    predicted = rng.integers(0, 10, (n_samples, n_exits))
+    buffer = io.BytesIO()
+    np.savez(buffer, confidence=rng.random((n_samples, n_exits)), predicted=predicted,
+             correct=predicted == labels[:, None], labels=labels, temperature=np.ones(n_exits),
+             confidence_method=np.array("max_softmax"))
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("change, pattern", [
@@ -408,22 +348,22 @@ def _lenet_files():
     ({"classifier_spec": b"[1, 2"}, "distortion classifier"),
     ({"classifier_spec": (MODEL_DIR / "spec.json").read_bytes()}, "distortion classifier"),
 ])
-def test_bad_expert_files_are_400_and_store_nothing(fresh, model_files, change, pattern):
-    error = _error(_post_model(fresh["client"], {**model_files["files"], **change}), 400)
+def test_bad_expert_files_are_400_and_store_nothing(client, model_actions, config, model_files, change, pattern):
+    error = _error(model_actions.register({**model_files["files"], **change}), 400)
     assert pattern in error["message"]
-    assert fresh["client"].get("/api/v1/models").json["models"] == []
-    leftovers = [p.name for p in (Path(fresh["config"]["state_dir"]) / "models").iterdir()]
+    assert client.get("/api/v1/models").json["models"] == []
+    leftovers = [p.name for p in (Path(config["state_dir"]) / "models").iterdir()]
     assert leftovers == []
 
 
-def test_a_model_without_experts_takes_no_expert_files_and_is_never_distortion_aware(fresh, model_files, images):
-    client = fresh["client"]
-    lenet = _lenet_files()
+def test_a_model_without_experts_takes_no_expert_files_and_is_never_distortion_aware(client, model_actions,
+                                                                                    lenet_files, model_files, images):
+    lenet = lenet_files["files"]
     for extra in ({"calibration_blur": lenet["calibration"]},
                   {"classifier_spec": model_files["files"]["classifier_spec"],
                    "classifier_weights": model_files["files"]["classifier_weights"]}):
-        assert "no 'experts'" in _error(_post_model(client, {**lenet, **extra}), 400)["message"]
-    response = _post_model(client, lenet)
+        assert "no 'experts'" in _error(model_actions.register({**lenet, **extra}), 400)["message"]
+    response = model_actions.register(lenet)
     assert response.status_code == 202, response.json
     model_id = response.json["model_id"]
     info = client.get(f"/api/v1/models/{model_id}").json
@@ -434,20 +374,15 @@ def test_a_model_without_experts_takes_no_expert_files_and_is_never_distortion_a
         assert answer["expert"] == "pristine" and "expert_confidence" not in answer
     error = _error(_classify(client, images["blur"][0], model=model_id, distortion_aware="true"), 400)
     assert "no expert heads" in error["message"]
-    assert get_node(fresh["app"]).preparation.wait_idle(60.0)
+    assert model_actions.wait_idle()
 
 
-def test_the_default_can_be_off(tmp_path, images):
-    cloud = LocalCloud(tmp_path / "cloud")
-    app = create_app(_config(tmp_path / "edge", default_model_dir=str(MODEL_DIR), distortion_aware_default=False),
-                     cloud_client=cloud)
-    try:
-        client = app.test_client()
-        assert _classify(client, images["blur"][0]).json["expert"] == "pristine"
-        assert _classify(client, images["blur"][0], distortion_aware="true").json["expert"] == "blur"
-        assert get_node(app).preparation.wait_idle(120.0)
-    finally:
-        close_app(app)
+def test_the_default_can_be_off(make_app, config, edge_internals, images):
+    app = make_app({**config, "default_model_dir": str(MODEL_DIR), "distortion_aware_default": False})
+    client = app.test_client()
+    assert _classify(client, images["blur"][0]).json["expert"] == "pristine"
+    assert _classify(client, images["blur"][0], distortion_aware="true").json["expert"] == "blur"
+    assert edge_internals(app)[0].wait_idle(120.0)
 
 
 # -- the classifier's time is in the fixed edge time ------------------------------------------------

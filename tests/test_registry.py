@@ -6,11 +6,9 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 
 from popex.decision import Profile
 from popex.errors import CalibrationError, ProfileError, SpecError, WeightsError
-from popex.nets import EarlyExitNet, compute_model_id, weights_to_bytes, zoo_spec
 from popex.edge.store import ModelRegistry, UnknownModelError
 
 
@@ -26,13 +24,8 @@ def _calibration_bytes(n_exits=2, n_samples=40, seed=0, n_classes=10):
 
 
 @pytest.fixture(scope="module")
-def files():
-    torch.manual_seed(0)
-    spec = zoo_spec("b-lenet")
-    net = EarlyExitNet(spec)
-    weights_bytes = weights_to_bytes(net)
-    return {"spec": json.dumps(spec).encode(), "weights": weights_bytes, "calibration": _calibration_bytes(),
-            "model_id": compute_model_id(spec, weights_bytes)}
+def files(lenet_files):
+    return {**lenet_files["files"], "model_id": lenet_files["model_id"]}
 
 
 def _register(registry, files, **changes):
