@@ -8,6 +8,7 @@ import pytest
 
 from edge_api import close_app, create_app, get_node
 from edge_api.config import load_config
+from popex.edge.fake_cloud import FakeCloud
 from popex.errors import ConfigError
 from popex.link.control import LinkController, LinkNotAdjustable, check_link_numbers
 from popex.link.profiles import load_link_profiles
@@ -20,23 +21,10 @@ URL = "/api/v1/admin/link"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-class _Cloud:
-    """Just enough of the cloud client for the factory (no model is registered)."""
-
-    def __init__(self, link: LinkEmulator | None) -> None:
-        self.link = link
-
-    def health(self, *, timeout_s: float) -> bool:
-        return True
-
-    def probe(self, n_bytes: int, *, timeout_s: float):  # the monitor is not started
-        raise AssertionError("not used")
-
-
 def _app(tmp_path, link: LinkEmulator | None, **config):
     values = {"token": TOKEN, "state_dir": str(tmp_path / "state"), "default_model_dir": str(tmp_path / "none"),
               "start_background": False, **config}
-    return create_app(values, cloud_client=_Cloud(link))
+    return create_app(values, cloud_client=FakeCloud(link=link))
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ import io
 import json
 import pickle
 import struct
-import threading
 import zlib
 
 import numpy as np
@@ -16,57 +15,11 @@ from edge_api.config import EdgeConfig, load_config
 from popex.data import encode_png
 from popex.errors import ConfigError
 from popex.nets import EarlyExitNet, compute_model_id, weights_to_bytes, zoo_spec
-from popex.edge.cloud_port import CloudInference, CloudTimeout, CloudUnavailable
-from popex.edge.strategy import Strategy
+from popex.edge.cloud_port import CloudTimeout
+from popex.edge.fake_cloud import FakeCloud
 
-TOKEN = "test-token-0123456789"
 CLASSIFY_KEYS = {"label", "class_name", "confidence", "exit", "where", "split", "thresholds", "fallback",
                  "latency_ms", "predicted_latency_ms", "model", "feasible"}
-
-
-class FakeCloud:
-    """The cloud client's methods, answering from memory; ``down`` makes every call fail."""
-
-    def __init__(self):
-        self.link = None
-        self.down = False
-        self.models = set()
-        self.infer_error = None
-        self.gate = threading.Event()
-        self.gate.set()
-        self.n_infer = 0
-
-    def _check(self):
-        if self.down:
-            raise CloudUnavailable("connection refused")
-
-    def has_model(self, model_id, *, timeout_s):
-        self.gate.wait(10.0)
-        self._check()
-        return model_id in self.models
-
-    def put_model(self, model_id, spec_bytes, weights_bytes, *, timeout_s):
-        self._check()
-        self.models.add(model_id)
-
-    def profile(self, model_id, *, n_repeats, timeout_s):
-        self._check()
-        return [0.05, 0.05, 0.02]
-
-    def infer(self, payload, *, timeout_s, content_encoding=None):
-        self.n_infer += 1
-        self._check()
-        if self.infer_error is not None:
-            raise self.infer_error
-        return CloudInference(label=4, class_name="class4", confidence=0.9, cloud_ms=1.0, transfer_ms=3.0,
-                              round_trip_ms=4.0, n_bytes=len(payload))
-
-    def probe(self, n_bytes, *, timeout_s):
-        self._check()
-        raise CloudTimeout("probe not needed in these tests")
-
-    def health(self, *, timeout_s):
-        return not self.down
 
 
 def _calibration_bytes(n_exits=2, n_samples=200, seed=0):
@@ -89,61 +42,50 @@ def model_files():
             "model_id": compute_model_id(spec, weights_bytes)}
 
 
-@pytest.fixture
-def cloud():
-    return FakeCloud()
+def _cloud():
+    """Offloads answer label 4 in 1 + 3 ms; every model profiles at 0.05, 0.05, 0.02 ms on the cloud."""
+    return FakeCloud(transfer_ms=3.0, stage_cloud_ms=(0.05, 0.05, 0.02))
 
 
 @pytest.fixture
-def config(tmp_path):
-    return {"token": TOKEN, "state_dir": str(tmp_path / "edge"), "default_model_dir": None,
-            "start_background": False, "profile_n_repeats": 2, "max_image_bytes": 64 * 1024,
-            "cloud_url": "http://127.0.0.1:9"}
+def fake_cloud():
+    return _cloud()
 
 
 @pytest.fixture
-def app(config, cloud):
-    app = create_app(config, cloud_client=cloud)
-    yield app
-    close_app(app)
+def cloud(fake_cloud):
+    return fake_cloud
 
 
 @pytest.fixture
-def client(app):
-    return app.test_client()
+def config(config):
+    return {**config, "default_model_dir": None, "max_image_bytes": 64 * 1024}
 
 
-def _service(app):
-    return get_node(app).preparation
-
-
-def _post_model(client, files, **changes):
+def _post_model(model_actions, files, **changes):
     files = {**files, **changes}
-    data = {name: (io.BytesIO(files[name]), f"{name}.bin") for name in ("spec", "weights", "calibration")
-            if files.get(name) is not None}
-    return client.post("/api/v1/models", data=data, content_type="multipart/form-data")
+    return model_actions.register({name: files.get(name) for name in ("spec", "weights", "calibration")})
 
 
 @pytest.fixture
-def registered(app, client, model_files):
-    response = _post_model(client, model_files)
+def registered(model_actions, model_files):
+    response = _post_model(model_actions, model_files)
     assert response.status_code == 202, response.json
-    assert _service(app).wait_idle(60.0)
+    model_actions.wait_ready(model_files["model_id"])
     return model_files["model_id"]
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, model_files):
+def shared(tmp_path_factory, make_config, open_edge, edge_internals, model_files):
     """One app with the model ready, for tests that only read (saves a registration each)."""
-    config = {"token": TOKEN, "state_dir": str(tmp_path_factory.mktemp("shared") / "edge"),
-              "default_model_dir": None, "start_background": False, "profile_n_repeats": 2,
-              "max_image_bytes": 64 * 1024}
-    app = create_app(config, cloud_client=FakeCloud())
-    client = app.test_client()
-    assert _post_model(client, model_files).status_code == 202
-    assert _service(app).wait_idle(60.0)
-    yield {"client": client, "model_id": model_files["model_id"]}
-    close_app(app)
+    config = make_config(tmp_path_factory.mktemp("shared") / "edge", default_model_dir=None,
+                         max_image_bytes=64 * 1024)
+    with open_edge(config, _cloud()) as app:
+        client = app.test_client()
+        data = {name: (io.BytesIO(model_files[name]), name) for name in ("spec", "weights", "calibration")}
+        assert client.post("/api/v1/models", data=data, content_type="multipart/form-data").status_code == 202
+        assert edge_internals(app)[0].wait_idle(60.0)
+        yield {"client": client, "model_id": model_files["model_id"]}
 
 
 def _png(height=28, width=28, seed=1):
@@ -163,13 +105,6 @@ def _error(response, status):
     return body["error"]
 
 
-def _force(app, model_id, monkeypatch, *, split):
-    plan = get_node(app).plans.get(model_id)
-    strategy = Strategy(split=split, thresholds=(None,), active_branches=(), latency_ms=5.0, worst_latency_ms=5.0,
-                        accuracy=0.5, offload_prob=1.0, feasible=True, row=0, objective="mean", deadline_ms=0.0)
-    monkeypatch.setattr(plan, "strategy", lambda deadline_ms, objective, policy="adaptive": strategy)
-
-
 # -- config --------------------------------------------------------------------------------
 
 
@@ -180,26 +115,26 @@ def test_the_edge_refuses_to_start_without_a_token(tmp_path):
         create_app({"token": "", "state_dir": str(tmp_path)})
 
 
-def test_config_layers_and_checks(tmp_path):
+def test_config_layers_and_checks(tmp_path, token):
     path = tmp_path / "edge.yaml"
     path.write_text("objective: tail\ndefault_deadline_ms: 80\nemulate_link:\n")
     config = load_config({"default_deadline_ms": 50.0}, environ={
-        "POPEX_EDGE_CONFIG": str(path), "POPEX_TOKEN": TOKEN, "POPEX_EMULATE_LINK": "5.85,50",
+        "POPEX_EDGE_CONFIG": str(path), "POPEX_TOKEN": token, "POPEX_EMULATE_LINK": "5.85,50",
         "POPEX_CLOUD_URL": "http://cloud:8001/"})
     assert (config.objective, config.default_deadline_ms, config.emulate_link) == ("tail", 50.0, "5.85,50")
-    assert config.cloud_url == "http://cloud:8001" and TOKEN not in repr(config)
+    assert config.cloud_url == "http://cloud:8001" and token not in repr(config)
     for bad in ({"emulate_link": "fast"}, {"objective": "median"}, {"probe_interval_s": 0},
                 {"max_image_bytes": True}, {"unknown_key": 1}, {"cloud_url": "ftp://x"},
                 {"plan_headroom_fraction": 0.6}, {"plan_headroom_fraction": -0.1}):
         with pytest.raises(ConfigError):
-            load_config({"token": TOKEN, **bad}, environ={})
-    assert isinstance(load_config({"token": TOKEN}, environ={}), EdgeConfig)
+            load_config({"token": token, **bad}, environ={})
+    assert isinstance(load_config({"token": token}, environ={}), EdgeConfig)
 
 
 # -- models ------------------------------------------------------------------------------
 
 
-def test_register_prepares_in_the_background(app, client, cloud, registered, model_files):
+def test_register_prepares_in_the_background(model_actions, client, cloud, registered, model_files):
     assert registered in cloud.models  # pushed to the cloud
     listing = client.get("/api/v1/models").json["models"]
     assert listing == [{"model_id": registered, "name": "b-lenet", "state": "ready"}]
@@ -208,31 +143,30 @@ def test_register_prepares_in_the_background(app, client, cloud, registered, mod
     assert info["class_names"][:2] == ["class0", "class1"]
     assert [stage["cloud_ms"] for stage in info["profile"]["stages"]] == [0.05, 0.05, 0.02]
     assert {"split", "thresholds", "predicted_latency_ms", "feasible"} <= set(info["strategy"])
-    again = _post_model(client, model_files)
+    again = _post_model(model_actions, model_files)
     assert again.status_code == 200 and again.json == {"model_id": registered, "state": "ready"}
 
 
-def test_an_unreachable_cloud_means_assumed_cloud_times(app, client, cloud, model_files):
+def test_an_unreachable_cloud_means_assumed_cloud_times(model_actions, cloud, model_files):
     cloud.down = True
-    assert _post_model(client, model_files).status_code == 202
-    assert _service(app).wait_idle(60.0)
-    info = client.get(f"/api/v1/models/{model_files['model_id']}").json
-    assert info["state"] == "ready" and info["cloud_profile"] == "assumed"
+    assert _post_model(model_actions, model_files).status_code == 202
+    info = model_actions.wait_ready(model_files["model_id"])
+    assert info["cloud_profile"] == "assumed"
     edge_ms = [stage["edge_ms"] for stage in info["profile"]["stages"]]
     assert [stage["cloud_ms"] for stage in info["profile"]["stages"]] == pytest.approx(edge_ms)  # speedup 1
 
 
-def test_a_model_is_classifiable_before_it_is_ready(app, client, cloud, model_files):
+def test_a_model_is_classifiable_before_it_is_ready(model_actions, client, cloud, model_files):
     cloud.gate.clear()  # hold the preparation at its first cloud call
     try:
-        assert _post_model(client, model_files).status_code == 202
+        assert _post_model(model_actions, model_files).status_code == 202
         state = client.get(f"/api/v1/models/{model_files['model_id']}").json["state"]
         assert state in ("registered", "profiling")
         response = client.post("/api/v1/classify", data=_png(), content_type="image/png")
         assert response.status_code == 200, response.json
     finally:
         cloud.gate.set()
-    assert _service(app).wait_idle(60.0)
+    assert model_actions.wait_idle(60.0)
 
 
 @pytest.mark.parametrize("change, pattern", [
@@ -242,8 +176,8 @@ def test_a_model_is_classifiable_before_it_is_ready(app, client, cloud, model_fi
     ({"spec": b"[1, 2"}, "JSON"),
     ({"calibration": _calibration_bytes(n_exits=3)}, "exits"),
 ])
-def test_bad_model_uploads_are_400(client, model_files, change, pattern):
-    error = _error(_post_model(client, model_files, **change), 400)
+def test_bad_model_uploads_are_400(client, model_actions, model_files, change, pattern):
+    error = _error(_post_model(model_actions, model_files, **change), 400)
     assert pattern in error["message"]
     assert client.get("/api/v1/models").json["models"] == []
 
@@ -263,27 +197,20 @@ def test_strategies_as_json_and_csv(shared):
     _error(client.get("/api/v1/models/nope"), 404)
 
 
-def test_models_survive_a_restart(config, registered, model_files):
-    restarted = create_app(config, cloud_client=FakeCloud())
-    try:
-        client = restarted.test_client()
-        assert client.get(f"/api/v1/models/{registered}").json["state"] == "ready"
-        assert client.post("/api/v1/classify", data=_png(), content_type="image/png").status_code == 200
-    finally:
-        close_app(restarted)
+def test_models_survive_a_restart(make_app, config, registered, model_files):
+    client = make_app(config, cloud=_cloud()).test_client()
+    assert client.get(f"/api/v1/models/{registered}").json["state"] == "ready"
+    assert client.post("/api/v1/classify", data=_png(), content_type="image/png").status_code == 200
 
 
-def test_the_default_model_dir_is_registered_at_start(tmp_path, config, model_files):
+def test_the_default_model_dir_is_registered_at_start(tmp_path, make_app, config, model_files):
     directory = tmp_path / "default"
     directory.mkdir()
     for name, key in (("spec.json", "spec"), ("weights.safetensors", "weights"), ("calibration.npz", "calibration")):
         (directory / name).write_bytes(model_files[key])
-    app = create_app({**config, "default_model_dir": str(directory)}, cloud_client=FakeCloud())
-    try:
-        response = app.test_client().post("/api/v1/classify", data=_png(), content_type="image/png")
-        assert response.status_code == 200 and response.json["model"] == model_files["model_id"]
-    finally:
-        close_app(app)
+    app = make_app({**config, "default_model_dir": str(directory)}, cloud=_cloud())
+    response = app.test_client().post("/api/v1/classify", data=_png(), content_type="image/png")
+    assert response.status_code == 200 and response.json["model"] == model_files["model_id"]
 
 
 # -- classify ------------------------------------------------------------------------------
@@ -310,11 +237,11 @@ def test_classify_answers_every_field(shared, how):
     assert body["deadline_ms"] == 250.0
 
 
-def test_a_failing_cloud_gives_a_marked_fallback(app, client, cloud, registered, monkeypatch):
-    _force(app, registered, monkeypatch, split=1)
+def test_a_failing_cloud_gives_a_marked_fallback(model_actions, client, cloud, registered):
+    model_actions.force(registered, split=1)
     response = client.post("/api/v1/classify", data=_png(), content_type="image/png")
     assert response.status_code == 200 and response.json["where"] == "cloud"
-    cloud.infer_error = CloudTimeout("late")
+    cloud.fail("infer", CloudTimeout("late"))
     body = client.post("/api/v1/classify", data=_png(), content_type="image/png").json
     assert body["fallback"] is True and body["where"] == "edge" and body["exit"] == "final"
     counts = client.get("/api/v1/status").json["requests"]
@@ -357,8 +284,8 @@ def test_unknown_routes_and_methods_are_json(shared):
     assert _error(client.get("/api/v1/classify"), 405)["code"] == "method_not_allowed"
 
 
-def test_an_unexpected_error_is_a_json_500(app, client, registered, monkeypatch):
-    runner = get_node(app).runner
+def test_an_unexpected_error_is_a_json_500(app, edge_internals, client, registered, monkeypatch):
+    runner = edge_internals(app)[1]
     monkeypatch.setattr(runner, "classify", lambda *a, **k: 1 / 0)
     assert _error(client.post("/api/v1/classify", data=_png(), content_type="image/png"), 500)["code"] == \
         "internal_error"
@@ -420,15 +347,15 @@ def test_the_node_is_built_without_starting_a_thread_and_closes(config, cloud):
     assert not node.planner.running and not node.monitor.running
 
 
-def test_a_test_config_replaces_the_yaml_and_the_environment(tmp_path, config, cloud, monkeypatch):
+def test_a_test_config_replaces_the_yaml_and_the_environment(tmp_path, config, cloud, token, monkeypatch):
     path = tmp_path / "developer.yaml"
     path.write_text("plan_headroom_fraction: 0.1\ndefault_deadline_ms: 33\n")
     monkeypatch.setenv("POPEX_EDGE_CONFIG", str(path))
     monkeypatch.setenv("POPEX_TOKEN", "developer-token-0000")
-    app = create_app(config, cloud_client=cloud)
+    app = create_app(config, cloud_client=cloud)  # the mapping itself, as a test hands it over
     try:
         node = get_node(app)
-        assert node.config.token == TOKEN and node.runner.default_deadline_ms == 100.0
+        assert node.config.token == token and node.runner.default_deadline_ms == 100.0
         assert app.test_client().get("/api/v1/status").json["plan_headroom_fraction"] == 0.05
     finally:
         close_app(app)

@@ -14,40 +14,15 @@ from popex.data import Preprocessing, decode_image, encode_png, preprocess
 from popex.decision import DecisionIndex, Link, Profile
 from popex.errors import ConfigError, DataError
 from popex.nets import EarlyExitNet, exit_confidence, weights_to_bytes, zoo_spec
-from popex.edge.cloud_port import CloudInference, CloudRejected, CloudTimeout, CloudUnavailable
+from popex.edge.cloud_port import CloudRejected, CloudTimeout, CloudUnavailable
 from popex.edge.compute import EdgeCompute
+from popex.edge.fake_cloud import FakeCloud
 from popex.edge.pipeline import EdgeRunner
 from popex.edge.planner import BackgroundPlanner
 from popex.edge.plans import PlanBook
-from popex.edge.strategy import Strategy
 from popex.edge.store import ModelRegistry, UnknownModelError
-from popex.wire import decode_offload, decompress_payload
 
 TEMPERATURES = [1.7, 0.8]
-
-
-class FakeCloud:
-    """Finishes offloads with its own copy of the network; can be told to fail."""
-
-    def __init__(self, net, *, cloud_ms=2.0, round_trip_ms=30.0):
-        self.net = net
-        self.cloud_ms, self.round_trip_ms = cloud_ms, round_trip_ms
-        self.link = None
-        self.error = None
-        self.calls = []
-
-    def infer(self, payload, *, timeout_s, content_encoding=None):
-        request = decode_offload(decompress_payload(payload, encoding=content_encoding))
-        self.calls.append({"request": request, "timeout_s": timeout_s, "n_bytes": len(payload),
-                           "content_encoding": content_encoding})
-        if self.error is not None:
-            raise self.error
-        with torch.inference_mode():
-            logits = self.net.run_stages(request.tensor, start=request.split)
-        confidence, label = exit_confidence(logits, temperature=TEMPERATURES[-1])
-        return CloudInference(label=int(label[0]), class_name="from-cloud", confidence=float(confidence[0]),
-                              cloud_ms=self.cloud_ms, transfer_ms=self.round_trip_ms - self.cloud_ms,
-                              round_trip_ms=self.round_trip_ms, n_bytes=len(payload))
 
 
 class FakeMonitor:
@@ -91,7 +66,8 @@ def setup(tmp_path, net):
     model_id = registry.register(json.dumps(net.spec).encode(), weights_to_bytes(net), _calibration_bytes())
     plans = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0), headroom_fraction=0.0)
     plans.install(model_id, registry.get(model_id).calibration, _profile(net))
-    cloud = FakeCloud(net)
+    cloud = FakeCloud(state_dir=tmp_path / "cloud", cloud_ms=2.0, transfer_ms=28.0)
+    cloud.put_model(model_id, json.dumps(net.spec).encode(), weights_to_bytes(net), timeout_s=30.0)
     monitor = FakeMonitor(Link(uplink_mbps=10.0, rtt_ms=20.0))
     planner = BackgroundPlanner(plans=plans, monitor=monitor, initial_offload_overhead_ms=1.0,
                                 replan_hysteresis_fraction=0.2)
@@ -113,17 +89,12 @@ def _image(seed=1):
     return encode_png(np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8))
 
 
-def _force(monkeypatch, setup, *, split, thresholds, profile=None):
+def _force(force_plan, setup, *, split, thresholds, profile=None):
     """Make the model's plan answer one strategy, whatever the deadline."""
-    plan = setup["plans"].get(setup["model_id"])
-    if profile is not None:
-        plan.set_profile(profile)
-    active = tuple(b for b, t in enumerate(thresholds) if t is not None and b == 0 and split >= 1)
-    strategy = Strategy(split=split, thresholds=tuple(thresholds), active_branches=active, latency_ms=12.5,
-                        worst_latency_ms=20.0, accuracy=0.9, offload_prob=0.5, feasible=True, row=0,
-                        objective="mean", deadline_ms=0.0)
-    monkeypatch.setattr(plan, "strategy", lambda deadline_ms, objective, policy="adaptive": strategy)
-    return strategy
+    net = setup["registry"].get(setup["model_id"]).loaded.net
+    return force_plan(setup["plans"].get(setup["model_id"]), net.branch_after_stage, split=split,
+                      thresholds=tuple(thresholds), latency_ms=12.5, worst_latency_ms=20.0, accuracy=0.9,
+                      offload_prob=0.5, profile=profile)
 
 
 def _reference(net, image_bytes):
@@ -200,31 +171,31 @@ def test_strategies_csv_has_one_line_per_row(setup):
 # -- exits on the edge ---------------------------------------------------------------------
 
 
-def test_edge_only_answers_with_the_final_exit(monkeypatch, setup, net):
-    _force(monkeypatch, setup, split=3, thresholds=[None])
+def test_edge_only_answers_with_the_final_exit(force_plan, setup, net):
+    _force(force_plan, setup, split=3, thresholds=[None])
     reference = _reference(net, _image())
     result = setup["runner"].classify(_image(), deadline_ms=100.0)
     assert (result.where, result.exit, result.fallback, result.split) == ("edge", "final", False, 3)
     assert (result.confidence, result.label) == pytest.approx(reference["final"])
     assert result.class_name == net.class_names[result.label]
     assert result.predicted_latency_ms == 12.5 and result.latency.transfer_ms == 0.0
-    assert setup["cloud"].calls == []
+    assert setup["cloud"].offloads == []
 
 
-def test_exit_rule_compares_in_float64_with_the_exits_temperature(monkeypatch, setup, net):
+def test_exit_rule_compares_in_float64_with_the_exits_temperature(force_plan, setup, net):
     confidence, label = _reference(net, _image())["branch"]
-    _force(monkeypatch, setup, split=3, thresholds=[confidence])  # exactly the confidence: exits
+    _force(force_plan, setup, split=3, thresholds=[confidence])  # exactly the confidence: exits
     result = setup["runner"].classify(_image())
     assert (result.exit, result.label, result.confidence) == (0, label, confidence)
-    _force(monkeypatch, setup, split=3, thresholds=[float(np.nextafter(confidence, 2.0))])  # just above: passes
+    _force(force_plan, setup, split=3, thresholds=[float(np.nextafter(confidence, 2.0))])  # just above: passes
     assert setup["runner"].classify(_image()).exit == "final"
 
 
-def test_an_inactive_branch_is_not_evaluated(monkeypatch, setup, net):
+def test_an_inactive_branch_is_not_evaluated(monkeypatch, force_plan, setup, net):
     calls = []
     original = net.run_branch
     monkeypatch.setattr(net, "run_branch", lambda b, h: calls.append(b) or original(b, h))
-    _force(monkeypatch, setup, split=3, thresholds=[None])
+    _force(force_plan, setup, split=3, thresholds=[None])
     setup["runner"].classify(_image())
     assert calls == []
 
@@ -232,36 +203,36 @@ def test_an_inactive_branch_is_not_evaluated(monkeypatch, setup, net):
 # -- offloading ------------------------------------------------------------------------------
 
 
-def test_offload_sends_the_split_tensor_within_the_budget(monkeypatch, setup, net):
-    _force(monkeypatch, setup, split=1, thresholds=[None])
+def test_offload_sends_the_split_tensor_within_the_budget(force_plan, setup, net):
+    _force(force_plan, setup, split=1, thresholds=[None])
     reference = _reference(net, _image())
     result = setup["runner"].classify(_image(), deadline_ms=500.0)
     assert (result.where, result.exit, result.fallback) == ("cloud", "final", False)
     assert result.label == reference["final"][1] and result.class_name == net.class_names[result.label]
-    (call,) = setup["cloud"].calls
-    request = call["request"]
+    (call,) = setup["cloud"].offloads
+    request = call.request
     assert request.split == 1 and request.model_id == setup["model_id"]
     assert torch.equal(request.tensor, reference["h1"])
-    assert 0 < call["timeout_s"] <= 0.5
+    assert 0 < call.timeout_s <= 0.5
     assert result.latency.cloud_ms == 2.0 and result.latency.transfer_ms == 28.0
     assert result.latency.total_ms >= result.latency.edge_ms >= 0
     # one passive sample (bytes, round trip minus cloud time) and one overhead measurement
     # (the bytes that went on the wire: deflated, smaller than the payload)
-    assert call["content_encoding"] == "deflate" and call["n_bytes"] < request.n_bytes
+    assert call.content_encoding == "deflate" and call.n_bytes < request.n_bytes
     planner = setup["planner"]
     assert setup["monitor"].samples == [] and planner.overhead.n_samples == 0  # queued, not yet planned
     assert planner.drain()
-    assert setup["monitor"].samples == [(call["n_bytes"], 28.0)]
+    assert setup["monitor"].samples == [(call.n_bytes, 28.0)]
     assert planner.overhead.n_samples == 1
-    assert planner.wire_ratio.current_ms == pytest.approx(call["n_bytes"] / request.n_bytes)
+    assert planner.wire_ratio.current_ms == pytest.approx(call.n_bytes / request.n_bytes)
 
 
-def test_without_compression_the_payload_travels_as_is(monkeypatch, setup):
-    _force(monkeypatch, setup, split=1, thresholds=[None])
+def test_without_compression_the_payload_travels_as_is(force_plan, setup):
+    _force(force_plan, setup, split=1, thresholds=[None])
     setup["runner"].wire_compression = "none"
     setup["runner"].classify(_image(), deadline_ms=500.0)
-    (call,) = setup["cloud"].calls
-    assert call["content_encoding"] is None and call["n_bytes"] == call["request"].n_bytes
+    (call,) = setup["cloud"].offloads
+    assert call.content_encoding is None and call.n_bytes == call.request.n_bytes
     assert setup["planner"].drain() and setup["planner"].wire_ratio.current_ms == 1.0
 
 
@@ -298,9 +269,9 @@ def test_a_moving_overhead_replans(setup):
 
 @pytest.mark.parametrize("error", [CloudTimeout("late"), CloudUnavailable("down"),
                                    CloudRejected(404, "unknown_model", "no such model")])
-def test_fallback_uses_the_most_confident_evaluated_branch(monkeypatch, setup, net, error):
-    _force(monkeypatch, setup, split=2, thresholds=[1.0])  # evaluated, never confident enough
-    setup["cloud"].error = error
+def test_fallback_uses_the_most_confident_evaluated_branch(force_plan, setup, net, error):
+    _force(force_plan, setup, split=2, thresholds=[1.0])  # evaluated, never confident enough
+    setup["cloud"].fail("infer", error)
     rejected = []
     setup["runner"].on_cloud_rejected = rejected.append
     result = setup["runner"].classify(_image())
@@ -312,59 +283,59 @@ def test_fallback_uses_the_most_confident_evaluated_branch(monkeypatch, setup, n
     assert setup["monitor"].samples == [] and setup["planner"].overhead.n_samples == 0
 
 
-def test_fallback_runs_the_rest_of_the_network_when_the_budget_allows(monkeypatch, setup, net):
-    _force(monkeypatch, setup, split=1, thresholds=[None])
-    setup["cloud"].error = CloudUnavailable("connection refused")
+def test_fallback_runs_the_rest_of_the_network_when_the_budget_allows(force_plan, setup, net):
+    _force(force_plan, setup, split=1, thresholds=[None])
+    setup["cloud"].fail("infer", CloudUnavailable("connection refused"))
     result = setup["runner"].classify(_image(), deadline_ms=1000.0)
     assert (result.where, result.exit, result.fallback) == ("edge", "final", True)
     assert result.label == _reference(net, _image())["final"][1]
 
 
-def test_fallback_takes_the_cheapest_branch_when_the_rest_does_not_fit(monkeypatch, setup, net):
+def test_fallback_takes_the_cheapest_branch_when_the_rest_does_not_fit(force_plan, setup, net):
     slow = _profile(net, stage_edge_ms=(1.0, 1e6, 1e6))
-    _force(monkeypatch, setup, split=1, thresholds=[None], profile=slow)  # branch 0 is off, yet used
-    setup["cloud"].error = CloudTimeout("late")
+    _force(force_plan, setup, split=1, thresholds=[None], profile=slow)  # branch 0 is off, yet used
+    setup["cloud"].fail("infer", CloudTimeout("late"))
     result = setup["runner"].classify(_image(), deadline_ms=1000.0)
     assert (result.exit, result.fallback) == (0, True)
     assert result.label == _reference(net, _image())["branch"][1]
 
 
-def test_fallback_before_any_branch_runs_the_whole_network(monkeypatch, setup, net):
+def test_fallback_before_any_branch_runs_the_whole_network(force_plan, setup, net):
     slow = _profile(net, stage_edge_ms=(1e6, 1e6, 1e6))
-    _force(monkeypatch, setup, split=0, thresholds=[None], profile=slow)
-    setup["cloud"].error = CloudTimeout("late")
+    _force(force_plan, setup, split=0, thresholds=[None], profile=slow)
+    setup["cloud"].fail("infer", CloudTimeout("late"))
     result = setup["runner"].classify(_image(), deadline_ms=1000.0)
     assert (result.exit, result.fallback) == ("final", True)
     assert result.label == _reference(net, _image())["final"][1]
 
 
-def test_no_budget_left_means_no_cloud_call(monkeypatch, setup):
-    _force(monkeypatch, setup, split=1, thresholds=[None])
+def test_no_budget_left_means_no_cloud_call(force_plan, setup):
+    _force(force_plan, setup, split=1, thresholds=[None])
     result = setup["runner"].classify(_image(), deadline_ms=0.0, objective="tail")
     assert result.fallback and "budget" in result.fallback_reason
-    assert setup["cloud"].calls == []
+    assert setup["cloud"].offloads == []
 
 
-def test_a_mean_requirement_lets_planned_offloads_finish(monkeypatch, setup):
+def test_a_mean_requirement_lets_planned_offloads_finish(force_plan, setup):
     """Under "mean" the offloaded path may exceed the requirement (the plan counts it in the average):
     the cloud gets the strategy's worst-case path with slack, not the requirement."""
-    strategy = _force(monkeypatch, setup, split=1, thresholds=[None])  # worst-case path 20 ms
+    strategy = _force(force_plan, setup, split=1, thresholds=[None])  # worst-case path 20 ms
     result = setup["runner"].classify(_image(), deadline_ms=5.0, objective="mean")
     assert (result.where, result.fallback, result.deadline_ms) == ("cloud", False, 5.0)
-    (call,) = setup["cloud"].calls
-    assert 0.005 < call["timeout_s"] <= 1.25 * strategy.worst_latency_ms / 1000.0
+    (call,) = setup["cloud"].offloads
+    assert 0.005 < call.timeout_s <= 1.25 * strategy.worst_latency_ms / 1000.0
 
 
 # -- bookkeeping and input ---------------------------------------------------------------------
 
 
-def test_each_request_is_counted_once(monkeypatch, setup):
+def test_each_request_is_counted_once(force_plan, setup):
     runner = setup["runner"]
-    _force(monkeypatch, setup, split=1, thresholds=[None])
+    _force(force_plan, setup, split=1, thresholds=[None])
     runner.classify(_image())  # cloud
-    setup["cloud"].error = CloudUnavailable("down")
+    setup["cloud"].fail("infer", CloudUnavailable("down"))
     runner.classify(_image())  # fallback
-    _force(monkeypatch, setup, split=3, thresholds=[0.0])
+    _force(force_plan, setup, split=3, thresholds=[0.0])
     runner.classify(_image())  # branch exit
     with pytest.raises(DataError):
         runner.classify(b"not an image")
@@ -423,11 +394,11 @@ def test_fixed_edge_time_is_measured_and_enters_the_plan(setup):
 # -- the request path only reads -------------------------------------------------------------------
 
 
-def test_a_request_completes_while_the_planner_is_blocked(monkeypatch, setup):
+def test_a_request_completes_while_the_planner_is_blocked(force_plan, setup):
     """An offloading request only queues its measurements: with the planner thread held inside a job,
     the request still answers and the plan is untouched; released, the planner swaps the re-planned table in."""
     planner, plan = setup["planner"], setup["plans"].get(setup["model_id"])
-    _force(monkeypatch, setup, split=1, thresholds=[None])
+    _force(force_plan, setup, split=1, thresholds=[None])
     planner.start()
     entered, release = threading.Event(), threading.Event()
     planner.submit(lambda: (entered.set(), release.wait()))

@@ -109,9 +109,18 @@ def long_modules(root: Path) -> list[str]:
 
 
 def _defines(path: Path, attribute: str) -> bool:
-    pattern = re.compile(rf"^\s*(?:def|class|async def)\s+{re.escape(attribute)}\b|^\s*{re.escape(attribute)}\s*[:=]"
-                         rf"|\bimport\b.*\b{re.escape(attribute)}\b", re.MULTILINE)
-    return bool(pattern.search(path.read_text()))
+    """Whether a module binds ``attribute`` anywhere (def, class, assignment, import), methods included."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == attribute:
+            return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+                (alias.asname or alias.name).split(".")[0] == attribute for alias in node.names):
+            return True
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id == attribute:
+            return True
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == attribute:
+            return True
+    return False
 
 
 def _prose(path: Path) -> str:
