@@ -42,7 +42,7 @@ from experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, lo
                                       publish_figure, pyplot, relative, replace_docs_section, write_csv)
 from popex.testbed.services import REPO_ROOT, ServiceError, start_cloud
 from popex.testbed.harness import load_images
-from popex.edge.plans import Strategy
+from popex.edge.strategy import Strategy
 
 __all__ = ["NAME", "ThresholdSweepConfig", "CalibrationPoint", "MeasuredPoint", "ForcedPlans",
            "calibration_points", "run_threshold_sweep"]
@@ -251,7 +251,7 @@ def run_threshold_sweep(config: ThresholdSweepConfig, *, out_root: Path = DEFAUL
     ServiceError
         If the cloud does not start or the model cannot be prepared.
     """
-    from edge_api import RUNNER_KEY, close_app, create_app  # the edge runtime, in this process
+    from edge_api import close_app, create_app, get_node  # the edge runtime, in this process
 
     started_s = time.monotonic()
     load_before = load_sample()
@@ -267,7 +267,7 @@ def run_threshold_sweep(config: ThresholdSweepConfig, *, out_root: Path = DEFAUL
                           "default_model_dir": str(config.model_dir), "start_background": False,
                           "profile_n_repeats": 5})
         try:
-            runner = app.extensions[RUNNER_KEY]
+            runner = get_node(app).runner
             model_id = runner.default_model_id
             deadline_s = time.monotonic() + _READY_TIMEOUT_S
             while runner.registry.get(model_id).state != "ready":

@@ -19,6 +19,13 @@ from popex.nets.expert_recipe import add_train_experts_parser
 __all__ = ["main"]
 
 
+#: Offline planning (``popex profile`` / ``popex plan``) without a cloud profile assumes a cloud this many
+#: times faster than the machine that profiles: a datacentre server against an edge CPU. The edge service
+#: has its own setting (``cloud_speedup`` in configs/edge.yaml, 1.0), used only until it profiles the
+#: real cloud, which it does at once.
+ASSUMED_CLOUD_SPEEDUP = 4.0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from popex.nets.recipe import TrainRecipe, train_model_dir
     from popex.nets.train import TrainConfig
@@ -105,8 +112,9 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads while timing (default 1: batch-1 inference of a small network is fastest "
                         "and steadiest on one thread, as the services run it)")
-    p.add_argument("--cloud-speedup", type=float, default=4.0,
-                   help="assumed cloud speed relative to this machine, until the cloud is profiled")
+    p.add_argument("--cloud-speedup", type=float, default=ASSUMED_CLOUD_SPEEDUP,
+                   help="assumed cloud speed relative to this machine, until the cloud is profiled "
+                        f"(default {ASSUMED_CLOUD_SPEEDUP:g}: a datacentre server against an edge CPU)")
     p.add_argument("--offload-overhead-ms", type=float, default=DEFAULT_OFFLOAD_OVERHEAD_MS)
     p.set_defaults(run=_cmd_profile)
 
@@ -183,7 +191,8 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", choices=("mean", "tail"), default="mean")
     p.add_argument("--profile", help="profile.json (default: MODEL/profile.json, else measured here)")
     p.add_argument("--thresholds", help="comma-separated threshold grid for every branch (default 0.50..0.95)")
-    p.add_argument("--cloud-speedup", type=float, default=4.0, help="assumed when no profile file exists")
+    p.add_argument("--cloud-speedup", type=float, default=ASSUMED_CLOUD_SPEEDUP,
+                   help=f"assumed when no profile file exists (default {ASSUMED_CLOUD_SPEEDUP:g})")
     p.add_argument("--offload-overhead-ms", type=float, default=DEFAULT_OFFLOAD_OVERHEAD_MS,
                    help="used when no profile file exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")

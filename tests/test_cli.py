@@ -16,6 +16,8 @@ from popex.decision import load_calibration, save_calibration
 from popex.nets import EarlyExitNet, save_model, zoo_spec
 from popex.nets.train import calibrate
 
+pytestmark = pytest.mark.slow  # real processes; the fast lane is -m "not slow"
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

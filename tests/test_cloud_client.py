@@ -139,6 +139,7 @@ def _payload(model, split=1, seed=0):
     return encode_offload(h, model_id=model["model_id"], split=split, request_id=f"req-{seed}"), expected_label
 
 
+@pytest.mark.slow
 def test_put_has_and_infer(cloud, model, token):
     with CloudClient(cloud.url, token=token) as client:
         assert client.health(timeout_s=5)
@@ -157,6 +158,7 @@ def test_put_has_and_infer(cloud, model, token):
             assert result.transfer_ms == pytest.approx(result.round_trip_ms - result.cloud_ms)
 
 
+@pytest.mark.slow
 def test_profile_and_probe(cloud, registered, token):
     with CloudClient(cloud.url, token=token) as client:
         stage_ms = client.profile(registered["model_id"], n_repeats=3, timeout_s=30)
@@ -166,6 +168,7 @@ def test_profile_and_probe(cloud, registered, token):
         assert probe.n_bytes == 50_000 and probe.round_trip_ms >= probe.server_ms >= 0
 
 
+@pytest.mark.slow
 def test_rejections_carry_the_cloud_error(cloud, registered, token):
     with CloudClient(cloud.url, token=token) as client:
         with pytest.raises(CloudRejected) as info:
@@ -183,6 +186,7 @@ def test_rejections_carry_the_cloud_error(cloud, registered, token):
         assert (info.value.status, info.value.code) == (401, "unauthorized")
 
 
+@pytest.mark.slow
 def test_tiny_timeouts_raise_cloud_timeout(cloud, registered, token):
     with CloudClient(cloud.url, token=token) as client:
         with pytest.raises(CloudTimeout):
@@ -192,6 +196,7 @@ def test_tiny_timeouts_raise_cloud_timeout(cloud, registered, token):
         assert client.infer(_payload(registered)[0], timeout_s=10).label >= 0  # the client still works
 
 
+@pytest.mark.slow
 def test_emulated_link_counts_in_transfer_time(cloud, registered, token):
     payload, expected_label = _payload(registered)
     link = LinkEmulator(1.0, 20.0)  # 1 Mbit/s: ~4.9 kB take ~39 ms, plus 20 ms RTT
@@ -203,6 +208,7 @@ def test_emulated_link_counts_in_transfer_time(cloud, registered, token):
         assert client.probe(1000, timeout_s=10).round_trip_ms >= link.serialisation_ms(1000) + link.rtt_ms - 1.0
 
 
+@pytest.mark.slow
 def test_emulated_link_beyond_the_budget_times_out_without_sending(cloud, registered, token):
     payload, _ = _payload(registered)
     link = LinkEmulator(0.1, 0.0)  # ~390 ms for the payload
@@ -214,6 +220,7 @@ def test_emulated_link_beyond_the_budget_times_out_without_sending(cloud, regist
         assert link.delay_ms(len(payload)) == pytest.approx(link.serialisation_ms(len(payload)))  # nothing queued
 
 
+@pytest.mark.slow
 def test_stopped_cloud_is_unavailable(clouds, model, token):
     server = clouds[1]
     client = CloudClient(server.url, token=token)
@@ -229,6 +236,7 @@ def test_stopped_cloud_is_unavailable(clouds, model, token):
     client.close()
 
 
+@pytest.mark.slow
 def test_a_restarted_cloud_is_reached_on_a_fresh_connection(tmp_path, model, token):
     """The keep-alive socket of the data plane goes stale when the cloud restarts; one retry reconnects."""
     first = CloudProcess(tmp_path / "state", tmp_path / "first.log", token).wait_ready()
@@ -261,6 +269,7 @@ def test_a_cloud_that_never_answers_times_out_within_the_budget(token):
         client.close()
 
 
+@pytest.mark.slow
 def test_data_plane_sockets_do_not_wait_for_delayed_acks(cloud, registered, token):
     """Without TCP_NODELAY a body written after its headers waits for the server's delayed ACK (up to 40 ms):
     the uplink estimate on an 8 Mbit/s tbf link fell from 7.5 to 6.7 Mbit/s and R rose by 10 ms."""
@@ -270,6 +279,7 @@ def test_data_plane_sockets_do_not_wait_for_delayed_acks(cloud, registered, toke
         assert connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
+@pytest.mark.slow
 def test_threads_share_a_client(cloud, registered, token):
     payload, expected_label = _payload(registered)
     with CloudClient(cloud.url, token=token) as client:

@@ -32,6 +32,8 @@ from experiments.report import read_csv, replace_docs_section, write_csv
 from popex.testbed.services import REPO_ROOT
 from popex.testbed.harness import Testbed, TestbedConfig, load_images, strategy_text
 
+pytestmark = pytest.mark.slow  # real processes; the fast lane is -m "not slow"
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

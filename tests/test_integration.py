@@ -47,6 +47,8 @@ from popex.nets import EarlyExitNet, load_model, save_model, zoo_spec
 from popex.nets.train import calibrate
 from popex.wire import encode_offload
 
+pytestmark = pytest.mark.slow  # real processes; the fast lane is -m "not slow"
+
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default"
 _MODEL_FILES = ("spec.json", "weights.safetensors", "calibration.npz")
 HTTP_TIMEOUT_S = 30.0  # per request; a request that takes longer is a hang, not slowness

@@ -20,9 +20,10 @@ from typing import Any, Mapping, Sequence
 import requests
 import yaml
 
-__all__ = ["REPO_ROOT", "ServiceProcess", "ServiceError", "free_port", "start_cloud", "start_edge"]
+__all__ = ["REPO_ROOT", "ServiceProcess", "ServiceError", "free_port", "service_environment", "start_cloud", "start_edge"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+_SETUP_VARIABLES = ("POPEX_PIP_ARGS", "POPEX_NO_APT")  # how to install, not how to run: passed on
 
 
 class ServiceError(RuntimeError):
@@ -88,11 +89,24 @@ class ServiceProcess:
         self.stop()
 
 
+def service_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The caller's environment less its POPEX_* settings, plus ``env``.
+
+    A developer's ``POPEX_EDGE_CONFIG``, ``POPEX_CLOUD_URL``, ... must not
+    reach a service the harness starts: its settings are exactly what the
+    harness passes. The set-up switches (``POPEX_PIP_ARGS``, ``POPEX_NO_APT``)
+    stay, since they only say how to install.
+    """
+    kept = {key: value for key, value in os.environ.items()
+            if not key.startswith("POPEX_") or key in _SETUP_VARIABLES}
+    return {**kept, **env}
+
+
 def _start(name: str, argv: Sequence[str], env: Mapping[str, str], url: str, log_path: Path,
            prefix: Sequence[str] = ()) -> ServiceProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")
-    process = subprocess.Popen([*prefix, *argv], cwd=REPO_ROOT, env={**os.environ, **env}, stdout=log,
+    process = subprocess.Popen([*prefix, *argv], cwd=REPO_ROOT, env=service_environment(env), stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     return ServiceProcess(name=name, url=url, process=process, log_path=log_path, _log=log)
 
