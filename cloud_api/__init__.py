@@ -15,7 +15,8 @@ from flask import Flask
 
 from cloud_api.auth import CONFIG_KEY
 from cloud_api.config import CloudConfig, load_config
-from cloud_api.errors import init_errors
+from api_common.config import resolve_config
+from api_common.errors import init_errors
 from cloud_api.routes import RUNNER_KEY, init_routes
 from popex.cloud.runner import CloudRunner
 
@@ -53,15 +54,12 @@ def create_app(config: CloudConfig | Mapping[str, Any] | None = None) -> Flask:
     popex.errors.ConfigError
         If the configuration is invalid, e.g. there is no real token.
     """
-    if config is None:
-        config = load_config()
-    elif not isinstance(config, CloudConfig):
-        config = CloudConfig.from_mapping(config)
+    config = resolve_config(config, config_class=CloudConfig, load=load_config)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     app.extensions[CONFIG_KEY] = config
-    init_errors(app)
+    init_errors(app, service_name="cloud")
     init_runner(app, config)
     init_routes(app)
     return app

@@ -17,7 +17,8 @@ from flask import Flask
 from edge_api.admin import bp as admin_bp
 from edge_api.classify import bp as classify_bp
 from edge_api.config import EdgeConfig, load_config
-from edge_api.errors import init_errors
+from api_common.config import resolve_config
+from api_common.errors import init_errors
 from edge_api.models import bp as models_bp
 from edge_api.node import NODE_KEY, get_node
 from edge_api.status import init_status
@@ -47,17 +48,14 @@ def create_app(config: EdgeConfig | Mapping[str, Any] | None = None, *, cloud_cl
     popex.errors.ConfigError
         If the configuration is invalid, e.g. there is no real token.
     """
-    if config is None:
-        config = load_config()
-    elif not isinstance(config, EdgeConfig):
-        config = EdgeConfig.from_mapping(config)
+    config = resolve_config(config, config_class=EdgeConfig, load=load_config)
     app = Flask(__name__)
     # The largest body any route takes; each route lowers it for itself.
     app.config["MAX_CONTENT_LENGTH"] = max(config.max_image_bytes, config.max_model_bytes)
     app.json.sort_keys = False
     node = EdgeNode.from_config(config, cloud_client=cloud_client)
     app.extensions[NODE_KEY] = node
-    init_errors(app)
+    init_errors(app, service_name="edge")
     app.register_blueprint(classify_bp)
     app.register_blueprint(models_bp)
     app.register_blueprint(admin_bp)

@@ -76,10 +76,12 @@ class CloudRunner:
         Parameters
         ----------
         model_id : str
+            The content id: sha256 of the canonical spec and the weights.
 
         Returns
         -------
         LoadedModel
+            Loaded once and shared by every request for it.
 
         Raises
         ------

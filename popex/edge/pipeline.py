@@ -178,10 +178,12 @@ class EdgeRunner:
         Parameters
         ----------
         model : StoredModel
+            A model of this edge's store.
 
         Returns
         -------
         ModelPlan
+            Its tables are swapped whole by the planner: a request reads them once.
 
         Raises
         ------

@@ -42,6 +42,12 @@ __all__ = ["ModelPlan", "PlanBook"]
 _MAX_CACHED_DECISIONS = 4096
 
 
+def _checked_link(link: object) -> Link:
+    if not isinstance(link, Link):
+        raise ConfigError(f"expected a Link, got {type(link).__name__}")
+    return link
+
+
 @dataclass(frozen=True, eq=False)
 class _Plan:
     """Everything a request reads, for one profile and link; replaced, never mutated
@@ -181,14 +187,14 @@ class ModelPlan:
         Parameters
         ----------
         link : Link
+            The uplink (rate, RTT) to plan for.
 
         Raises
         ------
         ConfigError
             If ``link`` is not a Link.
         """
-        if not isinstance(link, Link):
-            raise ConfigError(f"expected a Link, got {type(link).__name__}")
+        link = _checked_link(link)
         with self._lock:
             self._plan = self._build(link)
 
@@ -339,6 +345,7 @@ class PlanBook:
         Returns
         -------
         ModelPlan
+            The same object for the model's lifetime; re-planning replaces what it holds.
 
         Raises
         ------
@@ -383,17 +390,9 @@ class PlanBook:
     def set_link(self, link: Link) -> None:
         """Re-plan every model for a new link estimate (the background planner's job).
 
-        Parameters
-        ----------
-        link : Link
-
-        Raises
-        ------
-        ConfigError
-            If ``link`` is not a Link.
+        See :meth:`ModelPlan.set_link`; a model registered meanwhile is planned for ``link`` too.
         """
-        if not isinstance(link, Link):
-            raise ConfigError(f"expected a Link, got {type(link).__name__}")
+        link = _checked_link(link)
         with self._lock:
             self._link = link
             for plan in list(self._plans.values()):

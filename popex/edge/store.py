@@ -128,6 +128,7 @@ class ModelRegistry:
         Parameters
         ----------
         model_id : str
+            As the registration answered it.
 
         Returns
         -------

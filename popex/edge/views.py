@@ -143,10 +143,12 @@ class EdgeViews:
         Returns
         -------
         str
+            A header line, then one row per strategy.
 
         Raises
         ------
         UnknownModelError
+            If the edge holds no such model.
         """
         return self.runner.plan_of(self.registry.get(model_id)).table_csv()
 

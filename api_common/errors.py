@@ -1,4 +1,4 @@
-"""One error handler for the cloud app: every failure becomes DESIGN.md §6 JSON.
+"""One error handler for both apps: every failure becomes DESIGN.md §6 JSON.
 
 The mapping itself is :func:`popex.errors.error_status_and_body`, shared with
 the other service; anything it does not know is a bug: logged with its
@@ -7,6 +7,7 @@ traceback, answered with a 500 that reveals nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from flask import Flask, jsonify
@@ -25,13 +26,14 @@ def error_response(status: int, code: str, message: str) -> ResponseReturnValue:
     return jsonify({"error": {"code": code, "message": message}}), status
 
 
-def _handle(err: Exception) -> ResponseReturnValue:
+def _handle(err: Exception, *, service_name: str) -> ResponseReturnValue:
     if isinstance(err, HTTPException) and (err.code is None or err.code < 400):
         return err  # routing redirects (308) are not errors
     answer = error_status_and_body(err)
     if answer is None:
         log.exception("unexpected error while handling a request")
-        return error_response(500, "internal_error", "internal error (a bug in the cloud service); see its log")
+        return error_response(500, "internal_error", f"internal error (a bug in the {service_name} service); "
+                                                     "see its log")
     status, body = answer
     headers = {}
     if isinstance(err, HTTPException):  # e.g. Allow on a 405, WWW-Authenticate on a 401
@@ -39,6 +41,6 @@ def _handle(err: Exception) -> ResponseReturnValue:
     return jsonify(body), status, headers
 
 
-def init_errors(app: Flask) -> None:
-    """Register the one handler for every exception raised by a view."""
-    app.register_error_handler(Exception, _handle)
+def init_errors(app: Flask, *, service_name: str) -> None:
+    """Register the one handler for every exception raised by a view; ``service_name`` names the app in a 500."""
+    app.register_error_handler(Exception, functools.partial(_handle, service_name=service_name))

@@ -1,0 +1,1 @@
+"""What the two Flask apps share: the one error handler (DESIGN §6 JSON). Flask-side, so not in popex."""
