@@ -147,6 +147,48 @@ def stale_references(root: Path) -> list[str]:
     return sorted(set(problems))
 
 
+NUMPYDOC_ROOTS = ("popex/edge", "popex/cloud", "popex/wire.py", "popex/decision")
+
+
+def _returns_something(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    return node.returns is not None and not (isinstance(node.returns, ast.Constant) and node.returns.value is None)
+
+
+def numpydoc_gaps(root: Path) -> list[str]:
+    """Public functions and methods of the tier packages, the wire and the decision without numpydoc.
+
+    A docstring needs a Parameters section when there are parameters and a
+    Returns (or Yields) section when something is returned; a doctest
+    example counts as documentation of both. Properties need a docstring.
+    """
+    gaps = []
+    for name in NUMPYDOC_ROOTS:
+        path = root / name
+        for module in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            def visit(body: list[ast.stmt], prefix: str) -> None:
+                for node in body:
+                    if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                        visit(node.body, f"{prefix}{node.name}.")
+                    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+                        continue
+                    where = f"{module.relative_to(root)}:{node.lineno} {prefix}{node.name}"
+                    doc = ast.get_docstring(node) or ""
+                    if any(isinstance(d, (ast.Name, ast.Attribute)) and getattr(d, "id", getattr(d, "attr", ""))
+                           in ("property", "setter", "cached_property") for d in node.decorator_list):
+                        gaps.extend([f"{where}: no docstring"] if not doc else [])
+                        continue
+                    arguments = node.args.args + node.args.kwonlyargs + [a for a in (node.args.vararg, node.args.kwarg) if a]
+                    has_parameters = any(a.arg not in ("self", "cls") for a in arguments)
+                    problems = ["no docstring"] if not doc else [
+                        section for section, needed, present in (
+                            ("no Parameters", has_parameters, "Parameters" in doc),
+                            ("no Returns", _returns_something(node), "Returns" in doc or "Yields" in doc))
+                        if needed and not present and ">>>" not in doc]
+                    gaps.extend([f"{where}: {', '.join(problems)}"] if problems else [])
+            visit(ast.parse(module.read_text()).body, "")
+    return gaps
+
+
 def _copy_tree(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     for package in PACKAGES:
@@ -202,3 +244,11 @@ def test_docstrings_name_only_modules_that_exist(tmp_path):
     (root / "popex" / "synthetic_doc.py").write_text(
         '"""See :mod:`popex.runtime.preparation` and :func:`popex.checks.check_deadline_ms`."""\n')
     assert stale_references(root) == ["popex/synthetic_doc.py names popex.runtime.preparation"]
+
+
+def test_public_functions_of_the_tiers_wire_and_decision_have_numpydoc(tmp_path):
+    assert numpydoc_gaps(REPO) == []
+    root = _copy_tree(tmp_path)
+    (root / "popex" / "edge" / "synthetic_api.py").write_text(
+        'def budget_ms(deadline_ms: float) -> float:\n    """Why, but no sections."""\n    return deadline_ms\n')
+    assert numpydoc_gaps(root) == ["popex/edge/synthetic_api.py:1 budget_ms: no Parameters, no Returns"]

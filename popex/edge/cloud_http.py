@@ -59,9 +59,17 @@ class HTTPReply(Protocol):
     status_code: int
 
     @property
-    def text(self) -> str: ...
+    def text(self) -> str:
+        """The body as text (error messages quote it)."""
 
-    def json(self) -> Any: ...
+    def json(self) -> Any:
+        """The body parsed as JSON.
+
+        Returns
+        -------
+        object
+            Whatever the JSON holds; the checks validate its shape.
+        """
 
 
 @dataclass(frozen=True)

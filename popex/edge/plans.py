@@ -390,7 +390,12 @@ class PlanBook:
     def set_link(self, link: Link) -> None:
         """Re-plan every model for a new link estimate (the background planner's job).
 
-        See :meth:`ModelPlan.set_link`; a model registered meanwhile is planned for ``link`` too.
+        A model registered meanwhile is planned for ``link`` too.
+
+        Parameters
+        ----------
+        link : Link
+            As for :meth:`ModelPlan.set_link`, which raises ConfigError for anything else.
         """
         link = _checked_link(link)
         with self._lock:
