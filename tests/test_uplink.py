@@ -257,8 +257,8 @@ def test_on_change_is_called_with_the_lock_free():
 def test_the_monitor_has_no_defaults_of_its_own():
     # What EdgeConfig supplies must be given: a second default would drift from the config's.
     with pytest.raises(TypeError, match="timeout_s"):
-        UplinkMonitor(FakeLinkClient(), cloud_url="http://127.0.0.1:8001", initial_link=Link(uplink_mbps=1.0, rtt_ms=1.0),
-                      probe_interval_s=5.0, probe_n_bytes=1000, window_n=9, hysteresis_fraction=0.2,
+        UplinkMonitor(FakeLinkClient(), cloud_url="http://127.0.0.1:8001",
+                      initial_link=Link(uplink_mbps=1.0, rtt_ms=1.0), probe_interval_s=5.0, probe_n_bytes=1000, window_n=9, hysteresis_fraction=0.2,
                       history_path=None, rtt_method="http")
 
 
