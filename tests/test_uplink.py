@@ -8,6 +8,7 @@ import time
 import pytest
 
 from popex.edge.uplink import UplinkMonitor, uplink_mbps_from_timing
+from popex.edge.uplink_history import UplinkHistory
 from popex.decision.latency import Link
 from popex.errors import ConfigError
 from popex.edge.cloud_port import CloudUnavailable, ProbeResult
@@ -52,10 +53,25 @@ class FakeLinkClient:
 
 
 def _monitor(client, tmp_path=None, **options):
+    """A monitor given every required option (the monitor has no defaults of its own)."""
     options = {"cloud_url": "http://127.0.0.1:8001", "initial_link": Link(uplink_mbps=100.0, rtt_ms=1.0),
-               "rtt_method": "http", "probe_n_bytes": 100_000, **options}
-    history_path = None if tmp_path is None else tmp_path / "uplink.csv"
-    return UplinkMonitor(client, history_path=history_path, **options)
+               "rtt_method": "http", "probe_n_bytes": 100_000, "probe_interval_s": 5.0, "window_n": 9,
+               "hysteresis_fraction": 0.2, "timeout_s": 30.0,
+               "history_path": None if tmp_path is None else tmp_path / "uplink.csv", **options}
+    return UplinkMonitor(client, **options)
+
+
+def _reads_within(monitor, timeout_s=10.0):
+    """Whether another thread reads the monitor's estimate and status within ``timeout_s`` (a bounded wait)."""
+    done = threading.Event()
+
+    def read():
+        monitor.estimate()
+        monitor.status()
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return done.wait(timeout_s)
 
 
 def test_rate_formula():
@@ -197,6 +213,55 @@ def test_the_thread_starts_only_when_asked_and_stops():
     assert not monitor.running
 
 
+def test_the_history_is_written_with_the_lock_free(tmp_path, monkeypatch):
+    writing, release = threading.Event(), threading.Event()
+    write = UplinkHistory.write
+
+    def blocked_write(self, samples):
+        writing.set()
+        assert release.wait(10.0), "the test never released the writer"
+        write(self, samples)
+
+    monkeypatch.setattr(UplinkHistory, "write", blocked_write)
+    monitor = _monitor(FakeLinkClient(), tmp_path)
+    adder = threading.Thread(target=monitor.measure_rtt, daemon=True)
+    adder.start()
+    try:
+        assert writing.wait(10.0)
+        # The writer is blocked mid-write: the estimate is readable, and already holds the sample.
+        assert _reads_within(monitor)
+        assert monitor.estimate().n_rtt_samples == 1
+        # A sample added meanwhile is left to the writing thread: adding it does not wait for the disk.
+        passive = threading.Thread(target=monitor.add_passive_sample, args=(100_000, 200.0), daemon=True)
+        passive.start()
+        passive.join(10.0)
+        assert not passive.is_alive() and monitor.estimate().n_samples == 1
+    finally:
+        release.set()
+        adder.join(10.0)
+    with open(tmp_path / "uplink.csv", newline="") as handle:
+        assert [row[1] for row in csv.reader(handle)] == ["source", "http", "passive"]  # in order, once each
+
+
+def test_on_change_is_called_with_the_lock_free():
+    read_in_callback = []
+
+    def on_change(link):
+        read_in_callback.append(_reads_within(monitor))
+
+    monitor = _monitor(FakeLinkClient(), on_change=on_change)
+    monitor.measure_once()
+    assert read_in_callback == [True, True]
+
+
+def test_the_monitor_has_no_defaults_of_its_own():
+    # What EdgeConfig supplies must be given: a second default would drift from the config's.
+    with pytest.raises(TypeError, match="timeout_s"):
+        UplinkMonitor(FakeLinkClient(), cloud_url="http://127.0.0.1:8001",
+                      initial_link=Link(uplink_mbps=1.0, rtt_ms=1.0), probe_interval_s=5.0, probe_n_bytes=1000, window_n=9, hysteresis_fraction=0.2,
+                      history_path=None, rtt_method="http")
+
+
 @pytest.mark.parametrize("options", [
     {"rtt_method": "smoke"},
     {"probe_interval_s": 0},
@@ -204,6 +269,8 @@ def test_the_thread_starts_only_when_asked_and_stops():
     {"window_n": 0},
     {"hysteresis_fraction": -0.1},
     {"cloud_url": "not a url"},
+    {"timeout_s": 0},
+    {"initial_link": (10.0, 20.0)},
 ])
 def test_bad_options_are_refused(options):
     with pytest.raises(ConfigError):
