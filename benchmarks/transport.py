@@ -52,6 +52,7 @@ import requests  # noqa: E402
 from popex.nets import EarlyExitNet, LoadedModel, load_model, weights_to_bytes, zoo_spec  # noqa: E402
 from popex.nets.io import SPEC_FILE, WEIGHTS_FILE, compute_model_id  # noqa: E402
 from popex.edge.cloud_port import CloudClient  # noqa: E402
+from popex.testbed.services import service_environ  # noqa: E402
 from popex.data.idx import load_fashion_mnist  # noqa: E402
 from popex.data.preprocess import Preprocessing, preprocess  # noqa: E402
 from popex.wire import (  # noqa: E402
@@ -121,7 +122,7 @@ class _Server:
         self.url = url
         self._log = open(log_path, "wb")
         self.log_path = log_path
-        self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=self._log,
+        self.process = subprocess.Popen(command, cwd=REPO, env=service_environ(env), stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self) -> None:
@@ -304,7 +305,8 @@ def run(model_dir: Path, n_requests: int, images_dir: Path = DEFAULT_IMAGES) -> 
         cloud_port, json_port = _free_port(), _free_port()
         servers = [
             _Server([str(REPO / "run_cloud.sh"), "--port", str(cloud_port), "--state-dir", str(tmp_dir / "state"),
-                     "--threads", "4"], f"http://127.0.0.1:{cloud_port}", {"POPEX_TOKEN": token},
+                     "--threads", "4"], f"http://127.0.0.1:{cloud_port}",
+                    {"POPEX_TOKEN": token, "POPEX_CLOUD_CONFIG": str(REPO / "configs" / "cloud.yaml")},
                     tmp_dir / "cloud.log"),
             _Server(_gunicorn() + ["--bind", f"127.0.0.1:{json_port}", "--worker-class", "gthread", "--workers", "1",
                                    "--threads", "4", "--keep-alive", "30", "--pythonpath", f"{REPO / 'benchmarks'},{REPO}",

@@ -42,7 +42,7 @@ import requests
 from tqdm import tqdm
 
 from popex.decision import Link
-from popex.errors import ConfigError
+from experiments.bandwidth_trace import TraceStep, build_trace
 from experiments.planning import Predictor
 from experiments.policy_runs import AMPLE_BUDGET_MS, refresh_edge
 from experiments.report import (DEFAULT_DOCS_PATH, DEFAULT_OUT_ROOT, RunInfo, load_sample, markdown_table,
@@ -65,67 +65,116 @@ _DROP_FOLLOWED_FACTOR = 1.25
 _RISE_FOLLOWED_FACTOR = 0.8
 
 
-@dataclass(frozen=True)
-class TraceStep:
-    """The rate from ``start_s`` (seconds into the trace) on; ``kind`` is "step" or "ramp"."""
-
-    start_s: float
-    uplink_mbps: float
-    kind: str = "step"
+def _follows(planned_mbps: float, old_mbps: float, new_mbps: float) -> bool:
+    if new_mbps < old_mbps:
+        return planned_mbps <= _DROP_FOLLOWED_FACTOR * new_mbps
+    return planned_mbps >= _RISE_FOLLOWED_FACTOR * new_mbps
 
 
-def build_trace(segments: tuple[tuple[str, float, float, float], ...], *, ramp_step_s: float = 1.0
-                ) -> tuple[list[TraceStep], float]:
-    """Turn segments into rate changes.
+def _step_results(steps: list[TraceStep], changed_s: list[float], duration_s: float,
+                  samples: list[dict[str, Any]], model_strategy: Any) -> list[StepResult]:
+    results = []
+    for k, step in enumerate(steps[1:], start=1):
+        start_s = changed_s[k]
+        end_s = changed_s[k + 1] if k + 1 < len(steps) else duration_s
+        before = [s for s in samples if s["t_s"] < start_s]
+        during = [s for s in samples if start_s <= s["t_s"] < end_s]
+        if not before or not during:
+            continue
+        second_half = [s for s in during if s["t_s"] >= (start_s + end_s) / 2] or during[-1:]
+        steady = Counter(s["strategy"] for s in second_half).most_common(1)[0][0]
+        followed = next((s for s in during
+                         if _follows(s["planned_uplink_mbps"], steps[k - 1].uplink_mbps, step.uplink_mbps)), None)
+        results.append(StepResult(
+            time_s=start_s, uplink_mbps=step.uplink_mbps, kind=step.kind, previous_strategy=before[-1]["strategy"],
+            replan_s=None if followed is None else followed["t_s"] - start_s,
+            strategy_then="-" if followed is None else followed["strategy"], steady_strategy=steady,
+            steady_s=next((s["t_s"] - start_s for s in during if s["strategy"] == steady), None),
+            model_strategy=model_strategy(step.uplink_mbps)))
+    return results
 
-    Parameters
-    ----------
-    segments : tuple of (kind, duration_s, from_mbps, to_mbps)
-        ``("hold", d, r, r)`` holds a rate; ``("ramp", d, a, b)`` moves
-        linearly from ``a`` to ``b`` in steps of ``ramp_step_s``.
-    ramp_step_s : float
-        Time between two changes of a ramp, s.
 
-    Returns
-    -------
-    steps : list of TraceStep
-    duration_s : float
+def _plot(steps: list[TraceStep], changed_s: list[float], duration_s: float, samples: list[dict[str, Any]],
+          records: list[dict[str, Any]], config: AdaptationConfig, path: Path, mode: str) -> None:
+    plt = pyplot()
+    fig, (ax_rate, ax_split, ax_latency) = plt.subplots(3, 1, figsize=(12, 8.5), sharex=True)
+    ax_rate.step(changed_s + [duration_s], [s.uplink_mbps for s in steps] + [steps[-1].uplink_mbps], where="post",
+                 color="k", label="shaped rate (tbf)")
+    t = [s["t_s"] for s in samples]
+    ax_rate.plot(t, [s["estimate_uplink_mbps"] for s in samples], color="tab:blue", label="edge's estimate")
+    ax_rate.plot(t, [s["planned_uplink_mbps"] for s in samples], color="tab:orange", linestyle="--",
+                 label="estimate planned with")
+    ax_rate.set_yscale("log")
+    ax_rate.set_ylabel("uplink (Mbit/s)")
+    ax_split.step(t, [s["split"] for s in samples], where="post", color="tab:purple", label="plan (status)")
+    ax_split.plot([r["t_s"] for r in records], [r["split"] for r in records], ".", color="tab:red", markersize=3,
+                  label="used by the request")
+    ax_split.set_ylabel("split (stages on the edge)")
+    colours = {"edge": "tab:green", "cloud": "tab:blue"}
+    for where, colour in colours.items():
+        picked = [r for r in records if r["where"] == where and not r["fallback"]]
+        ax_latency.plot([r["t_s"] for r in picked], [r["latency_ms"] for r in picked], ".", color=colour,
+                        markersize=4, label=f"answered on the {where}")
+    fallbacks = [r for r in records if r["fallback"]]
+    ax_latency.plot([r["t_s"] for r in fallbacks], [r["latency_ms"] for r in fallbacks], "x", color="tab:red",
+                    label="fallback")
+    ax_latency.axhline(config.deadline_ms, color="k", linestyle=":", label=f"requirement {config.deadline_ms:g} ms")
+    ax_latency.set_ylabel("latency (ms)")
+    ax_latency.set_xlabel("time (s)")
+    for ax in (ax_rate, ax_split, ax_latency):
+        for x in changed_s[1:]:
+            ax.axvline(x, color="grey", alpha=0.25, linewidth=0.8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"Adaptation to a bandwidth trace (RTT {config.rtt_ms:g} ms, {config.image_rate_hz:g} images/s, "
+                 f"tail objective; link: {mode})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
-    Raises
-    ------
-    ConfigError
-        On an unknown kind or a non-positive duration.
 
-    Examples
-    --------
-    >>> steps, duration_s = build_trace((("hold", 5, 20, 20), ("ramp", 2, 2, 10)))
-    >>> [(s.start_s, s.uplink_mbps, s.kind) for s in steps], duration_s
-    ([(0.0, 20.0, 'step'), (5.0, 2.0, 'ramp'), (6.0, 6.0, 'ramp'), (7.0, 10.0, 'ramp')], 7.0)
-    """
-    steps: list[TraceStep] = []
-    now_s = 0.0
-    for kind, duration_s, from_mbps, to_mbps in segments:
-        if duration_s <= 0:
-            raise ConfigError(f"segment durations must be > 0, got {duration_s!r}")
-        if kind == "hold":
-            steps.append(TraceStep(now_s, float(from_mbps), "step"))
-        elif kind == "ramp":
-            n_changes = max(1, int(round(duration_s / ramp_step_s)))
-            for i in range(n_changes + 1):
-                rate = from_mbps + (to_mbps - from_mbps) * i / n_changes
-                steps.append(TraceStep(now_s + i * duration_s / n_changes, float(rate), "ramp"))
-        else:
-            raise ConfigError(f"segment kind must be 'hold' or 'ramp', got {kind!r}")
-        now_s += duration_s
-    # Where a segment starts as the previous one ends, the later change wins;
-    # a "change" to the rate already in force is none.
-    merged: list[TraceStep] = []
-    for step in steps:
-        if merged and merged[-1].start_s == step.start_s:
-            merged.pop()
-        if not merged or merged[-1].uplink_mbps != step.uplink_mbps:
-            merged.append(step)
-    return merged, now_s
+def _summary(result: AdaptationResult, step_results: list[StepResult], info: RunInfo, config: AdaptationConfig,
+             png: Path, docs_path: Path) -> str:
+    follows = "met" if result.max_replan_s is not None and result.max_replan_s <= REPLAN_TARGET_S else "MISSED"
+    within = "met" if result.within_share >= WITHIN_TARGET_SHARE else "MISSED"
+
+    def seconds(value: float | None) -> str:
+        return "never" if value is None else f"{value:.2f}"
+
+    table = markdown_table(
+        ["t (s)", "rate Mbit/s", "change", "before", "plan follows (s)", "strategy then", "settled on",
+         "settled after (s)", "model's choice"],
+        [[f"{s.time_s:.1f}", f"{s.uplink_mbps:g}", s.kind, s.previous_strategy, seconds(s.replan_s),
+          s.strategy_then, s.steady_strategy, seconds(s.steady_s), s.model_strategy] for s in step_results])
+    late = [s for s in step_results if s.kind == "step" and s.steady_strategy != s.strategy_then]
+    testbed = config.testbed
+    return "\n".join([
+        f"![adaptation]({relative(png, docs_path.parent)})",
+        "",
+        info.text(),
+        f"Requirement {config.deadline_ms:g} ms for every request (tail objective), {config.image_rate_hz:g} images/s "
+        f"on a fixed schedule, RTT {config.rtt_ms:g} ms, edge device emulated {testbed.edge_slowdown:g}x slower; "
+        f"uplink monitor: a probe of {testbed.probe_n_bytes} bytes every {testbed.probe_interval_s:g} s, window of "
+        f"{testbed.uplink_window_n} samples (plus passive samples from offloads). \"Plan follows\": the estimate "
+        "the edge planned with has reached the new rate (within 25% above it after a drop, at least 80% of it after "
+        "a rise); \"strategy then\": the decision for that plan; \"settled on\": the most common strategy in the "
+        "second half of the segment; \"model's choice\": the latency model's decision at the true link.",
+        "",
+        f"- **Decision follows a step**: the plan followed each of the {result.n_steps} steps in at most "
+        + ("- (one never did)" if result.max_replan_s is None else f"{result.max_replan_s:.2f} s")
+        + f" — {follows} (target {REPLAN_TARGET_S:g} s); {result.n_steps_within_target} of {result.n_steps} within it."
+        + ("" if not late else " Later strategy changes within a segment ("
+           + "; ".join(f"{s.uplink_mbps:g} Mbit/s: {s.strategy_then} → {s.steady_strategy} after {seconds(s.steady_s)} s"
+                       for s in late)
+           + ") came after the link estimate had settled: they follow the per-offload overhead O the edge keeps "
+             "measuring, not the step."),
+        f"- **Requests within the requirement**: {100 * result.within_share:.1f}% of {result.n_requests} — {within} "
+        f"(target {100 * WITHIN_TARGET_SHARE:g}%); fallbacks {100 * result.fallback_share:.1f}% of requests; "
+        f"without the fallbacks {100 * result.within_share_without_fallbacks:.1f}% within; p99 latency "
+        f"{result.p99_latency_ms:.1f} ms, max {result.max_latency_ms:.1f} ms.",
+        "",
+        table,
+    ])
 
 
 @dataclass(frozen=True)
@@ -254,118 +303,6 @@ class _Poller(threading.Thread):
                     "split": strategy["split"], "strategy": strategy_text(strategy["split"], strategy["thresholds"]),
                     "feasible": strategy["feasible"], "offload_overhead_ms": status["offload_overhead_ms"]})
             self.stop_event.wait(self.interval_s)
-
-
-def _follows(planned_mbps: float, old_mbps: float, new_mbps: float) -> bool:
-    if new_mbps < old_mbps:
-        return planned_mbps <= _DROP_FOLLOWED_FACTOR * new_mbps
-    return planned_mbps >= _RISE_FOLLOWED_FACTOR * new_mbps
-
-
-def _step_results(steps: list[TraceStep], changed_s: list[float], duration_s: float,
-                  samples: list[dict[str, Any]], model_strategy: Any) -> list[StepResult]:
-    results = []
-    for k, step in enumerate(steps[1:], start=1):
-        start_s = changed_s[k]
-        end_s = changed_s[k + 1] if k + 1 < len(steps) else duration_s
-        before = [s for s in samples if s["t_s"] < start_s]
-        during = [s for s in samples if start_s <= s["t_s"] < end_s]
-        if not before or not during:
-            continue
-        second_half = [s for s in during if s["t_s"] >= (start_s + end_s) / 2] or during[-1:]
-        steady = Counter(s["strategy"] for s in second_half).most_common(1)[0][0]
-        followed = next((s for s in during
-                         if _follows(s["planned_uplink_mbps"], steps[k - 1].uplink_mbps, step.uplink_mbps)), None)
-        results.append(StepResult(
-            time_s=start_s, uplink_mbps=step.uplink_mbps, kind=step.kind, previous_strategy=before[-1]["strategy"],
-            replan_s=None if followed is None else followed["t_s"] - start_s,
-            strategy_then="-" if followed is None else followed["strategy"], steady_strategy=steady,
-            steady_s=next((s["t_s"] - start_s for s in during if s["strategy"] == steady), None),
-            model_strategy=model_strategy(step.uplink_mbps)))
-    return results
-
-
-def _plot(steps: list[TraceStep], changed_s: list[float], duration_s: float, samples: list[dict[str, Any]],
-          records: list[dict[str, Any]], config: AdaptationConfig, path: Path, mode: str) -> None:
-    plt = pyplot()
-    fig, (ax_rate, ax_split, ax_latency) = plt.subplots(3, 1, figsize=(12, 8.5), sharex=True)
-    ax_rate.step(changed_s + [duration_s], [s.uplink_mbps for s in steps] + [steps[-1].uplink_mbps], where="post",
-                 color="k", label="shaped rate (tbf)")
-    t = [s["t_s"] for s in samples]
-    ax_rate.plot(t, [s["estimate_uplink_mbps"] for s in samples], color="tab:blue", label="edge's estimate")
-    ax_rate.plot(t, [s["planned_uplink_mbps"] for s in samples], color="tab:orange", linestyle="--",
-                 label="estimate planned with")
-    ax_rate.set_yscale("log")
-    ax_rate.set_ylabel("uplink (Mbit/s)")
-    ax_split.step(t, [s["split"] for s in samples], where="post", color="tab:purple", label="plan (status)")
-    ax_split.plot([r["t_s"] for r in records], [r["split"] for r in records], ".", color="tab:red", markersize=3,
-                  label="used by the request")
-    ax_split.set_ylabel("split (stages on the edge)")
-    colours = {"edge": "tab:green", "cloud": "tab:blue"}
-    for where, colour in colours.items():
-        picked = [r for r in records if r["where"] == where and not r["fallback"]]
-        ax_latency.plot([r["t_s"] for r in picked], [r["latency_ms"] for r in picked], ".", color=colour,
-                        markersize=4, label=f"answered on the {where}")
-    fallbacks = [r for r in records if r["fallback"]]
-    ax_latency.plot([r["t_s"] for r in fallbacks], [r["latency_ms"] for r in fallbacks], "x", color="tab:red",
-                    label="fallback")
-    ax_latency.axhline(config.deadline_ms, color="k", linestyle=":", label=f"requirement {config.deadline_ms:g} ms")
-    ax_latency.set_ylabel("latency (ms)")
-    ax_latency.set_xlabel("time (s)")
-    for ax in (ax_rate, ax_split, ax_latency):
-        for x in changed_s[1:]:
-            ax.axvline(x, color="grey", alpha=0.25, linewidth=0.8)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"Adaptation to a bandwidth trace (RTT {config.rtt_ms:g} ms, {config.image_rate_hz:g} images/s, "
-                 f"tail objective; link: {mode})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _summary(result: AdaptationResult, step_results: list[StepResult], info: RunInfo, config: AdaptationConfig,
-             png: Path, docs_path: Path) -> str:
-    follows = "met" if result.max_replan_s is not None and result.max_replan_s <= REPLAN_TARGET_S else "MISSED"
-    within = "met" if result.within_share >= WITHIN_TARGET_SHARE else "MISSED"
-
-    def seconds(value: float | None) -> str:
-        return "never" if value is None else f"{value:.2f}"
-
-    table = markdown_table(
-        ["t (s)", "rate Mbit/s", "change", "before", "plan follows (s)", "strategy then", "settled on",
-         "settled after (s)", "model's choice"],
-        [[f"{s.time_s:.1f}", f"{s.uplink_mbps:g}", s.kind, s.previous_strategy, seconds(s.replan_s),
-          s.strategy_then, s.steady_strategy, seconds(s.steady_s), s.model_strategy] for s in step_results])
-    late = [s for s in step_results if s.kind == "step" and s.steady_strategy != s.strategy_then]
-    testbed = config.testbed
-    return "\n".join([
-        f"![adaptation]({relative(png, docs_path.parent)})",
-        "",
-        info.text(),
-        f"Requirement {config.deadline_ms:g} ms for every request (tail objective), {config.image_rate_hz:g} images/s "
-        f"on a fixed schedule, RTT {config.rtt_ms:g} ms, edge device emulated {testbed.edge_slowdown:g}x slower; "
-        f"uplink monitor: a probe of {testbed.probe_n_bytes} bytes every {testbed.probe_interval_s:g} s, window of "
-        f"{testbed.uplink_window_n} samples (plus passive samples from offloads). \"Plan follows\": the estimate "
-        "the edge planned with has reached the new rate (within 25% above it after a drop, at least 80% of it after "
-        "a rise); \"strategy then\": the decision for that plan; \"settled on\": the most common strategy in the "
-        "second half of the segment; \"model's choice\": the latency model's decision at the true link.",
-        "",
-        f"- **Decision follows a step**: the plan followed each of the {result.n_steps} steps in at most "
-        + ("- (one never did)" if result.max_replan_s is None else f"{result.max_replan_s:.2f} s")
-        + f" — {follows} (target {REPLAN_TARGET_S:g} s); {result.n_steps_within_target} of {result.n_steps} within it."
-        + ("" if not late else " Later strategy changes within a segment ("
-           + "; ".join(f"{s.uplink_mbps:g} Mbit/s: {s.strategy_then} → {s.steady_strategy} after {seconds(s.steady_s)} s"
-                       for s in late)
-           + ") came after the link estimate had settled: they follow the per-offload overhead O the edge keeps "
-             "measuring, not the step."),
-        f"- **Requests within the requirement**: {100 * result.within_share:.1f}% of {result.n_requests} — {within} "
-        f"(target {100 * WITHIN_TARGET_SHARE:g}%); fallbacks {100 * result.fallback_share:.1f}% of requests; "
-        f"without the fallbacks {100 * result.within_share_without_fallbacks:.1f}% within; p99 latency "
-        f"{result.p99_latency_ms:.1f} ms, max {result.max_latency_ms:.1f} ms.",
-        "",
-        table,
-    ])
 
 
 def run_adaptation(config: AdaptationConfig, *, out_root: Path = DEFAULT_OUT_ROOT,

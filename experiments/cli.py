@@ -19,6 +19,24 @@ from pathlib import Path
 __all__ = ["EXPERIMENTS", "ExperimentEntry", "add_experiment_parser"]
 
 
+def _run(args: argparse.Namespace) -> int:
+    entry = EXPERIMENTS[args.experiment]
+    module = importlib.import_module(entry.module)
+    config_class = getattr(module, entry.config_class)
+    config = config_class.quick_config() if args.quick else config_class()
+    if args.mode != "auto" and entry.uses_services:
+        config = dataclasses.replace(config, testbed=dataclasses.replace(config.testbed, mode=args.mode))
+    docs_path = None if args.no_docs else args.docs
+    _, info = getattr(module, entry.run_function)(config, out_root=args.out, docs_path=docs_path,
+                                                  progress=not args.no_progress)
+    print(info.text())
+    for path in info.files:
+        print(f"wrote {path}")
+    if docs_path is not None:
+        print(f"updated the '## {args.experiment}' section of {docs_path}")
+    return 0
+
+
 @dataclass(frozen=True)
 class ExperimentEntry:
     """Where an experiment lives: its module, config class and run function."""
@@ -48,24 +66,6 @@ EXPERIMENTS: dict[str, ExperimentEntry] = {
         "experiments.adaptation", "AdaptationConfig", "run_adaptation",
         "a bandwidth trace replayed on the shaped link: uplink estimate, split and latency over time"),
 }
-
-
-def _run(args: argparse.Namespace) -> int:
-    entry = EXPERIMENTS[args.experiment]
-    module = importlib.import_module(entry.module)
-    config_class = getattr(module, entry.config_class)
-    config = config_class.quick_config() if args.quick else config_class()
-    if args.mode != "auto" and entry.uses_services:
-        config = dataclasses.replace(config, testbed=dataclasses.replace(config.testbed, mode=args.mode))
-    docs_path = None if args.no_docs else args.docs
-    _, info = getattr(module, entry.run_function)(config, out_root=args.out, docs_path=docs_path,
-                                                  progress=not args.no_progress)
-    print(info.text())
-    for path in info.files:
-        print(f"wrote {path}")
-    if docs_path is not None:
-        print(f"updated the '## {args.experiment}' section of {docs_path}")
-    return 0
 
 
 def add_experiment_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

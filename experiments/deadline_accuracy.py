@@ -48,67 +48,6 @@ _N_WARMUP = 10
 _COLOURS = dict(zip(POLICIES, ("tab:red", "tab:green", "tab:blue", "tab:purple", "tab:orange")))
 
 
-@dataclass(frozen=True)
-class DeadlineAccuracyConfig:
-    """Settings of the experiment; :meth:`quick_config` is the CI version.
-
-    Attributes
-    ----------
-    profiles : tuple of str
-        Link profiles of ``configs/links.yaml``.
-    measured_deadlines_ms : tuple of float
-        Requirements measured at every profile, ms.
-    measure_knees : bool
-        Also measure, per profile, where plans are tightest (predicted, on
-        the 1 ms grid): the smallest requirement each baseline can meet, and
-        the smallest at which POPEX reaches its best accuracy. A fixed grid
-        mostly lands where every plan has room to spare.
-    max_deadline_ms : float
-        The predicted curves span 0 to this, ms.
-    n_predicted : int
-        Points of the predicted curves.
-    objective : {"mean", "tail"}
-    n_images : int
-        Test images per policy and requirement.
-    estimate_timeout_s : float
-        Longest wait, after a link change, for the edge to plan with it, s.
-    seed : int
-    quick : bool
-    testbed : TestbedConfig
-    """
-
-    profiles: tuple[str, ...] = CITY_PROFILES
-    measured_deadlines_ms: tuple[float, ...] = (35.0, 60.0, 100.0, 250.0, 400.0)
-    measure_knees: bool = True
-    max_deadline_ms: float = 500.0
-    n_predicted: int = 501
-    objective: str = "mean"
-    n_images: int = 100
-    estimate_timeout_s: float = 30.0
-    seed: int = 1
-    quick: bool = False
-    testbed: TestbedConfig = field(default_factory=lambda: TestbedConfig(edge_slowdown=50.0, probe_interval_s=2.0))
-
-    @classmethod
-    def quick_config(cls) -> DeadlineAccuracyConfig:
-        """Two requirements per city, 10 images: about a minute and a half."""
-        return cls(measured_deadlines_ms=(60.0, 250.0), measure_knees=False, n_images=10, estimate_timeout_s=10.0,
-                   quick=True)
-
-
-@dataclass(frozen=True)
-class PredictedPoint:
-    """One point of a predicted curve: a policy's accuracy at a requirement on a profile."""
-
-    profile: str
-    deadline_ms: float
-    policy: str
-    strategy: str
-    latency_ms: float
-    accuracy: float
-    feasible: bool
-
-
 def _plot(rows: list[PolicyRow], points: list[PredictedPoint], config: DeadlineAccuracyConfig, path: Path,
           mode: str) -> None:
     plt = pyplot()
@@ -242,6 +181,67 @@ def _summary(rows: list[PolicyRow], points: list[PredictedPoint], info: RunInfo,
         "",
         table,
     ])
+
+
+@dataclass(frozen=True)
+class DeadlineAccuracyConfig:
+    """Settings of the experiment; :meth:`quick_config` is the CI version.
+
+    Attributes
+    ----------
+    profiles : tuple of str
+        Link profiles of ``configs/links.yaml``.
+    measured_deadlines_ms : tuple of float
+        Requirements measured at every profile, ms.
+    measure_knees : bool
+        Also measure, per profile, where plans are tightest (predicted, on
+        the 1 ms grid): the smallest requirement each baseline can meet, and
+        the smallest at which POPEX reaches its best accuracy. A fixed grid
+        mostly lands where every plan has room to spare.
+    max_deadline_ms : float
+        The predicted curves span 0 to this, ms.
+    n_predicted : int
+        Points of the predicted curves.
+    objective : {"mean", "tail"}
+    n_images : int
+        Test images per policy and requirement.
+    estimate_timeout_s : float
+        Longest wait, after a link change, for the edge to plan with it, s.
+    seed : int
+    quick : bool
+    testbed : TestbedConfig
+    """
+
+    profiles: tuple[str, ...] = CITY_PROFILES
+    measured_deadlines_ms: tuple[float, ...] = (35.0, 60.0, 100.0, 250.0, 400.0)
+    measure_knees: bool = True
+    max_deadline_ms: float = 500.0
+    n_predicted: int = 501
+    objective: str = "mean"
+    n_images: int = 100
+    estimate_timeout_s: float = 30.0
+    seed: int = 1
+    quick: bool = False
+    testbed: TestbedConfig = field(default_factory=lambda: TestbedConfig(edge_slowdown=50.0, probe_interval_s=2.0))
+
+    @classmethod
+    def quick_config(cls) -> DeadlineAccuracyConfig:
+        """Two requirements per city, 10 images: about a minute and a half."""
+        return cls(measured_deadlines_ms=(60.0, 250.0), measure_knees=False, n_images=10, estimate_timeout_s=10.0,
+                   quick=True)
+
+
+@dataclass(frozen=True)
+class PredictedPoint:
+    """One point of a predicted curve: a policy's accuracy at a requirement on a profile."""
+
+    profile: str
+    deadline_ms: float
+    policy: str
+    strategy: str
+    latency_ms: float
+    accuracy: float
+    feasible: bool
 
 
 def run_accuracy_vs_deadline(config: DeadlineAccuracyConfig, *, out_root: Path = DEFAULT_OUT_ROOT,

@@ -37,41 +37,6 @@ __all__ = ["DemoConfig", "DemoRow", "run_demo", "main"]
 _POLICIES = ("adaptive", "edge-only", "cloud-only")
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    """What the demo runs; the defaults are the README's demo."""
-
-    profiles: tuple[str, ...] = ("3g", "lte", "wifi")
-    policies: tuple[str, ...] = _POLICIES
-    n_images: int = 300
-    deadline_ms: float = 80.0
-    objective: str = "tail"
-    edge_slowdown: float = 15.0
-    model_dir: Path = REPO_ROOT / "models" / "default"
-    out_dir: Path = REPO_ROOT / "results" / "demo"
-    seed: int = 0
-
-
-@dataclass
-class DemoRow:
-    """One (profile, policy) line of the demo's table."""
-
-    profile: str
-    policy: str
-    uplink_mbps: float
-    rtt_ms: float
-    strategy: str
-    n_requests: int
-    accuracy: float
-    mean_latency_ms: float
-    p95_latency_ms: float
-    within_share: float
-    offload_share: float
-    fallback_share: float
-    predicted_mean_ms: float
-    prediction_error: float = field(default=0.0)
-
-
 def _strategy_text(response: dict[str, Any]) -> str:
     thresholds = ",".join("off" if t is None else f"{t:.2f}" for t in response["thresholds"])
     return f"split {response['split']} θ=[{thresholds}]"
@@ -184,6 +149,41 @@ def _print_table(rows: list[DemoRow], deadline_ms: float, objective: str) -> Non
               f"{r.p95_latency_ms:>9.1f}{r.within_share:>8.1%}{r.offload_share:>8.1%}{r.fallback_share:>9.1%}"
               f"{r.predicted_mean_ms:>9.1f}"
               f"{r.prediction_error:>7.1%}")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs; the defaults are the README's demo."""
+
+    profiles: tuple[str, ...] = ("3g", "lte", "wifi")
+    policies: tuple[str, ...] = _POLICIES
+    n_images: int = 300
+    deadline_ms: float = 80.0
+    objective: str = "tail"
+    edge_slowdown: float = 15.0
+    model_dir: Path = REPO_ROOT / "models" / "default"
+    out_dir: Path = REPO_ROOT / "results" / "demo"
+    seed: int = 0
+
+
+@dataclass
+class DemoRow:
+    """One (profile, policy) line of the demo's table."""
+
+    profile: str
+    policy: str
+    uplink_mbps: float
+    rtt_ms: float
+    strategy: str
+    n_requests: int
+    accuracy: float
+    mean_latency_ms: float
+    p95_latency_ms: float
+    within_share: float
+    offload_share: float
+    fallback_share: float
+    predicted_mean_ms: float
+    prediction_error: float = field(default=0.0)
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> list[DemoRow]:

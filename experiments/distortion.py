@@ -51,52 +51,6 @@ _SECTION = "## Distortion"
 _NOISE_SEED = 3
 
 
-@dataclass(frozen=True)
-class ExitOutcome:
-    """Where each sample leaves and what it predicts there."""
-
-    exit_index: np.ndarray  # int64 (n,): branch index, or n_branches for the final exit
-    predicted: np.ndarray  # int64 (n,)
-
-
-@dataclass(frozen=True)
-class DistortionRow:
-    """One system on one kind and level of distortion (a CSV row)."""
-
-    kind: str
-    level: float
-    system: str
-    head: str  # the head set scored; "per-image" for the classifier-selected system
-    accuracy: float
-    edge_exit_share: float
-    final_accuracy: float  # the final exit alone, every sample
-    classifier_accuracy: float  # share of images the classifier labels with their true kind
-    n_samples: int
-
-
-def early_exit_outcome(logits: list[np.ndarray], *, temperature: np.ndarray, threshold: float,
-                       method: str = "max_softmax") -> ExitOutcome:
-    """Exit of each sample when every branch is active at ``threshold``.
-
-    Examples
-    --------
-    >>> branch = np.array([[4.0, 0.0], [0.0, 0.1]]); final = np.array([[0.0, 1.0], [0.0, 1.0]])
-    >>> out = early_exit_outcome([branch, final], temperature=np.ones(2), threshold=0.9)
-    >>> out.exit_index.tolist(), out.predicted.tolist()
-    ([0, 1], [0, 1])
-    """
-    n_samples, n_branches = len(logits[-1]), len(logits) - 1
-    exit_index = np.full(n_samples, n_branches, dtype=np.int64)
-    predicted = np.empty(n_samples, dtype=np.int64)
-    for e, lg in enumerate(logits):
-        confidence, pred = exit_confidence(torch.from_numpy(lg), temperature=float(temperature[e]), method=method)
-        leaving = (exit_index == n_branches) & ((e == n_branches) | (confidence.numpy() >= threshold))
-        if e < n_branches:
-            exit_index[leaving] = e
-        predicted[leaving] = pred.numpy()[leaving]
-    return ExitOutcome(exit_index=exit_index, predicted=predicted)
-
-
 def _row(kind: str, level: float, system: str, head: str, outcome: ExitOutcome, final_predicted: np.ndarray,
          labels: np.ndarray, n_branches: int, classifier_accuracy: float) -> DistortionRow:
     return DistortionRow(kind=kind, level=float(level), system=system, head=head,
@@ -213,6 +167,61 @@ def _replace_section(path: Path, section: str) -> None:
     path.write_text(text.rstrip("\n") + "\n")
 
 
+def _cmd_distortion(args: argparse.Namespace) -> int:
+    csv_path = run_distortion_experiment(args.model, args.out, args.quick, threshold=args.threshold,
+                                         docs_path=None if args.no_docs else DEFAULT_DOCS_PATH,
+                                         progress=not args.quiet)
+    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}" + ("" if args.no_docs else
+                                                                     f"; updated {DEFAULT_DOCS_PATH}"))
+    return 0
+
+
+@dataclass(frozen=True)
+class ExitOutcome:
+    """Where each sample leaves and what it predicts there."""
+
+    exit_index: np.ndarray  # int64 (n,): branch index, or n_branches for the final exit
+    predicted: np.ndarray  # int64 (n,)
+
+
+@dataclass(frozen=True)
+class DistortionRow:
+    """One system on one kind and level of distortion (a CSV row)."""
+
+    kind: str
+    level: float
+    system: str
+    head: str  # the head set scored; "per-image" for the classifier-selected system
+    accuracy: float
+    edge_exit_share: float
+    final_accuracy: float  # the final exit alone, every sample
+    classifier_accuracy: float  # share of images the classifier labels with their true kind
+    n_samples: int
+
+
+def early_exit_outcome(logits: list[np.ndarray], *, temperature: np.ndarray, threshold: float,
+                       method: str = "max_softmax") -> ExitOutcome:
+    """Exit of each sample when every branch is active at ``threshold``.
+
+    Examples
+    --------
+    >>> branch = np.array([[4.0, 0.0], [0.0, 0.1]]); final = np.array([[0.0, 1.0], [0.0, 1.0]])
+    >>> out = early_exit_outcome([branch, final], temperature=np.ones(2), threshold=0.9)
+    >>> out.exit_index.tolist(), out.predicted.tolist()
+    ([0, 1], [0, 1])
+    """
+    n_samples, n_branches = len(logits[-1]), len(logits) - 1
+    exit_index = np.full(n_samples, n_branches, dtype=np.int64)
+    predicted = np.empty(n_samples, dtype=np.int64)
+    for e, lg in enumerate(logits):
+        confidence, pred = exit_confidence(torch.from_numpy(lg), temperature=float(temperature[e]), method=method)
+        leaving = (exit_index == n_branches) & ((e == n_branches) | (confidence.numpy() >= threshold))
+        if e < n_branches:
+            exit_index[leaving] = e
+        predicted[leaving] = pred.numpy()[leaving]
+    return ExitOutcome(exit_index=exit_index, predicted=predicted)
+
+
 def run_distortion_experiment(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] = "results",
                               quick: bool = False, *, threshold: float = DEFAULT_THRESHOLD,
                               docs_path: str | os.PathLike[str] | None = DEFAULT_DOCS_PATH,
@@ -278,15 +287,6 @@ def run_distortion_experiment(model_dir: str | os.PathLike[str], out_dir: str | 
         command = f"popex experiment distortion --model {model_dir}" + (" --quick" if quick else "")
         _replace_section(Path(docs_path), _summary(rows, levels, source, threshold, command))
     return csv_path
-
-
-def _cmd_distortion(args: argparse.Namespace) -> int:
-    csv_path = run_distortion_experiment(args.model, args.out, args.quick, threshold=args.threshold,
-                                         docs_path=None if args.no_docs else DEFAULT_DOCS_PATH,
-                                         progress=not args.quiet)
-    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}" + ("" if args.no_docs else
-                                                                     f"; updated {DEFAULT_DOCS_PATH}"))
-    return 0
 
 
 def add_distortion_experiment_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

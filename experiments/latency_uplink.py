@@ -48,49 +48,6 @@ NAME = "latency-vs-uplink"
 _N_WARMUP = 10
 
 
-@dataclass(frozen=True)
-class LatencyUplinkConfig:
-    """Settings of the experiment; :meth:`quick_config` is the CI version.
-
-    Attributes
-    ----------
-    uplink_grid_mbps : tuple of float
-        Rates measured, Mbit/s.
-    rtt_ms : float
-        RTT of the link, ms.
-    deadline_ms : float
-        The latency requirement, ms.
-    objective : {"mean", "tail"}
-    n_images : int
-        Test images per policy and rate.
-    n_predicted : int
-        Points of the predicted curves (log grid over the same range).
-    estimate_timeout_s : float
-        Longest wait, after a rate change, for the edge to plan with it, s.
-    seed : int
-        Which test images.
-    quick : bool
-        Whether this is the CI version (recorded in the docs).
-    testbed : TestbedConfig
-    """
-
-    uplink_grid_mbps: tuple[float, ...] = tuple(float(x) for x in np.round(np.geomspace(0.5, 100.0, 9), 3))
-    rtt_ms: float = 20.0
-    deadline_ms: float = 50.0
-    objective: str = "mean"
-    n_images: int = 150
-    n_predicted: int = 60
-    estimate_timeout_s: float = 30.0
-    seed: int = 0
-    quick: bool = False
-    testbed: TestbedConfig = field(default_factory=lambda: TestbedConfig(edge_slowdown=50.0, probe_interval_s=2.0))
-
-    @classmethod
-    def quick_config(cls) -> LatencyUplinkConfig:
-        """3 rates, 20 images per policy: about a minute."""
-        return cls(uplink_grid_mbps=(0.5, 5.0, 50.0), n_images=20, estimate_timeout_s=12.0, quick=True)
-
-
 def _plot(rows: list[PolicyRow], curves: dict[str, dict[str, np.ndarray]], grid_mbps: np.ndarray,
           config: LatencyUplinkConfig, path: Path, mode: str) -> None:
     plt = pyplot()
@@ -159,6 +116,49 @@ def _summary(rows: list[PolicyRow], info: RunInfo, config: LatencyUplinkConfig, 
         table,
     ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LatencyUplinkConfig:
+    """Settings of the experiment; :meth:`quick_config` is the CI version.
+
+    Attributes
+    ----------
+    uplink_grid_mbps : tuple of float
+        Rates measured, Mbit/s.
+    rtt_ms : float
+        RTT of the link, ms.
+    deadline_ms : float
+        The latency requirement, ms.
+    objective : {"mean", "tail"}
+    n_images : int
+        Test images per policy and rate.
+    n_predicted : int
+        Points of the predicted curves (log grid over the same range).
+    estimate_timeout_s : float
+        Longest wait, after a rate change, for the edge to plan with it, s.
+    seed : int
+        Which test images.
+    quick : bool
+        Whether this is the CI version (recorded in the docs).
+    testbed : TestbedConfig
+    """
+
+    uplink_grid_mbps: tuple[float, ...] = tuple(float(x) for x in np.round(np.geomspace(0.5, 100.0, 9), 3))
+    rtt_ms: float = 20.0
+    deadline_ms: float = 50.0
+    objective: str = "mean"
+    n_images: int = 150
+    n_predicted: int = 60
+    estimate_timeout_s: float = 30.0
+    seed: int = 0
+    quick: bool = False
+    testbed: TestbedConfig = field(default_factory=lambda: TestbedConfig(edge_slowdown=50.0, probe_interval_s=2.0))
+
+    @classmethod
+    def quick_config(cls) -> LatencyUplinkConfig:
+        """3 rates, 20 images per policy: about a minute."""
+        return cls(uplink_grid_mbps=(0.5, 5.0, 50.0), n_images=20, estimate_timeout_s=12.0, quick=True)
 
 
 def run_latency_vs_uplink(config: LatencyUplinkConfig, *, out_root: Path = DEFAULT_OUT_ROOT,

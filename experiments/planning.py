@@ -28,37 +28,6 @@ __all__ = ["Prediction", "Predictor", "test_split_calibration"]
 _CALIBRATION_FILE = "calibration.npz"
 
 
-def test_split_calibration(model_dir: Path) -> tuple[Calibration, str]:
-    """Per-exit confidence and correctness of the model on the whole test split, with its calibration temperatures.
-
-    What a strategy scores on the test images (as opposed to the held-out
-    validation split of ``calibration.npz``): a :class:`Predictor` built on it
-    gives the test accuracy of any strategy, with the same exit rule as the
-    runtime. Used to compare policies on 10,000 images instead of the few
-    hundred streamed through the services.
-
-    Returns
-    -------
-    calibration : Calibration
-    source : str
-        Which test images ("full test split" or the shipped subset).
-    """
-    from popex.data import default_test_set
-    from popex.data.preprocess import Preprocessing, preprocess
-    from popex.nets.io import load_model
-    from popex.nets.train import calibrate
-
-    model_dir = Path(model_dir)
-    reference = load_calibration(model_dir / _CALIBRATION_FILE)
-    model = load_model(model_dir)
-    test = default_test_set()
-    inputs = preprocess(test.dataset.images, Preprocessing.from_spec_dict(model.net.spec), is_batch=True)
-    calibration = calibrate(model.net, inputs, test.dataset.labels, method=reference.confidence_method,
-                            temperature=np.asarray(reference.temperature))
-    source = "full test split" if test.source == "debian" else "shipped 1,000-image test subset"
-    return calibration, source
-
-
 def _key(split: int, thresholds: Any) -> tuple[int, tuple[float | None, ...]]:
     return int(split), tuple(None if t is None or (isinstance(t, float) and math.isnan(t)) else float(t)
                              for t in thresholds)
@@ -203,3 +172,34 @@ class Predictor:
         """Every policy's prediction at each deadline (for accuracy-vs-requirement curves)."""
         return {policy: [self.policy(policy, link=link, deadline_ms=float(d), objective=objective)
                          for d in deadlines_ms] for policy in POLICIES}
+
+
+def test_split_calibration(model_dir: Path) -> tuple[Calibration, str]:
+    """Per-exit confidence and correctness of the model on the whole test split, with its calibration temperatures.
+
+    What a strategy scores on the test images (as opposed to the held-out
+    validation split of ``calibration.npz``): a :class:`Predictor` built on it
+    gives the test accuracy of any strategy, with the same exit rule as the
+    runtime. Used to compare policies on 10,000 images instead of the few
+    hundred streamed through the services.
+
+    Returns
+    -------
+    calibration : Calibration
+    source : str
+        Which test images ("full test split" or the shipped subset).
+    """
+    from popex.data import default_test_set
+    from popex.data.preprocess import Preprocessing, preprocess
+    from popex.nets.io import load_model
+    from popex.nets.train import calibrate
+
+    model_dir = Path(model_dir)
+    reference = load_calibration(model_dir / _CALIBRATION_FILE)
+    model = load_model(model_dir)
+    test = default_test_set()
+    inputs = preprocess(test.dataset.images, Preprocessing.from_spec_dict(model.net.spec), is_batch=True)
+    calibration = calibrate(model.net, inputs, test.dataset.labels, method=reference.confidence_method,
+                            temperature=np.asarray(reference.temperature))
+    source = "full test split" if test.source == "debian" else "shipped 1,000-image test subset"
+    return calibration, source

@@ -37,14 +37,83 @@ _N_REFRESH_OFFLOADS = 12
 _BASES = ("predicted", "measured", "test")
 
 
-def requirement_dependent(policy: str) -> bool:
-    """Whether a policy's choice depends on the requirement (POPEX and Edgent do)."""
-    return policy in ("adaptive", "edgent")
+def _most_common_strategy(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the strategy the edge used most often."""
+    most_common = Counter(r["strategy"] for r in records).most_common(1)[0][0]
+    return [r for r in records if r["strategy"] == most_common]
 
 
-def budget_ms(policy: str, deadline_ms: float) -> float:
-    """The deadline a request of ``policy`` carries: the requirement, or an ample budget for fixed baselines."""
-    return deadline_ms if requirement_dependent(policy) else max(AMPLE_BUDGET_MS, 10.0 * deadline_ms)
+def _test_accuracy(test_predictor: Predictor | None, records: list[dict[str, Any]], link: Link) -> float:
+    if test_predictor is None:
+        return math.nan
+    record = _most_common_strategy(records)[0]
+    return test_predictor.strategy(record["split"], record["thresholds"], link=link).accuracy
+
+
+def _row(prediction: Any, records: list[dict[str, Any]], *, profile: str, link: Link, deadline_ms: float,
+         objective: str, budget: float, planned: dict[str, Any], overhead_ms: float, test_accuracy: float,
+         test_mean_latency_ms: float, load_1min: float) -> PolicyRow:
+    measured = summarise(records, deadline_ms=deadline_ms)
+    measured_latency_ms = measured.mean_latency_ms if objective == "mean" else measured.p95_latency_ms
+    return PolicyRow(
+        profile=profile, uplink_mbps=link.uplink_mbps, rtt_ms=link.rtt_ms, deadline_ms=deadline_ms,
+        objective=objective, policy=prediction.policy, predicted_strategy=prediction.strategy,
+        predicted_latency_ms=prediction.latency_ms(objective), predicted_accuracy=prediction.accuracy,
+        predicted_feasible=prediction.feasible, budget_ms=budget, measured_strategy=measured.strategy,
+        n_requests=measured.n_requests, measured_mean_latency_ms=measured.mean_latency_ms,
+        measured_p95_latency_ms=measured.p95_latency_ms, measured_accuracy=measured.accuracy,
+        measured_within_share=measured.within_share, measured_offload_share=measured.offload_share,
+        measured_fallback_share=measured.fallback_share, measured_meets=bool(measured_latency_ms <= deadline_ms),
+        test_accuracy=test_accuracy, test_mean_latency_ms=test_mean_latency_ms,
+        edge_planned_uplink_mbps=float(planned["uplink_mbps"]),
+        edge_planned_rtt_ms=float(planned["rtt_ms"]), edge_offload_overhead_ms=overhead_ms,
+        edge_predicted_ms=measured.edge_predicted_ms, load_1min=load_1min)
+
+
+def _chosen(row: PolicyRow) -> str:
+    return row.measured_strategy.removesuffix(" (mostly)")
+
+
+def _compare(rows: Sequence[PolicyRow], basis: str) -> tuple[list[str], list[str]]:
+    """(problems, ties) of :func:`dominance_problems`."""
+    if basis not in _BASES:
+        raise ConfigError(f"basis must be one of {_BASES}, got {basis!r}")
+    accuracy_of = {"predicted": lambda r: r.predicted_accuracy, "measured": lambda r: r.measured_accuracy,
+                   "test": lambda r: r.test_accuracy}[basis]
+
+    def meets(row: PolicyRow) -> bool:
+        return {"predicted": row.predicted_feasible, "measured": row.measured_meets, "test": row.test_meets}[basis]
+
+    groups: dict[tuple, dict[str, PolicyRow]] = {}
+    for row in rows:
+        groups.setdefault((row.profile, row.uplink_mbps, row.rtt_ms, row.deadline_ms), {})[row.policy] = row
+    problems, ties = [], []
+    for (profile, uplink_mbps, _, deadline_ms), at in groups.items():
+        popex = at.get("adaptive")
+        if popex is None:
+            continue
+        ours = accuracy_of(popex)
+        for policy, row in at.items():
+            theirs = accuracy_of(row)
+            if policy == "adaptive" or not meets(row):
+                continue
+            where = profile or f"{uplink_mbps:g} Mbit/s"
+            if not meets(popex):
+                latency_ms = {"predicted": None, "measured": popex.measured_latency_ms,
+                              "test": popex.test_latency_ms}[basis]
+                if latency_ms is None:
+                    problems.append(f"{where}, {deadline_ms:g} ms: {policy} meets it, POPEX does not")
+                elif _chosen(row) == _chosen(popex):
+                    theirs_ms = row.measured_latency_ms if basis == "measured" else row.test_latency_ms
+                    ties.append(f"{where}, {deadline_ms:g} ms: {policy} and POPEX both ran {_chosen(popex)}, "
+                                f"measured {theirs_ms:.1f} and {latency_ms:.1f} ms")
+                else:
+                    problems.append(f"{where}, {deadline_ms:g} ms: {policy} meets it, POPEX does not "
+                                    f"({latency_ms:.1f} ms)")
+            elif ours < theirs:
+                problems.append(f"{where}, {deadline_ms:g} ms: {policy} {100 * theirs:.2f}% > POPEX "
+                                f"{100 * ours:.2f}%")
+    return problems, ties
 
 
 @dataclass(frozen=True)
@@ -109,6 +178,16 @@ class PolicyRow:
         return bool(self.test_latency_ms <= self.deadline_ms)
 
 
+def requirement_dependent(policy: str) -> bool:
+    """Whether a policy's choice depends on the requirement (POPEX and Edgent do)."""
+    return policy in ("adaptive", "edgent")
+
+
+def budget_ms(policy: str, deadline_ms: float) -> float:
+    """The deadline a request of ``policy`` carries: the requirement, or an ample budget for fixed baselines."""
+    return deadline_ms if requirement_dependent(policy) else max(AMPLE_BUDGET_MS, 10.0 * deadline_ms)
+
+
 def refresh_edge(testbed: Testbed, images: ImageSet, *, estimate_timeout_s: float) -> dict[str, Any]:
     """After a link change: a few offloads (passive uplink samples, fresh O), then wait for the estimate.
 
@@ -117,19 +196,6 @@ def refresh_edge(testbed: Testbed, images: ImageSet, *, estimate_timeout_s: floa
     testbed.stream(images.head(_N_REFRESH_OFFLOADS), policy="cloud-only", deadline_ms=AMPLE_BUDGET_MS,
                    desc="refresh", progress=False)
     return testbed.wait_estimate(timeout_s=estimate_timeout_s)
-
-
-def _most_common_strategy(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records of the strategy the edge used most often."""
-    most_common = Counter(r["strategy"] for r in records).most_common(1)[0][0]
-    return [r for r in records if r["strategy"] == most_common]
-
-
-def _test_accuracy(test_predictor: Predictor | None, records: list[dict[str, Any]], link: Link) -> float:
-    if test_predictor is None:
-        return math.nan
-    record = _most_common_strategy(records)[0]
-    return test_predictor.strategy(record["split"], record["thresholds"], link=link).accuracy
 
 
 def stratified_latency_ms(test_predictor: Predictor | None, records: list[dict[str, Any]], link: Link) -> float:
@@ -161,26 +227,6 @@ def stratified_latency_ms(test_predictor: Predictor | None, records: list[dict[s
         total_ms += share * sum(measured) / len(measured)
         total_share += share
     return total_ms / total_share if total_share > 0 else math.nan
-
-
-def _row(prediction: Any, records: list[dict[str, Any]], *, profile: str, link: Link, deadline_ms: float,
-         objective: str, budget: float, planned: dict[str, Any], overhead_ms: float, test_accuracy: float,
-         test_mean_latency_ms: float, load_1min: float) -> PolicyRow:
-    measured = summarise(records, deadline_ms=deadline_ms)
-    measured_latency_ms = measured.mean_latency_ms if objective == "mean" else measured.p95_latency_ms
-    return PolicyRow(
-        profile=profile, uplink_mbps=link.uplink_mbps, rtt_ms=link.rtt_ms, deadline_ms=deadline_ms,
-        objective=objective, policy=prediction.policy, predicted_strategy=prediction.strategy,
-        predicted_latency_ms=prediction.latency_ms(objective), predicted_accuracy=prediction.accuracy,
-        predicted_feasible=prediction.feasible, budget_ms=budget, measured_strategy=measured.strategy,
-        n_requests=measured.n_requests, measured_mean_latency_ms=measured.mean_latency_ms,
-        measured_p95_latency_ms=measured.p95_latency_ms, measured_accuracy=measured.accuracy,
-        measured_within_share=measured.within_share, measured_offload_share=measured.offload_share,
-        measured_fallback_share=measured.fallback_share, measured_meets=bool(measured_latency_ms <= deadline_ms),
-        test_accuracy=test_accuracy, test_mean_latency_ms=test_mean_latency_ms,
-        edge_planned_uplink_mbps=float(planned["uplink_mbps"]),
-        edge_planned_rtt_ms=float(planned["rtt_ms"]), edge_offload_overhead_ms=overhead_ms,
-        edge_predicted_ms=measured.edge_predicted_ms, load_1min=load_1min)
 
 
 def measure_policies(testbed: Testbed, predictor: Predictor, images: ImageSet, *, profile: str, link: Link,
@@ -226,52 +272,6 @@ def measure_policies(testbed: Testbed, predictor: Predictor, images: ImageSet, *
                                  test_accuracy=test_accuracy, test_mean_latency_ms=test_mean_latency_ms,
                                  load_1min=load_1min))
     return rows, records_all
-
-
-def _chosen(row: PolicyRow) -> str:
-    return row.measured_strategy.removesuffix(" (mostly)")
-
-
-def _compare(rows: Sequence[PolicyRow], basis: str) -> tuple[list[str], list[str]]:
-    """(problems, ties) of :func:`dominance_problems`."""
-    if basis not in _BASES:
-        raise ConfigError(f"basis must be one of {_BASES}, got {basis!r}")
-    accuracy_of = {"predicted": lambda r: r.predicted_accuracy, "measured": lambda r: r.measured_accuracy,
-                   "test": lambda r: r.test_accuracy}[basis]
-
-    def meets(row: PolicyRow) -> bool:
-        return {"predicted": row.predicted_feasible, "measured": row.measured_meets, "test": row.test_meets}[basis]
-
-    groups: dict[tuple, dict[str, PolicyRow]] = {}
-    for row in rows:
-        groups.setdefault((row.profile, row.uplink_mbps, row.rtt_ms, row.deadline_ms), {})[row.policy] = row
-    problems, ties = [], []
-    for (profile, uplink_mbps, _, deadline_ms), at in groups.items():
-        popex = at.get("adaptive")
-        if popex is None:
-            continue
-        ours = accuracy_of(popex)
-        for policy, row in at.items():
-            theirs = accuracy_of(row)
-            if policy == "adaptive" or not meets(row):
-                continue
-            where = profile or f"{uplink_mbps:g} Mbit/s"
-            if not meets(popex):
-                latency_ms = {"predicted": None, "measured": popex.measured_latency_ms,
-                              "test": popex.test_latency_ms}[basis]
-                if latency_ms is None:
-                    problems.append(f"{where}, {deadline_ms:g} ms: {policy} meets it, POPEX does not")
-                elif _chosen(row) == _chosen(popex):
-                    theirs_ms = row.measured_latency_ms if basis == "measured" else row.test_latency_ms
-                    ties.append(f"{where}, {deadline_ms:g} ms: {policy} and POPEX both ran {_chosen(popex)}, "
-                                f"measured {theirs_ms:.1f} and {latency_ms:.1f} ms")
-                else:
-                    problems.append(f"{where}, {deadline_ms:g} ms: {policy} meets it, POPEX does not "
-                                    f"({latency_ms:.1f} ms)")
-            elif ours < theirs:
-                problems.append(f"{where}, {deadline_ms:g} ms: {policy} {100 * theirs:.2f}% > POPEX "
-                                f"{100 * ours:.2f}%")
-    return problems, ties
 
 
 def dominance_problems(rows: Sequence[PolicyRow], *, basis: str) -> list[str]:

@@ -53,6 +53,82 @@ _N_WARMUP = 10
 _FIXED = ("edge-only", "cloud-only", "neurosurgeon")
 
 
+def _plot(errors: list[StrategyError], path: Path, mode: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    links = sorted({e.uplink_mbps for e in errors})
+    markers = dict(zip(links, "osD^v"))
+    top = max(max(e.measured_mean_latency_ms, e.predicted_mean_latency_ms) for e in errors) * 1.1
+    ax.plot([0, top], [0, top], "k-", linewidth=0.8, label="measured = predicted")
+    ax.fill_between([0, top], [0, top / 1.1], [0, top / 0.9], color="grey", alpha=0.15, label="±10%")
+    for e in errors:
+        ax.plot(e.predicted_mean_latency_ms, e.measured_mean_latency_ms, markers[e.uplink_mbps],
+                color="tab:blue" if e.offload_share > 0 else "tab:green")
+    for link in links:
+        ax.plot([], [], markers[link], color="grey", label=f"{link:g} Mbit/s")
+    ax.plot([], [], "s", color="tab:blue", label="offloads")
+    ax.plot([], [], "s", color="tab:green", label="edge only")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("predicted mean latency (ms)")
+    ax.set_ylabel("measured mean latency (ms)")
+    median = float(np.median([e.error_fraction for e in errors]))
+    ax.set_title(f"Per strategy: median error {100 * median:.1f}% (link: {mode})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _summary(errors: list[StrategyError], info: RunInfo, config: PredictionErrorConfig, png: Path,
+             docs_path: Path, source: str) -> str:
+    median = float(np.median([e.error_fraction for e in errors]))
+    edge_median = float(np.median([e.edge_error_fraction for e in errors]))
+    verdict = "meets" if median <= TARGET_ERROR_FRACTION else "MISSES"
+    table = markdown_table(
+        ["edge objective", "Mbit/s", "strategy", "policies", "n", "measured ms", "predicted ms", "error",
+         "edge's prediction", "offload meas./pred.", "fallback"],
+        [[e.objective, f"{e.uplink_mbps:g}", e.strategy, e.policies, e.n_requests, f"{e.measured_mean_latency_ms:.1f}",
+          f"{e.predicted_mean_latency_ms:.1f}", f"{100 * e.error_fraction:.1f}%",
+          f"{e.edge_predicted_ms:.1f} ({100 * e.edge_error_fraction:.0f}%)",
+          f"{100 * e.offload_share:.0f}% / {100 * e.predicted_offload_prob:.0f}%", f"{100 * e.fallback_share:.0f}%"]
+         for e in errors])
+    return "\n".join([
+        f"![prediction error]({relative(png, docs_path.parent)})",
+        "",
+        info.text(),
+        f"**Median |measured − predicted| / measured over {len(errors)} strategies: {100 * median:.1f}%** "
+        f"({verdict} the {100 * TARGET_ERROR_FRACTION:.0f}% target). Predicted: E[T] of the strategy the edge used, "
+        f"from the latency model on the profile the edge measured at start-up (edge stages {config.testbed.edge_slowdown:g}x "
+        f"this machine's, measured cloud stages, measured O), at the true link (RTT {config.rtt_ms:g} ms). The "
+        f"edge's own prediction (its current plan: its link estimate, its running O) has a median error of "
+        f"{100 * edge_median:.1f}%. {config.n_images} test images ({source}) per policy and requirement. Two "
+        "passes, each with its own edge: planning with the tail objective at "
+        f"{', '.join(f'{u:g}' for u in config.links_mbps)} Mbit/s (baselines, Edgent, POPEX on its front), and with "
+        f"the mean objective at {', '.join(f'{u:g}' for u in config.mean_links_mbps) or '-'} Mbit/s (Edgent's "
+        "right-sized networks and POPEX's edge strategies with different exit rates).",
+        "",
+        table,
+    ])
+
+
+def _strategy_error(predictor: Predictor, link: Link, objective: str, strategy: str,
+                    group: list[dict[str, Any]]) -> StrategyError:
+    predicted = predictor.strategy(group[0]["split"], group[0]["thresholds"], link=link)
+    measured_ms = float(np.mean([r["latency_ms"] for r in group]))
+    edge_ms = float(np.mean([r["edge_predicted_ms"] for r in group]))
+    return StrategyError(
+        objective=objective, uplink_mbps=link.uplink_mbps, rtt_ms=link.rtt_ms, strategy=strategy,
+        policies=",".join(sorted({r["policy"] for r in group})), n_requests=len(group),
+        measured_mean_latency_ms=measured_ms, predicted_mean_latency_ms=predicted.expected_latency_ms,
+        error_fraction=abs(measured_ms - predicted.expected_latency_ms) / measured_ms,
+        edge_predicted_ms=edge_ms, edge_error_fraction=abs(measured_ms - edge_ms) / measured_ms,
+        offload_share=float(np.mean([r["where"] == "cloud" or r["fallback"] for r in group])),
+        predicted_offload_prob=predicted.offload_prob,
+        fallback_share=float(np.mean([r["fallback"] for r in group])))
+
+
 @dataclass(frozen=True)
 class PredictionErrorConfig:
     """Settings of the experiment; :meth:`quick_config` is the CI version.
@@ -138,82 +214,6 @@ def front_requirements(predictor: Predictor, link: Link, *, n_requirements: int,
         picks = np.array([len(front) - 1])
     latency_ms = table.latency_ms(objective)
     return [float(latency_ms[front[i]] * (1.0 + margin_fraction)) for i in picks]
-
-
-def _plot(errors: list[StrategyError], path: Path, mode: str) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    links = sorted({e.uplink_mbps for e in errors})
-    markers = dict(zip(links, "osD^v"))
-    top = max(max(e.measured_mean_latency_ms, e.predicted_mean_latency_ms) for e in errors) * 1.1
-    ax.plot([0, top], [0, top], "k-", linewidth=0.8, label="measured = predicted")
-    ax.fill_between([0, top], [0, top / 1.1], [0, top / 0.9], color="grey", alpha=0.15, label="±10%")
-    for e in errors:
-        ax.plot(e.predicted_mean_latency_ms, e.measured_mean_latency_ms, markers[e.uplink_mbps],
-                color="tab:blue" if e.offload_share > 0 else "tab:green")
-    for link in links:
-        ax.plot([], [], markers[link], color="grey", label=f"{link:g} Mbit/s")
-    ax.plot([], [], "s", color="tab:blue", label="offloads")
-    ax.plot([], [], "s", color="tab:green", label="edge only")
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, top)
-    ax.set_xlabel("predicted mean latency (ms)")
-    ax.set_ylabel("measured mean latency (ms)")
-    median = float(np.median([e.error_fraction for e in errors]))
-    ax.set_title(f"Per strategy: median error {100 * median:.1f}% (link: {mode})")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _summary(errors: list[StrategyError], info: RunInfo, config: PredictionErrorConfig, png: Path,
-             docs_path: Path, source: str) -> str:
-    median = float(np.median([e.error_fraction for e in errors]))
-    edge_median = float(np.median([e.edge_error_fraction for e in errors]))
-    verdict = "meets" if median <= TARGET_ERROR_FRACTION else "MISSES"
-    table = markdown_table(
-        ["edge objective", "Mbit/s", "strategy", "policies", "n", "measured ms", "predicted ms", "error",
-         "edge's prediction", "offload meas./pred.", "fallback"],
-        [[e.objective, f"{e.uplink_mbps:g}", e.strategy, e.policies, e.n_requests, f"{e.measured_mean_latency_ms:.1f}",
-          f"{e.predicted_mean_latency_ms:.1f}", f"{100 * e.error_fraction:.1f}%",
-          f"{e.edge_predicted_ms:.1f} ({100 * e.edge_error_fraction:.0f}%)",
-          f"{100 * e.offload_share:.0f}% / {100 * e.predicted_offload_prob:.0f}%", f"{100 * e.fallback_share:.0f}%"]
-         for e in errors])
-    return "\n".join([
-        f"![prediction error]({relative(png, docs_path.parent)})",
-        "",
-        info.text(),
-        f"**Median |measured − predicted| / measured over {len(errors)} strategies: {100 * median:.1f}%** "
-        f"({verdict} the {100 * TARGET_ERROR_FRACTION:.0f}% target). Predicted: E[T] of the strategy the edge used, "
-        f"from the latency model on the profile the edge measured at start-up (edge stages {config.testbed.edge_slowdown:g}x "
-        f"this machine's, measured cloud stages, measured O), at the true link (RTT {config.rtt_ms:g} ms). The "
-        f"edge's own prediction (its current plan: its link estimate, its running O) has a median error of "
-        f"{100 * edge_median:.1f}%. {config.n_images} test images ({source}) per policy and requirement. Two "
-        "passes, each with its own edge: planning with the tail objective at "
-        f"{', '.join(f'{u:g}' for u in config.links_mbps)} Mbit/s (baselines, Edgent, POPEX on its front), and with "
-        f"the mean objective at {', '.join(f'{u:g}' for u in config.mean_links_mbps) or '-'} Mbit/s (Edgent's "
-        "right-sized networks and POPEX's edge strategies with different exit rates).",
-        "",
-        table,
-    ])
-
-
-def _strategy_error(predictor: Predictor, link: Link, objective: str, strategy: str,
-                    group: list[dict[str, Any]]) -> StrategyError:
-    predicted = predictor.strategy(group[0]["split"], group[0]["thresholds"], link=link)
-    measured_ms = float(np.mean([r["latency_ms"] for r in group]))
-    edge_ms = float(np.mean([r["edge_predicted_ms"] for r in group]))
-    return StrategyError(
-        objective=objective, uplink_mbps=link.uplink_mbps, rtt_ms=link.rtt_ms, strategy=strategy,
-        policies=",".join(sorted({r["policy"] for r in group})), n_requests=len(group),
-        measured_mean_latency_ms=measured_ms, predicted_mean_latency_ms=predicted.expected_latency_ms,
-        error_fraction=abs(measured_ms - predicted.expected_latency_ms) / measured_ms,
-        edge_predicted_ms=edge_ms, edge_error_fraction=abs(measured_ms - edge_ms) / measured_ms,
-        offload_share=float(np.mean([r["where"] == "cloud" or r["fallback"] for r in group])),
-        predicted_offload_prob=predicted.offload_prob,
-        fallback_share=float(np.mean([r["fallback"] for r in group])))
 
 
 def run_prediction_error(config: PredictionErrorConfig, *, out_root: Path = DEFAULT_OUT_ROOT,

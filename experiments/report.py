@@ -41,6 +41,14 @@ DEFAULT_DOCS_PATH = REPO_ROOT / "docs" / "results.md"
 _DOCS_TITLE = "# POPEX results\n\nOne section per experiment; each is rewritten by its own command.\n"
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return ";".join("off" if v is None else str(v) for v in value)
+    return value
+
+
 @dataclass(frozen=True)
 class LoadSample:
     """The machine's load at one moment (``os.getloadavg``), for the record."""
@@ -53,11 +61,6 @@ class LoadSample:
         """``"load 3.9 on 2 CPUs at 08:12 UTC"``."""
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.time_s))
         return f"load average {self.load_1min:.1f} on {self.n_cpus} CPUs at {stamp}"
-
-
-def load_sample() -> LoadSample:
-    """The 1-minute load average and CPU count now."""
-    return LoadSample(time_s=time.time(), load_1min=float(os.getloadavg()[0]), n_cpus=int(os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,9 @@ class RunInfo:
                 f"CSV and PNG: `results/{self.name}/`.")
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (tuple, list)):
-        return ";".join("off" if v is None else str(v) for v in value)
-    return value
+def load_sample() -> LoadSample:
+    """The 1-minute load average and CPU count now."""
+    return LoadSample(time_s=time.time(), load_1min=float(os.getloadavg()[0]), n_cpus=int(os.cpu_count() or 1))
 
 
 def write_csv(path: Path, rows: Sequence[Any]) -> Path:

@@ -25,9 +25,11 @@ threshold_sweep.png}`` and the ``## threshold-sweep`` section of
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,76 @@ __all__ = ["NAME", "ThresholdSweepConfig", "CalibrationPoint", "MeasuredPoint", 
 NAME = "threshold-sweep"
 _BUDGET_MS = 10_000.0
 _READY_TIMEOUT_S = 120.0
+
+
+@contextlib.contextmanager
+def _edge_runtime(overrides: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
+    """The edge app built in this process, and its runner: the one place this runner reaches into edge_api.
+
+    The config is the checkout's ``configs/edge.yaml`` with ``overrides``,
+    never the caller's environment (``POPEX_EDGE_CONFIG``, ``POPEX_TOKEN``...),
+    like the services the testbed launches.
+    """
+    from edge_api import close_app, create_app, get_node  # the edge runtime, in this process
+    from edge_api.config import load_config
+
+    app = create_app(load_config(overrides, environ={}))
+    try:
+        yield app, get_node(app).runner
+    finally:
+        close_app(app)
+
+
+def _plot(calibration: list[CalibrationPoint], measured: list[MeasuredPoint], path: Path, n_images: int,
+          split: int) -> None:
+    plt = pyplot()
+    fig, (ax_offload, ax_accuracy) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = [p.threshold for p in calibration]
+    ax_offload.plot(x, [100 * p.offload_prob for p in calibration], "-", color="tab:blue", label="calibration")
+    ax_offload.plot([p.threshold for p in measured], [100 * p.offload_share for p in measured], "o",
+                    color="tab:red", label=f"measured ({n_images} test images, services)")
+    ax_accuracy.plot(x, [100 * p.accuracy for p in calibration], "-", color="tab:blue", label="calibration")
+    ax_accuracy.plot([p.threshold for p in measured], [100 * p.accuracy for p in measured], "o", color="tab:red",
+                     label="measured")
+    ax_offload.set_ylabel("offloading probability (%)")
+    ax_accuracy.set_ylabel("accuracy (%)")
+    for ax in (ax_offload, ax_accuracy):
+        ax.set_xlabel("exit threshold θ (every branch)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Threshold sweep at split {split} (both branches active, the rest offloaded)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _summary(calibration: list[CalibrationPoint], measured: list[MeasuredPoint], info: RunInfo, png: Path,
+             docs_path: Path, source: str) -> str:
+    table = markdown_table(
+        ["θ", "offload (calibration)", "offload (measured)", "accuracy (calibration)", "accuracy (measured)",
+         "exits per branch (measured)", "fallbacks"],
+        [[f"{p.threshold:.3f}", f"{100 * p.calibration_offload_prob:.1f}%", f"{100 * p.offload_share:.1f}%",
+          f"{100 * p.calibration_accuracy:.2f}%", f"{100 * p.accuracy:.2f}%",
+          " / ".join(f"{100 * q:.1f}%" for q in p.exit_share_per_branch), f"{100 * p.fallback_share:.1f}%"]
+         for p in measured])
+    gaps = [abs(p.offload_share - p.calibration_offload_prob) for p in measured]
+    first, last = calibration[0], calibration[-1]
+    return "\n".join([
+        f"![threshold sweep]({relative(png, docs_path.parent)})",
+        "",
+        info.text(),
+        f"One threshold on every branch, split {measured[0].split}: a sample exits at the first branch whose "
+        "confidence reaches θ, the rest are offloaded. Calibration: the model's calibration split (what the planner "
+        f"uses). Measured: {measured[0].n_images} Fashion-MNIST test images ({source}) per θ through the edge "
+        "runtime with the strategy forced and the real cloud service answering the offloads.",
+        "",
+        f"From θ = {first.threshold:g} to {last.threshold:g} the predicted offloading probability rises from "
+        f"{100 * first.offload_prob:.1f}% to {100 * last.offload_prob:.1f}% and the accuracy from "
+        f"{100 * first.accuracy:.2f}% to {100 * last.accuracy:.2f}%. Largest |measured − calibration| offloading "
+        f"probability: {100 * max(gaps):.1f} points.",
+        "",
+        table,
+    ])
 
 
 @dataclass(frozen=True)
@@ -112,35 +184,6 @@ class MeasuredPoint:
     mean_latency_ms: float
 
 
-def calibration_points(calibration: Any, *, branch_after_stage: tuple[int, ...], thresholds: np.ndarray,
-                       split: int) -> list[CalibrationPoint]:
-    """Exit and offloading probabilities and accuracy for θ on every branch active at ``split``.
-
-    Examples
-    --------
-    >>> from popex.decision.calibration import Calibration
-    >>> cal = Calibration(confidence=np.array([[0.9, 1.0], [0.2, 1.0]]), predicted=np.array([[0, 0], [0, 1]]),
-    ...     correct=np.array([[True, True], [False, True]]), labels=np.array([0, 1]), temperature=np.ones(2))
-    >>> [p.offload_prob for p in calibration_points(cal, branch_after_stage=(1,), thresholds=np.array([0.5]),
-    ...                                               split=1)]
-    [0.5]
-    """
-    active = [b for b, k in enumerate(branch_after_stage) if k <= split]
-    if not active:
-        raise ConfigError(f"no branch is active at split {split} (branches after stages {branch_after_stage})")
-    grids = [list(thresholds) for _ in branch_after_stage]
-    stats = sweep_exit_stats(calibration, branch_after_stage=branch_after_stage, thresholds=grids)
-    level = stats.levels[len(active)]
-    points = []
-    for threshold in thresholds:
-        match = np.flatnonzero(np.all(level.thresholds[:, active] == threshold, axis=1))
-        row = int(match[0])
-        probs = tuple(float(q) for q in level.exit_probs[row])
-        points.append(CalibrationPoint(threshold=float(threshold), split=split, exit_prob_per_branch=probs,
-                                       offload_prob=float(1.0 - sum(probs)), accuracy=float(level.accuracy[row])))
-    return points
-
-
 class _ForcedPlan:
     """A model plan that answers one strategy, whatever the request asks (see the module doc)."""
 
@@ -189,56 +232,33 @@ class ForcedPlans:
         """Ignored, as :meth:`update_profile`."""
 
 
-def _plot(calibration: list[CalibrationPoint], measured: list[MeasuredPoint], path: Path, n_images: int,
-          split: int) -> None:
-    plt = pyplot()
-    fig, (ax_offload, ax_accuracy) = plt.subplots(1, 2, figsize=(11, 4.2))
-    x = [p.threshold for p in calibration]
-    ax_offload.plot(x, [100 * p.offload_prob for p in calibration], "-", color="tab:blue", label="calibration")
-    ax_offload.plot([p.threshold for p in measured], [100 * p.offload_share for p in measured], "o",
-                    color="tab:red", label=f"measured ({n_images} test images, services)")
-    ax_accuracy.plot(x, [100 * p.accuracy for p in calibration], "-", color="tab:blue", label="calibration")
-    ax_accuracy.plot([p.threshold for p in measured], [100 * p.accuracy for p in measured], "o", color="tab:red",
-                     label="measured")
-    ax_offload.set_ylabel("offloading probability (%)")
-    ax_accuracy.set_ylabel("accuracy (%)")
-    for ax in (ax_offload, ax_accuracy):
-        ax.set_xlabel("exit threshold θ (every branch)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Threshold sweep at split {split} (both branches active, the rest offloaded)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def calibration_points(calibration: Any, *, branch_after_stage: tuple[int, ...], thresholds: np.ndarray,
+                       split: int) -> list[CalibrationPoint]:
+    """Exit and offloading probabilities and accuracy for θ on every branch active at ``split``.
 
-
-def _summary(calibration: list[CalibrationPoint], measured: list[MeasuredPoint], info: RunInfo, png: Path,
-             docs_path: Path, source: str) -> str:
-    table = markdown_table(
-        ["θ", "offload (calibration)", "offload (measured)", "accuracy (calibration)", "accuracy (measured)",
-         "exits per branch (measured)", "fallbacks"],
-        [[f"{p.threshold:.3f}", f"{100 * p.calibration_offload_prob:.1f}%", f"{100 * p.offload_share:.1f}%",
-          f"{100 * p.calibration_accuracy:.2f}%", f"{100 * p.accuracy:.2f}%",
-          " / ".join(f"{100 * q:.1f}%" for q in p.exit_share_per_branch), f"{100 * p.fallback_share:.1f}%"]
-         for p in measured])
-    gaps = [abs(p.offload_share - p.calibration_offload_prob) for p in measured]
-    first, last = calibration[0], calibration[-1]
-    return "\n".join([
-        f"![threshold sweep]({relative(png, docs_path.parent)})",
-        "",
-        info.text(),
-        f"One threshold on every branch, split {measured[0].split}: a sample exits at the first branch whose "
-        "confidence reaches θ, the rest are offloaded. Calibration: the model's calibration split (what the planner "
-        f"uses). Measured: {measured[0].n_images} Fashion-MNIST test images ({source}) per θ through the edge "
-        "runtime with the strategy forced and the real cloud service answering the offloads.",
-        "",
-        f"From θ = {first.threshold:g} to {last.threshold:g} the predicted offloading probability rises from "
-        f"{100 * first.offload_prob:.1f}% to {100 * last.offload_prob:.1f}% and the accuracy from "
-        f"{100 * first.accuracy:.2f}% to {100 * last.accuracy:.2f}%. Largest |measured − calibration| offloading "
-        f"probability: {100 * max(gaps):.1f} points.",
-        "",
-        table,
-    ])
+    Examples
+    --------
+    >>> from popex.decision.calibration import Calibration
+    >>> cal = Calibration(confidence=np.array([[0.9, 1.0], [0.2, 1.0]]), predicted=np.array([[0, 0], [0, 1]]),
+    ...     correct=np.array([[True, True], [False, True]]), labels=np.array([0, 1]), temperature=np.ones(2))
+    >>> [p.offload_prob for p in calibration_points(cal, branch_after_stage=(1,), thresholds=np.array([0.5]),
+    ...                                               split=1)]
+    [0.5]
+    """
+    active = [b for b, k in enumerate(branch_after_stage) if k <= split]
+    if not active:
+        raise ConfigError(f"no branch is active at split {split} (branches after stages {branch_after_stage})")
+    grids = [list(thresholds) for _ in branch_after_stage]
+    stats = sweep_exit_stats(calibration, branch_after_stage=branch_after_stage, thresholds=grids)
+    level = stats.levels[len(active)]
+    points = []
+    for threshold in thresholds:
+        match = np.flatnonzero(np.all(level.thresholds[:, active] == threshold, axis=1))
+        row = int(match[0])
+        probs = tuple(float(q) for q in level.exit_probs[row])
+        points.append(CalibrationPoint(threshold=float(threshold), split=split, exit_prob_per_branch=probs,
+                                       offload_prob=float(1.0 - sum(probs)), accuracy=float(level.accuracy[row])))
+    return points
 
 
 def run_threshold_sweep(config: ThresholdSweepConfig, *, out_root: Path = DEFAULT_OUT_ROOT,
@@ -251,8 +271,6 @@ def run_threshold_sweep(config: ThresholdSweepConfig, *, out_root: Path = DEFAUL
     ServiceError
         If the cloud does not start or the model cannot be prepared.
     """
-    from edge_api import close_app, create_app, get_node  # the edge runtime, in this process
-
     started_s = time.monotonic()
     load_before = load_sample()
     out_dir = Path(out_root) / NAME
@@ -263,11 +281,9 @@ def run_threshold_sweep(config: ThresholdSweepConfig, *, out_root: Path = DEFAUL
     measured: list[MeasuredPoint] = []
     with start_cloud(token=token, state_dir=work_dir / "cloud", log_path=work_dir / "cloud.log") as cloud:
         cloud.wait_ready()
-        app = create_app({"token": token, "cloud_url": cloud.url, "state_dir": str(work_dir / "edge"),
-                          "default_model_dir": str(config.model_dir), "start_background": False,
-                          "profile_n_repeats": 5})
-        try:
-            runner = get_node(app).runner
+        with _edge_runtime({"token": token, "cloud_url": cloud.url, "state_dir": str(work_dir / "edge"),
+                            "default_model_dir": str(config.model_dir), "start_background": False,
+                            "profile_n_repeats": 5}) as (app, runner):
             model_id = runner.default_model_id
             deadline_s = time.monotonic() + _READY_TIMEOUT_S
             while runner.registry.get(model_id).state != "ready":
@@ -317,8 +333,6 @@ def run_threshold_sweep(config: ThresholdSweepConfig, *, out_root: Path = DEFAUL
                     fallback_share=n_fallback / n, accuracy=n_correct / n,
                     calibration_offload_prob=point.offload_prob, calibration_accuracy=point.accuracy,
                     mean_latency_ms=float(np.mean(latency_ms))))
-        finally:
-            close_app(app)
     calibration_csv = write_csv(out_dir / "calibration.csv", curve)
     measured_csv = write_csv(out_dir / "measured.csv", measured)
     png = out_dir / "threshold_sweep.png"

@@ -2,28 +2,34 @@
 
 Every subcommand parses its arguments, calls one popex function and prints;
 a PopexError becomes one line on stderr and exit status 2, never a traceback.
+
+Only the chosen subcommand's options are registered, and only then is its
+module imported: ``popex --help`` lists the subcommands from the table
+below without importing torch, numpy or the experiment runners.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from popex.errors import PopexError, ProfileError
-from popex.data.distort import add_distort_parser
-from experiments.cli import add_experiment_parser
-from popex.nets.expert_recipe import add_train_experts_parser
 
-__all__ = ["main"]
+__all__ = ["OFFLINE_CLOUD_SPEEDUP", "main"]
 
-
-#: Offline planning (``popex profile`` / ``popex plan``) without a cloud profile assumes a cloud this many
-#: times faster than the machine that profiles: a datacentre server against an edge CPU. The edge service
-#: has its own setting (``cloud_speedup`` in configs/edge.yaml, 1.0), used only until it profiles the
-#: real cloud, which it does at once.
-ASSUMED_CLOUD_SPEEDUP = 4.0
+#: How much faster than this machine ``popex profile`` and ``popex plan``
+#: assume the cloud to be while no cloud profile exists: offline planning
+#: pictures a datacentre CPU. The edge service's ``cloud_speedup``
+#: (``configs/edge.yaml``) is a different assumption, its fallback until it
+#: has profiled the real cloud, and has its own default there.
+OFFLINE_CLOUD_SPEEDUP = 4.0
+_CLOUD_SPEEDUP_HELP = ("assumed cloud speed relative to this machine while no cloud profile exists (default "
+                       "%(default)g, an offline planning assumption: a datacentre CPU; the edge service's own "
+                       "fallback is its cloud_speedup setting in configs/edge.yaml)")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -48,7 +54,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     from popex.data.idx import DEFAULT_FASHION_MNIST_ROOT
     from popex.nets.zoo import ZOO
 
-    p = subparsers.add_parser("train", help="train an early-exit network on Fashion-MNIST and write a model dir")
+    p = subparsers.add_parser("train", help=_SUBCOMMANDS["train"].help)
     p.add_argument("--arch", choices=sorted(ZOO), default="b-alexnet")
     p.add_argument("--width", type=float, default=0.5, help="channel multiplier (b-alexnet only)")
     p.add_argument("--out", required=True, help="model directory to write")
@@ -104,7 +110,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     from popex.runtime.profiler import DEFAULT_OFFLOAD_OVERHEAD_MS
 
-    p = subparsers.add_parser("profile", help="measure per-stage/branch time and bytes; write JSON, CSV, PNG")
+    p = subparsers.add_parser("profile", help=_SUBCOMMANDS["profile"].help)
     p.add_argument("--model", required=True, help="model directory (spec.json, weights.safetensors)")
     p.add_argument("--out", help="output directory (default: the model directory)")
     p.add_argument("--repeats", type=int, default=50)
@@ -112,9 +118,7 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads while timing (default 1: batch-1 inference of a small network is fastest "
                         "and steadiest on one thread, as the services run it)")
-    p.add_argument("--cloud-speedup", type=float, default=ASSUMED_CLOUD_SPEEDUP,
-                   help="assumed cloud speed relative to this machine, until the cloud is profiled "
-                        f"(default {ASSUMED_CLOUD_SPEEDUP:g}: a datacentre server against an edge CPU)")
+    p.add_argument("--cloud-speedup", type=float, default=OFFLINE_CLOUD_SPEEDUP, help=_CLOUD_SPEEDUP_HELP)
     p.add_argument("--offload-overhead-ms", type=float, default=DEFAULT_OFFLOAD_OVERHEAD_MS)
     p.set_defaults(run=_cmd_profile)
 
@@ -183,7 +187,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     from popex.runtime.profiler import DEFAULT_OFFLOAD_OVERHEAD_MS
 
-    p = subparsers.add_parser("plan", help="strategy table and decision for a link and a latency requirement")
+    p = subparsers.add_parser("plan", help=_SUBCOMMANDS["plan"].help)
     p.add_argument("--model", required=True, help="model directory (calibration.npz, optional profile.json)")
     p.add_argument("--uplink-mbps", type=float, required=True)
     p.add_argument("--rtt-ms", type=float, required=True)
@@ -191,26 +195,71 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", choices=("mean", "tail"), default="mean")
     p.add_argument("--profile", help="profile.json (default: MODEL/profile.json, else measured here)")
     p.add_argument("--thresholds", help="comma-separated threshold grid for every branch (default 0.50..0.95)")
-    p.add_argument("--cloud-speedup", type=float, default=ASSUMED_CLOUD_SPEEDUP,
-                   help=f"assumed when no profile file exists (default {ASSUMED_CLOUD_SPEEDUP:g})")
+    p.add_argument("--cloud-speedup", type=float, default=OFFLINE_CLOUD_SPEEDUP,
+                   help=_CLOUD_SPEEDUP_HELP.replace("while no cloud profile exists", "when no profile file exists"))
     p.add_argument("--offload-overhead-ms", type=float, default=DEFAULT_OFFLOAD_OVERHEAD_MS,
                    help="used when no profile file exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_cmd_plan)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_profile, _add_plan,
-                                                                    add_distort_parser, add_train_experts_parser,
-                                                                    add_experiment_parser]
+def _build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser, with ``command``'s options registered (its module imported) and the others as names only."""
+    parser = argparse.ArgumentParser(prog="popex", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, entry in _SUBCOMMANDS.items():
+        if name == command:
+            entry.registrar()(subparsers)
+        else:
+            subparsers.add_parser(name, help=entry.help, add_help=False)
+    return parser
+
+
+@dataclass(frozen=True)
+class _Subcommand:
+    """One subcommand: its one-line help, and what registers its options (a function, or "module:function")."""
+
+    help: str
+    register: Callable[[argparse._SubParsersAction], object] | str
+
+    def registrar(self) -> Callable[[argparse._SubParsersAction], object]:
+        """The registering function, importing its module now."""
+        if callable(self.register):
+            return self.register
+        module, function = self.register.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+# The help of a subcommand registered elsewhere must be the same as there (tests/test_cli.py checks).
+_SUBCOMMANDS: dict[str, _Subcommand] = {
+    "train": _Subcommand("train an early-exit network on Fashion-MNIST and write a model dir", _add_train),
+    "profile": _Subcommand("measure per-stage/branch time and bytes; write JSON, CSV, PNG", _add_profile),
+    "plan": _Subcommand("strategy table and decision for a link and a latency requirement", _add_plan),
+    "distort": _Subcommand("write a blurred or noisy copy of an IDX or ImageFolder dataset",
+                           "popex.data.distort:add_distort_parser"),
+    "train-experts": _Subcommand("add blur/noise expert heads and a distortion classifier to a trained model",
+                                 "popex.nets.expert_recipe:add_train_experts_parser"),
+    "experiment": _Subcommand("run one experiment: CSV + PNG in results/, a section of docs/results.md",
+                              "experiments.cli:add_experiment_parser"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``popex``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="popex", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in _SUBCOMMANDS:
-        add(subparsers)
-    args = parser.parse_args(argv)
+    """Entry point of ``popex``.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0, 2 on a PopexError (one line on stderr), 130 on Ctrl-C.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in _SUBCOMMANDS else None
+    args = _build_parser(command).parse_args(argv)
     try:
         return args.run(args)
     except PopexError as err:

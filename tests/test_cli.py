@@ -1,7 +1,9 @@
-"""The `popex` command as a user runs it: real processes, real files."""
+"""The `popex` command as a user runs it: real processes, real files; and its parser, in process."""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
 import pickle
 import subprocess
@@ -12,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from popex import cli
 from popex.decision import load_calibration, save_calibration
 from popex.nets import EarlyExitNet, save_model, zoo_spec
 from popex.nets.train import calibrate
-
-pytestmark = pytest.mark.slow  # real processes; the fast lane is -m "not slow"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,7 @@ def model_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.mark.slow
 def test_profile_writes_json_csv_png(model_dir: Path) -> None:
     result = _popex("profile", "--model", str(model_dir), "--repeats", "5", "--warmup", "1")
     assert result.returncode == 0, result.stderr
@@ -52,6 +54,7 @@ def test_profile_writes_json_csv_png(model_dir: Path) -> None:
     assert len((model_dir / "profile.csv").read_text().splitlines()) == 1 + 1 + 3 + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mean", "tail"])
 def test_plan_json_contract(model_dir: Path, objective: str) -> None:
     if not (model_dir / "profile.json").exists():
@@ -90,6 +93,7 @@ def test_plan_json_contract(model_dir: Path, objective: str) -> None:
     assert all_off["accuracy"] == pytest.approx(calibration.correct[:, -1].mean())
 
 
+@pytest.mark.slow
 def test_plan_readable_output_and_infeasible_requirement(model_dir: Path) -> None:
     result = _popex("plan", "--model", str(model_dir), "--uplink-mbps", "1.1", "--rtt-ms", "100",
                     "--deadline-ms", "0.001")
@@ -98,6 +102,7 @@ def test_plan_readable_output_and_infeasible_requirement(model_dir: Path) -> Non
     assert "CANNOT meet" in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_with_one_line_and_no_traceback(model_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -120,3 +125,59 @@ def test_bad_inputs_fail_with_one_line_and_no_traceback(model_dir: Path, tmp_pat
     result = _popex("plan", "--model", str(tmp_path / "missing"), "--uplink-mbps", "1", "--rtt-ms", "1",
                     "--deadline-ms", "10", "--profile", str(model_dir / "profile.json"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_help_lists_every_subcommand_without_importing_its_module(monkeypatch, capsys):
+    def no_import(self):
+        raise AssertionError(f"{self.register} was imported to print the top-level help")
+
+    monkeypatch.setattr(cli._Subcommand, "registrar", no_import)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for name, entry in cli._SUBCOMMANDS.items():
+        assert name in out
+    assert "train-experts" in out and "experiment" in out
+
+
+def test_the_cli_module_imports_nothing_heavy_at_the_top():
+    """What ``popex --help`` imports: the standard library and popex.errors only (no torch, numpy, experiments)."""
+    allowed = {"__future__", "argparse", "importlib", "os", "sys", "collections.abc", "dataclasses", "popex.errors"}
+    for path in (Path(cli.__file__), ROOT / "popex" / "errors.py"):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                names = {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names = {node.module}
+            else:
+                continue
+            assert names <= allowed, f"{path.name} imports {names - allowed} at module level"
+
+
+@pytest.mark.parametrize("name", sorted(cli._SUBCOMMANDS))
+def test_a_subcommand_registers_under_its_name_with_the_tables_help(name):
+    parser = cli._build_parser(name)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {action.dest: action.help for action in subparsers._choices_actions}
+    assert helps[name] == cli._SUBCOMMANDS[name].help
+    registered = subparsers.choices[name]
+    assert registered.add_help and len(registered._actions) > 1  # the real parser, not the name-only stand-in
+
+
+def test_the_offline_cloud_speedup_is_the_one_default_of_both_subcommands():
+    for name in ("profile", "plan"):
+        parser = cli._build_parser(name)
+        args = parser.parse_args([name, "--model", "m", *(["--uplink-mbps", "1", "--rtt-ms", "1", "--deadline-ms",
+                                                            "1"] if name == "plan" else [])])
+        assert args.cloud_speedup == cli.OFFLINE_CLOUD_SPEEDUP
+
+
+@pytest.mark.slow
+def test_top_level_help_does_not_import_torch():
+    code = ("import sys\nfrom popex.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'experiments') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

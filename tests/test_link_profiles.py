@@ -7,7 +7,7 @@ import math
 import pytest
 
 from popex.errors import ConfigError
-from popex.link.profiles import LinkProfile, load_link_profiles, main
+from popex.link.profiles import LinkProfile, find_link_profile, load_link_profiles, main
 
 EXPECTED = {
     "sao-paulo": (93.6, 10.0),
@@ -69,6 +69,17 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_link_profiles(path)
     assert "links.yaml" in str(info.value)
+
+
+def test_profiles_are_read_only_and_looked_up_by_name():
+    profiles = load_link_profiles()
+    with pytest.raises(TypeError):
+        profiles["lte"] = LinkProfile("lte", 1.0, 1.0)  # type: ignore[index]
+    assert list(profiles) == list(EXPECTED)  # file order
+    assert find_link_profile(profiles, "wifi") is profiles["wifi"]
+    for name in ("no-such", None, ["lte"]):
+        with pytest.raises(ConfigError, match="unknown link profile.*known: sao-paulo"):
+            find_link_profile(profiles, name)
 
 
 def test_missing_file(tmp_path):

@@ -25,9 +25,9 @@ import pytest
 from popex.errors import ConfigError
 from popex.testbed.netns import EMULATED_RATE_MBPS, HarnessUnavailable, cleanup_stale_namespaces, shaped_link, \
     wait_until_listening
-from popex.testbed.services import service_environment
+from popex.testbed.services import service_environ
 
-pytestmark = pytest.mark.slow  # real processes; the fast lane is -m "not slow"
+pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RATE_TOLERANCE_FRACTION = 0.15
@@ -211,7 +211,9 @@ def test_edge_status_reports_the_shaped_uplink(tmp_path):
     config_path = tmp_path / "edge.yaml"
     config_path.write_text(f"probe_interval_s: 0.5\nprobe_n_bytes: {PROBE_N_BYTES}\n"
                            f"default_model_dir: {tmp_path / 'no-model'}\n")
-    env = service_environment({"POPEX_TOKEN": TOKEN, "POPEX_EDGE_CONFIG": str(config_path)})
+    # Only what this test sets: a developer's POPEX_* settings must not reach the services.
+    env = service_environ({"POPEX_TOKEN": TOKEN, "POPEX_EDGE_CONFIG": str(config_path),
+                           "POPEX_CLOUD_CONFIG": str(REPO_ROOT / "configs" / "cloud.yaml")})
     deadline_s = time.monotonic() + 80
     with _Skipping(uplink_mbps=uplink_mbps, rtt_ms=rtt_ms) as link, \
             open(tmp_path / "cloud.log", "wb") as cloud_log, open(tmp_path / "edge.log", "wb") as edge_log:

@@ -6,6 +6,11 @@ checked here once, so that every consumer (the shaping helpers, the shell
 script docker/apply_link.sh through ``python -m popex.link.profiles``)
 can trust them.
 
+A service reads the file once, when it is built, and passes the read-only
+mapping :func:`load_link_profiles` returns down to whatever needs a profile
+(:func:`find_link_profile` looks one up by a name from a request); nothing
+below the factory opens the file per request.
+
 Run as a module it prints one profile for shell scripts::
 
     python -m popex.link.profiles wifi        # -> "18.8 10"
@@ -18,9 +23,10 @@ import argparse
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -33,6 +39,8 @@ __all__ = [
     "MAX_UPLINK_MBPS",
     "MAX_RTT_MS",
     "LinkProfile",
+    "LinkProfiles",
+    "find_link_profile",
     "load_link_profiles",
     "format_number",
     "main",
@@ -148,8 +156,42 @@ def format_number(value: float) -> str:
     return text or "0"
 
 
-def load_link_profiles(path: str | Path = DEFAULT_LINKS_PATH) -> dict[str, LinkProfile]:
-    """Read and check every link profile of a YAML file.
+#: Profiles by name, in file order, read-only (what :func:`load_link_profiles` returns).
+LinkProfiles = Mapping[str, LinkProfile]
+
+
+def find_link_profile(profiles: LinkProfiles, name: object) -> LinkProfile:
+    """The profile called ``name``.
+
+    Parameters
+    ----------
+    profiles : mapping of str to LinkProfile
+        As read once by :func:`load_link_profiles`.
+    name : object
+        A profile name, as it arrived (from a request, a command line).
+
+    Returns
+    -------
+    LinkProfile
+
+    Raises
+    ------
+    ConfigError
+        If ``name`` is not a string or not a known profile; the message lists
+        the known ones.
+
+    Examples
+    --------
+    >>> find_link_profile(load_link_profiles(), "lte").uplink_mbps
+    5.85
+    """
+    if not isinstance(name, str) or name not in profiles:
+        raise ConfigError(f"unknown link profile {name!r}; known: {', '.join(profiles)}")
+    return profiles[name]
+
+
+def load_link_profiles(path: str | Path = DEFAULT_LINKS_PATH) -> LinkProfiles:
+    """Read and check every link profile of a YAML file, once (a service does it when it is built).
 
     Parameters
     ----------
@@ -159,8 +201,9 @@ def load_link_profiles(path: str | Path = DEFAULT_LINKS_PATH) -> dict[str, LinkP
 
     Returns
     -------
-    dict of str to LinkProfile
-        In file order.
+    mapping of str to LinkProfile
+        In file order, read-only (a ``types.MappingProxyType``): the services
+        share one and nothing can change a profile behind their back.
 
     Raises
     ------
@@ -182,11 +225,23 @@ def load_link_profiles(path: str | Path = DEFAULT_LINKS_PATH) -> dict[str, LinkP
     unknown = sorted(map(str, set(data) - {"profiles"}))
     if unknown:
         raise ConfigError(f"link profiles file {str(path)!r}: unknown top-level keys {unknown}")
-    return {str(name): _profile_from_entry(path, name, entry) for name, entry in data["profiles"].items()}
+    return MappingProxyType({str(name): _profile_from_entry(path, name, entry)
+                             for name, entry in data["profiles"].items()})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print one profile as ``UPLINK_MBPS RTT_MS`` (or all with ``--list``); exit 2 on a ConfigError."""
+    """Print one profile as ``UPLINK_MBPS RTT_MS`` (or all with ``--list``) for shell scripts.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 2 on a ConfigError (printed to stderr).
+    """
     parser = argparse.ArgumentParser(prog="python -m popex.link.profiles",
                                      description="Print a link profile for shell scripts.")
     parser.add_argument("name", nargs="?", help="profile name (see --list)")
@@ -201,9 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.name is None:
             parser.error("give a profile name or --list")
-        if args.name not in profiles:
-            raise ConfigError(f"unknown link profile {args.name!r}; known: {', '.join(profiles)}")
-        profile = profiles[args.name]
+        profile = find_link_profile(profiles, args.name)
         print(format_number(profile.uplink_mbps), format_number(profile.rtt_ms))
         return 0
     except ConfigError as err:

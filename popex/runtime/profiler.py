@@ -1,4 +1,4 @@
-"""The Background profiler: per-stage and per-branch time, bytes at each split.
+"""The profiler: per-stage and per-branch time, bytes at each split.
 
 Every stage is timed on its real input (the output of the previous stage
 for one image), after a warm-up, under ``torch.inference_mode``, with the
@@ -38,7 +38,9 @@ __all__ = [
     "DEFAULT_OFFLOAD_OVERHEAD_MS",
 ]
 
-DEFAULT_OFFLOAD_OVERHEAD_MS = 2.0  # until the transport measures it (DESIGN.md §3)
+# O (DESIGN.md §3) that `popex profile` and `popex plan` assume without a measurement; the edge
+# service starts from its own initial_offload_overhead_ms and then measures O.
+DEFAULT_OFFLOAD_OVERHEAD_MS = 2.0
 
 
 @contextmanager
@@ -177,8 +179,8 @@ def build_profile(
     *,
     branch_after_stage: Sequence[int],
     cloud_stage_ms: Sequence[float] | None = None,
-    offload_overhead_ms: float = DEFAULT_OFFLOAD_OVERHEAD_MS,
-    cloud_speedup: float = 1.0,
+    offload_overhead_ms: float,
+    cloud_speedup: float,
     payload_overhead_bytes: int = 0,
     edge_fixed_ms: float = 0.0,
     wire_ratio: float = 1.0,
@@ -197,7 +199,9 @@ def build_profile(
     offload_overhead_ms : float
         O of DESIGN.md §3: serialisation, HTTP and deserialisation per offload.
     cloud_speedup : float
-        Used only without ``cloud_stage_ms``.
+        Used only without ``cloud_stage_ms``. No default here: the edge
+        service and the offline ``popex`` commands assume different values,
+        each from its own one place.
     payload_overhead_bytes : int
         Added to every split's bytes (the wire format's header).
     edge_fixed_ms : float

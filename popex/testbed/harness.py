@@ -64,19 +64,6 @@ _MIN_RTT_SAMPLES = 5
 _RTT_WINDOW_TIMEOUT_S = 30.0
 
 
-def strategy_text(split: int, thresholds: Any) -> str:
-    """``"s=2 θ=[0.80,off]"``: one strategy as text (CSV key and plot label).
-
-    Examples
-    --------
-    >>> strategy_text(2, [0.8, None])
-    's=2 θ=[0.80,off]'
-    """
-    shown = ",".join("off" if t is None or (isinstance(t, float) and np.isnan(t)) else f"{t:.2f}"
-                     for t in thresholds)
-    return f"s={int(split)} θ=[{shown}]"
-
-
 @dataclass(frozen=True)
 class TestbedConfig:
     """What the testbed starts.
@@ -145,24 +132,6 @@ class ImageSet:
     def head(self, n_images: int) -> ImageSet:
         """The first ``n_images`` images (warm-ups)."""
         return ImageSet(images_png=self.images_png[:n_images], labels=self.labels[:n_images], source=self.source)
-
-
-def load_images(n_images: int, *, seed: int = 0) -> ImageSet:
-    """``n_images`` Fashion-MNIST test images, drawn without replacement with ``seed``, as PNG bytes.
-
-    Raises
-    ------
-    ConfigError
-        If ``n_images`` < 1.
-    """
-    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
-        raise ConfigError(f"n_images must be an int >= 1, got {n_images!r}")
-    test = default_test_set()
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(test.dataset), size=min(n_images, len(test.dataset)), replace=False)
-    source = "full test split" if test.source == "debian" else "shipped 1,000-image test subset"
-    return ImageSet(images_png=[encode_png(test.dataset.images[i]) for i in chosen],
-                    labels=np.asarray(test.dataset.labels[chosen]), source=source)
 
 
 class Testbed:
@@ -435,4 +404,35 @@ class Testbed:
                 records.append(self.classify(session, images.images_png[index], int(images.labels[index]),
                                              policy=policy, deadline_ms=deadline_ms))
         return records
+
+
+def strategy_text(split: int, thresholds: Any) -> str:
+    """``"s=2 θ=[0.80,off]"``: one strategy as text (CSV key and plot label).
+
+    Examples
+    --------
+    >>> strategy_text(2, [0.8, None])
+    's=2 θ=[0.80,off]'
+    """
+    shown = ",".join("off" if t is None or (isinstance(t, float) and np.isnan(t)) else f"{t:.2f}"
+                     for t in thresholds)
+    return f"s={int(split)} θ=[{shown}]"
+
+
+def load_images(n_images: int, *, seed: int = 0) -> ImageSet:
+    """``n_images`` Fashion-MNIST test images, drawn without replacement with ``seed``, as PNG bytes.
+
+    Raises
+    ------
+    ConfigError
+        If ``n_images`` < 1.
+    """
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
+        raise ConfigError(f"n_images must be an int >= 1, got {n_images!r}")
+    test = default_test_set()
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(test.dataset), size=min(n_images, len(test.dataset)), replace=False)
+    source = "full test split" if test.source == "debian" else "shipped 1,000-image test subset"
+    return ImageSet(images_png=[encode_png(test.dataset.images[i]) for i in chosen],
+                    labels=np.asarray(test.dataset.labels[chosen]), source=source)
 

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from popex.errors import ConfigError, PopexError
 from popex.link.emulation import EMULATED_RATE_MBPS
-from popex.link.profiles import DEFAULT_LINKS_PATH, format_number, load_link_profiles
+from popex.link.profiles import DEFAULT_LINKS_PATH, find_link_profile, format_number, load_link_profiles
 from popex.link.shaping import Shaping, ShapingError, apply_shaping, netem_available, tbf_burst_bytes, \
     tc_commands
 
@@ -396,10 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.profile is not None:
-            profiles = load_link_profiles(DEFAULT_LINKS_PATH)
-            if args.profile not in profiles:
-                raise ConfigError(f"unknown link profile {args.profile!r}; known: {', '.join(profiles)}")
-            uplink_mbps, rtt_ms = profiles[args.profile].uplink_mbps, profiles[args.profile].rtt_ms
+            profile = find_link_profile(load_link_profiles(DEFAULT_LINKS_PATH), args.profile)
+            uplink_mbps, rtt_ms = profile.uplink_mbps, profile.rtt_ms
         elif args.uplink_mbps is not None:
             uplink_mbps, rtt_ms = args.uplink_mbps, args.rtt_ms
         else:

@@ -4,11 +4,20 @@ The demo, the experiments and the integration tests all run the services
 exactly as a user does, through ``run_cloud.sh`` and ``run_edge.sh``
 (gunicorn), so what they measure is what gets deployed. Every wait here is
 bounded, and ``stop()`` kills the whole process group.
+
+A launched service sees only the configuration the testbed gives it: every
+``POPEX_*`` variable of the caller's environment (a developer's
+``POPEX_EDGE_CONFIG``, ``POPEX_TOKEN``, ``POPEX_EMULATE_LINK``...) is
+dropped, and each service gets its own YAML file, written next to its log
+from the checkout's ``configs/edge.yaml`` or ``configs/cloud.yaml`` and the
+caller's overrides, so that what a test or an experiment measures does not
+depend on who runs it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,21 +29,38 @@ from typing import Any, Mapping, Sequence
 import requests
 import yaml
 
-__all__ = ["REPO_ROOT", "ServiceProcess", "ServiceError", "free_port", "service_environment", "start_cloud", "start_edge"]
+from popex.errors import ConfigError
+
+__all__ = [
+    "REPO_ROOT",
+    "ServiceProcess",
+    "ServiceError",
+    "free_port",
+    "service_environ",
+    "start_cloud",
+    "start_edge",
+    "write_service_config",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_SETUP_VARIABLES = ("POPEX_PIP_ARGS", "POPEX_NO_APT")  # how to install, not how to run: passed on
+_EDGE_DEFAULTS = REPO_ROOT / "configs" / "edge.yaml"
+_DOCUMENTED_KEY = re.compile(r"^#? ?([a-z_][a-z0-9_]*):(?: |$)", re.MULTILINE)
+_CLOUD_DEFAULTS = REPO_ROOT / "configs" / "cloud.yaml"
+# Every variable that configures a POPEX service starts with this.
+_ENV_PREFIX = "POPEX_"
+
+
+def _start(name: str, argv: Sequence[str], env: Mapping[str, str], url: str, log_path: Path,
+           prefix: Sequence[str] = ()) -> ServiceProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")
+    process = subprocess.Popen([*prefix, *argv], cwd=REPO_ROOT, env=service_environ(env), stdout=log,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return ServiceProcess(name=name, url=url, process=process, log_path=log_path, _log=log)
 
 
 class ServiceError(RuntimeError):
     """A service did not start, or died; the message ends with its log's tail."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -89,38 +115,123 @@ class ServiceProcess:
         self.stop()
 
 
-def service_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """The caller's environment less its POPEX_* settings, plus ``env``.
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``.
 
-    A developer's ``POPEX_EDGE_CONFIG``, ``POPEX_CLOUD_URL``, ... must not
-    reach a service the harness starts: its settings are exactly what the
-    harness passes. The set-up switches (``POPEX_PIP_ARGS``, ``POPEX_NO_APT``)
-    stay, since they only say how to install.
+    Parameters
+    ----------
+    host : str
+        The address to bind.
+
+    Returns
+    -------
+    int
     """
-    kept = {key: value for key, value in os.environ.items()
-            if not key.startswith("POPEX_") or key in _SETUP_VARIABLES}
-    return {**kept, **env}
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
-def _start(name: str, argv: Sequence[str], env: Mapping[str, str], url: str, log_path: Path,
-           prefix: Sequence[str] = ()) -> ServiceProcess:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")
-    process = subprocess.Popen([*prefix, *argv], cwd=REPO_ROOT, env=service_environment(env), stdout=log,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    return ServiceProcess(name=name, url=url, process=process, log_path=log_path, _log=log)
+def service_environ(env: Mapping[str, str], *, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a launched service: ``base`` without any ``POPEX_*`` variable, then ``env``.
+
+    Parameters
+    ----------
+    env : mapping of str to str
+        What the testbed sets (``POPEX_TOKEN``, ``POPEX_EDGE_CONFIG``...).
+    base : mapping of str to str, optional
+        The inherited environment (default ``os.environ``): ``PATH``,
+        ``HOME`` and the like pass, a developer's POPEX settings do not.
+
+    Returns
+    -------
+    dict of str to str
+
+    Examples
+    --------
+    >>> service_environ({"POPEX_TOKEN": "t"}, base={"PATH": "/bin", "POPEX_EDGE_CONFIG": "/mine.yaml"})
+    {'PATH': '/bin', 'POPEX_TOKEN': 't'}
+    """
+    base = os.environ if base is None else base
+    return {**{key: value for key, value in base.items() if not key.startswith(_ENV_PREFIX)}, **env}
+
+
+def write_service_config(defaults_path: Path, overrides: Mapping[str, Any] | None, path: Path) -> Path:
+    """Write a service's whole config to ``path``: the YAML at ``defaults_path`` with ``overrides`` on top.
+
+    Parameters
+    ----------
+    defaults_path : Path
+        The checkout's ``configs/edge.yaml`` or ``configs/cloud.yaml``.
+    overrides : mapping, optional
+        Keys of that file to change.
+    path : Path
+        Where to write (its folder is created).
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    ConfigError
+        If an override names a key the defaults file neither sets nor documents.
+    """
+    text = defaults_path.read_text()
+    values = yaml.safe_load(text) or {}
+    # configs/*.yaml document every key as "# key: default" (the defaults live in the dataclass)
+    known = set(values) | set(_DOCUMENTED_KEY.findall(text))
+    unknown = set(overrides or {}) - known
+    if unknown:
+        raise ConfigError(f"unknown {defaults_path.stem} config keys {sorted(unknown)}")
+    values.update(overrides or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values))
+    return path
 
 
 def start_cloud(*, token: str, state_dir: Path, log_path: Path, host: str = "127.0.0.1", port: int | None = None,
-                n_threads: int = 4, prefix: Sequence[str] = ()) -> ServiceProcess:
-    """Start ``run_cloud.sh``; call ``wait_ready()`` before use.
+                n_threads: int = 4, prefix: Sequence[str] = (), config: Mapping[str, Any] | None = None,
+                ) -> ServiceProcess:
+    """Start ``run_cloud.sh`` with ``configs/cloud.yaml`` overlaid by ``config``; call ``wait_ready()``.
 
-    ``prefix`` runs it under another command (``ip netns exec NAME``).
+    The config is written next to the log as YAML and passed as
+    ``POPEX_CLOUD_CONFIG``; no other POPEX setting of the caller passes.
+
+    Parameters
+    ----------
+    token : str
+        The shared secret (``POPEX_TOKEN``).
+    state_dir, log_path : Path
+        The cloud's state folder and its log file.
+    host : str
+        The address to listen on.
+    port : int, optional
+        Default: a free one.
+    n_threads : int
+        gunicorn request threads.
+    prefix : sequence of str
+        Runs it under another command (``ip netns exec NAME``).
+    config : mapping, optional
+        Keys of ``configs/cloud.yaml`` to change.
+
+    Returns
+    -------
+    ServiceProcess
+        Started, not yet ready.
+
+    Raises
+    ------
+    ConfigError
+        On an unknown config key.
     """
     port = free_port(host if not prefix else "127.0.0.1") if port is None else port
+    config_path = write_service_config(_CLOUD_DEFAULTS, config, log_path.with_suffix(".yaml"))
     argv = [str(REPO_ROOT / "run_cloud.sh"), "--host", host, "--port", str(port), "--state-dir", str(state_dir),
             "--threads", str(n_threads)]
-    return _start("cloud", argv, {"POPEX_TOKEN": token}, f"http://{host}:{port}", log_path, prefix)
+    env = {"POPEX_TOKEN": token, "POPEX_CLOUD_CONFIG": str(config_path)}
+    return _start("cloud", argv, env, f"http://{host}:{port}", log_path, prefix)
 
 
 def start_edge(*, token: str, cloud_url: str, state_dir: Path, log_path: Path, host: str = "127.0.0.1",
@@ -128,14 +239,43 @@ def start_edge(*, token: str, cloud_url: str, state_dir: Path, log_path: Path, h
                config: Mapping[str, Any] | None = None, n_threads: int = 4) -> ServiceProcess:
     """Start ``run_edge.sh`` with ``configs/edge.yaml`` overlaid by ``config``; call ``wait_ready()``.
 
-    The overlay is written next to the log as YAML and passed as
-    ``POPEX_EDGE_CONFIG``, the same way a user points the edge at their own file.
+    The config is written next to the log as YAML and passed as
+    ``POPEX_EDGE_CONFIG``, the same way a user points the edge at their own
+    file; no other POPEX setting of the caller passes.
+
+    Parameters
+    ----------
+    token : str
+        The shared secret (``POPEX_TOKEN``).
+    cloud_url : str
+        The cloud's base URL.
+    state_dir, log_path : Path
+        The edge's state folder and its log file.
+    host : str
+        The address to listen on.
+    port : int, optional
+        Default: a free one.
+    emulate_link : str, optional
+        ``"RATE_MBPS,RTT_MS"``: emulate that uplink in the edge's cloud client.
+    edge_slowdown : float
+        Emulate an edge device this many times slower than this machine.
+    config : mapping, optional
+        Keys of ``configs/edge.yaml`` to change.
+    n_threads : int
+        gunicorn request threads.
+
+    Returns
+    -------
+    ServiceProcess
+        Started, not yet ready.
+
+    Raises
+    ------
+    ConfigError
+        On an unknown config key.
     """
     port = free_port(host) if port is None else port
-    values = dict(config or {})  # configs/edge.yaml sets no key (defaults live in EdgeConfig); the edge checks these
-    config_path = log_path.with_suffix(".yaml")
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(values))
+    config_path = write_service_config(_EDGE_DEFAULTS, config, log_path.with_suffix(".yaml"))
     argv = [str(REPO_ROOT / "run_edge.sh"), "--host", host, "--port", str(port), "--cloud-url", cloud_url,
             "--state-dir", str(state_dir), "--threads", str(n_threads),
             "--emulate-edge-slowdown", f"{edge_slowdown:g}"]
