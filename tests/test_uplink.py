@@ -11,7 +11,7 @@ from popex.edge.uplink import UplinkMonitor, uplink_mbps_from_timing
 from popex.edge.uplink_history import UplinkHistory
 from popex.decision.latency import Link
 from popex.errors import ConfigError
-from popex.edge.cloud_port import CloudUnavailable, ProbeResult
+from popex.edge.fake_cloud import FakeCloud
 from popex.link.emulation import LinkEmulator
 
 HTTP_OVERHEAD_MS = 0.5
@@ -30,26 +30,15 @@ class FakeClock:
         self.now_s += max(0.0, seconds)
 
 
-class FakeLinkClient:
-    """Answers probes as if they crossed a link of ``uplink_mbps`` / ``rtt_ms`` (no real waiting)."""
-
-    def __init__(self, uplink_mbps=8.0, rtt_ms=20.0, *, emulated=False):
-        self.uplink_mbps, self.rtt_ms = uplink_mbps, rtt_ms
-        self.clock = FakeClock()
-        self.link = LinkEmulator(uplink_mbps, rtt_ms, clock_s=self.clock.time, sleep_s=self.clock.sleep) \
-            if emulated else None
-        self.n_probes = 0
-        self.fail = False
-
-    def probe(self, n_bytes, *, timeout_s):
-        self.n_probes += 1
-        if self.fail:
-            raise CloudUnavailable("cloud is down")
-        if self.link is not None:
-            link_ms = self.link.transmit(n_bytes)
-        else:
-            link_ms = self.rtt_ms + 8.0 * n_bytes / (1000.0 * self.uplink_mbps)
-        return ProbeResult(n_bytes=n_bytes, round_trip_ms=link_ms + HTTP_OVERHEAD_MS, server_ms=0.1)
+def _link_cloud(uplink_mbps=8.0, rtt_ms=20.0, *, emulated=False):
+    """A FakeCloud whose probes cross a link of ``uplink_mbps`` / ``rtt_ms`` (emulated on a FakeClock, or computed)."""
+    if not emulated:
+        return FakeCloud(uplink=Link(uplink_mbps=uplink_mbps, rtt_ms=rtt_ms), probe_overhead_ms=HTTP_OVERHEAD_MS)
+    clock = FakeClock()
+    cloud = FakeCloud(link=LinkEmulator(uplink_mbps, rtt_ms, clock_s=clock.time, sleep_s=clock.sleep),
+                      probe_overhead_ms=HTTP_OVERHEAD_MS)
+    cloud.clock = clock
+    return cloud
 
 
 def _monitor(client, tmp_path=None, **options):
@@ -80,7 +69,7 @@ def test_rate_formula():
 
 
 def test_probe_and_rtt_give_the_link_rate(tmp_path):
-    client = FakeLinkClient(uplink_mbps=8.0, rtt_ms=20.0)
+    client = _link_cloud(uplink_mbps=8.0, rtt_ms=20.0)
     monitor = _monitor(client, tmp_path)
     estimate = monitor.measure_once()
     assert estimate.rtt_ms == pytest.approx(20.0 + HTTP_OVERHEAD_MS)
@@ -91,7 +80,7 @@ def test_probe_and_rtt_give_the_link_rate(tmp_path):
 
 
 def test_probes_through_an_emulated_link_see_the_emulated_rate(tmp_path):
-    client = FakeLinkClient(uplink_mbps=5.85, rtt_ms=50.0, emulated=True)
+    client = _link_cloud(uplink_mbps=5.85, rtt_ms=50.0, emulated=True)
     monitor = _monitor(client, tmp_path, rtt_method="auto")
     assert monitor.rtt_source == "http" and "emulated" in monitor.rtt_note
     for _ in range(3):
@@ -102,7 +91,7 @@ def test_probes_through_an_emulated_link_see_the_emulated_rate(tmp_path):
 
 
 def test_the_estimate_is_the_median_of_the_window(tmp_path):
-    monitor = _monitor(FakeLinkClient(), tmp_path, window_n=3, hysteresis_fraction=9.0)
+    monitor = _monitor(_link_cloud(), tmp_path, window_n=3, hysteresis_fraction=9.0)
     rtt_ms = monitor.estimate().rtt_ms
     for uplink_mbps in (10.0, 50.0, 20.0, 30.0):
         n_bytes = 100_000
@@ -112,7 +101,7 @@ def test_the_estimate_is_the_median_of_the_window(tmp_path):
 
 
 def test_passive_samples_below_timer_noise_are_ignored():
-    monitor = _monitor(FakeLinkClient())
+    monitor = _monitor(_link_cloud())
     rtt_ms = monitor.estimate().rtt_ms
     assert monitor.add_passive_sample(1000, rtt_ms + 0.2) is None
     assert monitor.add_passive_sample(1000, float("nan")) is None
@@ -121,7 +110,7 @@ def test_passive_samples_below_timer_noise_are_ignored():
 
 def test_a_change_beyond_the_band_replans_once(tmp_path):
     links = []
-    monitor = _monitor(FakeLinkClient(uplink_mbps=8.0, rtt_ms=20.0), tmp_path, window_n=1,
+    monitor = _monitor(_link_cloud(uplink_mbps=8.0, rtt_ms=20.0), tmp_path, window_n=1,
                        hysteresis_fraction=0.2, on_change=links.append)
     monitor.measure_once()  # the RTT sample re-plans (1 -> 20.5 ms), then the probe (100 -> 8 Mbit/s)
     assert [link.uplink_mbps for link in links] == [100.0, pytest.approx(8.0)]
@@ -138,13 +127,13 @@ def test_a_failing_replan_keeps_the_monitor_alive():
     def explode(link):
         raise RuntimeError("planner broke")
 
-    monitor = _monitor(FakeLinkClient(), on_change=explode)
+    monitor = _monitor(_link_cloud(), on_change=explode)
     monitor.measure_once()
     assert monitor.n_replans == 2 and monitor.estimate().n_samples == 1
 
 
 def test_history_is_appended_to_csv_and_kept_in_memory(tmp_path):
-    monitor = _monitor(FakeLinkClient(), tmp_path)
+    monitor = _monitor(_link_cloud(), tmp_path)
     monitor.measure_once()
     monitor.measure_once()
     with open(tmp_path / "uplink.csv", newline="") as handle:
@@ -158,17 +147,17 @@ def test_history_is_appended_to_csv_and_kept_in_memory(tmp_path):
 
 
 def test_an_unreachable_cloud_adds_no_samples_and_warms_up_again():
-    client = FakeLinkClient()
+    client = _link_cloud()
     monitor = _monitor(client)
-    client.fail = True
+    client.down = True
     estimate = monitor.measure_once()
     assert estimate.n_samples == 0 and estimate.n_rtt_samples == 0
     assert estimate.uplink_mbps == 100.0  # still the initial link
-    client.fail = False
-    n_before = client.n_probes
+    client.down = False
+    n_before = client.calls.count("probe")
     monitor.measure_once()
     # one unrecorded warm-up, then the RTT probe and the rate probe
-    assert client.n_probes - n_before == 3 and monitor.estimate().n_rtt_samples == 1
+    assert client.calls.count("probe") - n_before == 3 and monitor.estimate().n_rtt_samples == 1
 
 
 def test_icmp_that_is_not_permitted_falls_back_to_http(monkeypatch):
@@ -178,7 +167,7 @@ def test_icmp_that_is_not_permitted_falls_back_to_http(monkeypatch):
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(ping3, "ping", refuse)
-    monitor = _monitor(FakeLinkClient(), rtt_method="auto")
+    monitor = _monitor(_link_cloud(), rtt_method="auto")
     assert monitor.rtt_source == "icmp"
     assert monitor.measure_rtt() == pytest.approx(20.0 + HTTP_OVERHEAD_MS)
     assert monitor.rtt_source == "http" and "not permitted" in monitor.rtt_note
@@ -188,7 +177,7 @@ def test_icmp_rtt_is_used_when_it_answers(monkeypatch):
     import ping3
 
     monkeypatch.setattr(ping3, "ping", lambda host, timeout, unit: 7.5)
-    monitor = _monitor(FakeLinkClient(uplink_mbps=8.0, rtt_ms=20.0), rtt_method="icmp")
+    monitor = _monitor(_link_cloud(uplink_mbps=8.0, rtt_ms=20.0), rtt_method="icmp")
     assert monitor.measure_rtt() == 7.5
     estimate = monitor.measure_once()
     assert estimate.rtt_source == "icmp" and estimate.rtt_ms == 7.5
@@ -198,7 +187,7 @@ def test_icmp_rtt_is_used_when_it_answers(monkeypatch):
 
 
 def test_the_thread_starts_only_when_asked_and_stops():
-    client = FakeLinkClient()
+    client = _link_cloud()
     n_threads = threading.active_count()
     monitor = _monitor(client, probe_interval_s=0.01)
     assert not monitor.running and threading.active_count() == n_threads
@@ -223,7 +212,7 @@ def test_the_history_is_written_with_the_lock_free(tmp_path, monkeypatch):
         write(self, samples)
 
     monkeypatch.setattr(UplinkHistory, "write", blocked_write)
-    monitor = _monitor(FakeLinkClient(), tmp_path)
+    monitor = _monitor(_link_cloud(), tmp_path)
     adder = threading.Thread(target=monitor.measure_rtt, daemon=True)
     adder.start()
     try:
@@ -249,7 +238,7 @@ def test_on_change_is_called_with_the_lock_free():
     def on_change(link):
         read_in_callback.append(_reads_within(monitor))
 
-    monitor = _monitor(FakeLinkClient(), on_change=on_change)
+    monitor = _monitor(_link_cloud(), on_change=on_change)
     monitor.measure_once()
     assert read_in_callback == [True, True]
 
@@ -257,7 +246,7 @@ def test_on_change_is_called_with_the_lock_free():
 def test_the_monitor_has_no_defaults_of_its_own():
     # What EdgeConfig supplies must be given: a second default would drift from the config's.
     with pytest.raises(TypeError, match="timeout_s"):
-        UplinkMonitor(FakeLinkClient(), cloud_url="http://127.0.0.1:8001",
+        UplinkMonitor(_link_cloud(), cloud_url="http://127.0.0.1:8001",
                       initial_link=Link(uplink_mbps=1.0, rtt_ms=1.0), probe_interval_s=5.0, probe_n_bytes=1000, window_n=9, hysteresis_fraction=0.2,
                       history_path=None, rtt_method="http")
 
@@ -274,4 +263,4 @@ def test_the_monitor_has_no_defaults_of_its_own():
 ])
 def test_bad_options_are_refused(options):
     with pytest.raises(ConfigError):
-        _monitor(FakeLinkClient(), **options)
+        _monitor(_link_cloud(), **options)
