@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, fields
+import re
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -38,7 +39,11 @@ __all__ = [
     "read_yaml_settings",
     "yaml_layer",
     "load_settings",
+    "documented_settings",
 ]
+
+# configs/*.yaml document each key as "# key: default" (or "# key:" where there is none)
+_DOCUMENTED_KEY_LINE = re.compile(r"^# ?([a-z_][a-z0-9_]*):(?: (.*))?$")
 
 T = TypeVar("T")
 S = TypeVar("S", bound="Settings")
@@ -293,3 +298,41 @@ def load_settings(cls: type[T], layers: Sequence[tuple[str, Mapping[str, Any]]],
         _refuse_null(cls, layer, where=f" in {where}")
         values.update(layer)
     return settings_from_mapping(cls, values, service=service)
+
+
+def documented_settings(text: str, *, where: str = "config file") -> dict[str, Any]:
+    r"""The keys a config file documents as commented lines (``# key: default``), with their values.
+
+    The shipped ``configs/*.yaml`` set no key: each one is a commented line
+    showing its default, which lives in the dataclass.
+
+    Parameters
+    ----------
+    text : str
+        The file's text.
+    where : str
+        Names the file in the message.
+
+    Returns
+    -------
+    dict
+        Key -> the commented value parsed as YAML (None for ``# key:``).
+
+    Raises
+    ------
+    ConfigError
+        If a key is documented twice.
+
+    Examples
+    --------
+    >>> documented_settings("# A comment: not a key\n# probe_interval_s: 5.0\n# token:\n")
+    {'probe_interval_s': 5.0, 'token': None}
+    """
+    found: dict[str, Any] = {}
+    for line in text.splitlines():
+        match = _DOCUMENTED_KEY_LINE.match(line)
+        if match:
+            if match.group(1) in found:
+                raise ConfigError(f"{where} documents {match.group(1)!r} twice")
+            found[match.group(1)] = yaml.safe_load(match.group(2) or "null")
+    return found

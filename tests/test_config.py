@@ -8,7 +8,6 @@ environment: the leak test points both at a file that changes every number.
 """
 
 import dataclasses
-import re
 from pathlib import Path
 
 import pytest
@@ -21,23 +20,16 @@ from edge_api.config import EdgeConfig
 from edge_api.config import load_config as load_edge_config
 from popex.errors import ConfigError
 from popex.constraints import Nullable
+from popex.settings import documented_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
 CONFIGS = [(EdgeConfig, REPO / "configs" / "edge.yaml"), (CloudConfig, REPO / "configs" / "cloud.yaml")]
-_KEY_LINE = re.compile(r"^# ?([a-z_][a-z0-9_]*):(?: (.*))?$")
 
 
 def _commented_keys(path: Path) -> dict[str, object]:
     """Every ``# key: value`` line of a config file, parsed as YAML; a key twice fails."""
-    found: dict[str, object] = {}
-    for line in path.read_text().splitlines():
-        match = _KEY_LINE.match(line)
-        if match:
-            key = match.group(1)
-            assert key not in found, f"{path.name} documents {key!r} twice"
-            found[key] = yaml.safe_load(match.group(2) or "null")
-    return found
+    return documented_settings(path.read_text(), where=path.name)
 
 
 def _numeric_fields(cls):

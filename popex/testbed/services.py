@@ -17,7 +17,6 @@ depend on who runs it.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ import requests
 import yaml
 
 from popex.errors import ConfigError
+from popex.settings import documented_settings
 
 __all__ = [
     "REPO_ROOT",
@@ -44,7 +44,6 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _EDGE_DEFAULTS = REPO_ROOT / "configs" / "edge.yaml"
-_DOCUMENTED_KEY = re.compile(r"^#? ?([a-z_][a-z0-9_]*):(?: |$)", re.MULTILINE)
 _CLOUD_DEFAULTS = REPO_ROOT / "configs" / "cloud.yaml"
 # Every variable that configures a POPEX service starts with this.
 _ENV_PREFIX = "POPEX_"
@@ -180,8 +179,7 @@ def write_service_config(defaults_path: Path, overrides: Mapping[str, Any] | Non
     """
     text = defaults_path.read_text()
     values = yaml.safe_load(text) or {}
-    # configs/*.yaml document every key as "# key: default" (the defaults live in the dataclass)
-    known = set(values) | set(_DOCUMENTED_KEY.findall(text))
+    known = set(values) | set(documented_settings(text, where=str(defaults_path)))
     unknown = set(overrides or {}) - known
     if unknown:
         raise ConfigError(f"unknown {defaults_path.stem} config keys {sorted(unknown)}")
