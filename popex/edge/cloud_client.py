@@ -46,6 +46,7 @@ from popex.edge.cloud_types import (
 )
 from popex.errors import ConfigError
 from popex.link.emulation import LinkEmulator
+from popex.wire import OffloadReply, WireError
 
 __all__ = ["API_PREFIX", "CloudClient"]
 
@@ -213,13 +214,16 @@ class CloudClient:
         self._wait_for_link(len(payload), deadline_s)
         headers = {} if content_encoding is None else {"Content-Encoding": content_encoding}
         response = self._post_data("POST", self._infer_url, deadline_s=deadline_s, data=payload, headers=headers)
-        body = json_body(response, ("label", "class_name", "confidence", "cloud_ms"))
+        try:  # the one contract the cloud answers with (popex.wire)
+            reply = OffloadReply.from_dict(json_body(response, ()))
+        except WireError as err:
+            raise CloudUnavailable(f"cloud answered {response.status_code} with a malformed reply: {err}") from err
         round_trip_ms = (time.perf_counter() - start_s) * 1000.0
-        cloud_ms = float(body["cloud_ms"])
+        cloud_ms = reply.cloud_ms
         return CloudInference(
-            label=int(body["label"]),
-            class_name=str(body["class_name"]),
-            confidence=float(body["confidence"]),
+            label=reply.label,
+            class_name=reply.class_name,
+            confidence=reply.confidence,
             cloud_ms=cloud_ms,
             transfer_ms=max(0.0, round_trip_ms - cloud_ms),
             round_trip_ms=round_trip_ms,
