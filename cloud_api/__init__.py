@@ -10,7 +10,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from flask import Flask
 
 from cloud_api.auth import CONFIG_KEY
@@ -27,8 +26,6 @@ log = logging.getLogger(__name__)
 
 def init_runner(app: Flask, config: CloudConfig) -> CloudRunner:
     """Attach a :class:`CloudRunner` on ``config.state_dir`` (it loads the stored models)."""
-    if config.n_threads is not None:
-        torch.set_num_threads(config.n_threads)
     runner = CloudRunner(config.state_dir, n_threads=config.n_threads)
     app.extensions[RUNNER_KEY] = runner
     log.info("cloud runner on %s with %d stored models", config.state_dir, runner.n_models)

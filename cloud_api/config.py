@@ -47,8 +47,8 @@ class CloudConfig(Settings):
         Largest request body accepted (413 above it): offload payloads,
         model uploads, probes.
     n_threads : int or None
-        Torch intra-op threads for cloud compute and profiling (None: torch's
-        default, all cores). 1 by default: batch-1 requests to small networks
+        ONNX Runtime intra-op threads of each stage's session (None: 1).
+        1 by default: batch-1 requests to small networks
         gain nothing from more, and an idle thread pool stalls when cores are
         shared.
     profile_n_repeats : int

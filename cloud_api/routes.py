@@ -13,6 +13,7 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest
 
+from api_common.uploads import uploaded_model_files
 from cloud_api.auth import CONFIG_KEY, require_token
 from cloud_api.config import CloudConfig
 from popex.checks import check_int
@@ -36,13 +37,7 @@ def _config() -> CloudConfig:
     return current_app.extensions[CONFIG_KEY]
 
 
-def _uploaded(name: str) -> bytes:
-    """Bytes of multipart file ``name``, or a 400 naming it."""
-    file = request.files.get(name)
-    if file is None:
-        raise BadRequest(f"multipart file {name!r} is missing: send the files 'spec' (spec.json) "
-                         "and 'weights' (weights.safetensors)")
-    return file.read()
+_NAMED_FIELDS = {"spec": "spec.json", "weights": "weights.safetensors"}
 
 
 def _profile_n_repeats() -> int:
@@ -79,11 +74,12 @@ def infer() -> ResponseReturnValue:
 @bp.put("/models/<model_id>")
 @require_token
 def put_model(model_id: str) -> ResponseReturnValue:
-    """Register a model from multipart files ``spec`` and ``weights`` (201 new, 200 known)."""
-    spec_bytes, weights_bytes = _uploaded("spec"), _uploaded("weights")
+    """Register a model (201 new, 200 known): its ONNX files or spec + weights, as ``files``, an ``archive``
+    or the fields ``spec`` and ``weights``."""
+    files = uploaded_model_files(_NAMED_FIELDS, max_bytes=_config().max_body_bytes)
     runner = get_runner()
     existed = runner.has(model_id)
-    loaded = runner.register(model_id, spec_bytes, weights_bytes)
+    loaded = runner.register(model_id, files)
     return jsonify(_model_info(loaded.model_id, loaded.net.n_stages)), 200 if existed else 201
 
 

@@ -121,7 +121,7 @@ class EdgeConfig(Settings):
     profile_n_repeats : int
         Timed runs per stage when a model is prepared.
     n_threads : int or None
-        torch intra-op threads of the edge process (None = torch's default).
+        ONNX Runtime intra-op threads of each stage's session (None = 1).
         1 by default: batch-1 inference of a small network gains nothing from
         more, and an idle thread pool stalls when cores are shared.
     start_background : bool

@@ -6,36 +6,19 @@ from flask import Blueprint, Response, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest
 
+from api_common.uploads import uploaded_model_files
 from edge_api.node import get_node
 
 __all__ = ["bp"]
 
-_FILES = {"spec": "spec.json", "weights": "weights.safetensors", "calibration": "calibration.npz"}
-# A model with expert heads also sends calibration_<expert> for each expert and these two.
-_CLASSIFIER_FILES = ("classifier_spec", "classifier_weights")
-_EXPERT_CALIBRATION_PREFIX = "calibration_"
+# Named multipart fields of the spec form, and the paths they stand for; the ONNX form (or either
+# form) also comes as "files" parts named by their paths, or as one "archive".
+_NAMED_FIELDS = {"spec": "spec.json", "weights": "weights.safetensors", "calibration": "calibration.npz",
+                 "classifier_spec": "distortion-classifier/spec.json",
+                 "classifier_weights": "distortion-classifier/weights.safetensors"}
+_PREFIXED_FIELDS = {"calibration_": "calibration_{}.npz"}
 
 bp = Blueprint("models", __name__, url_prefix="/api/v1/models")
-
-
-def _uploaded(name: str) -> bytes:
-    """Bytes of multipart file ``name``, or a 400 naming what to send."""
-    file = request.files.get(name)
-    if file is None:
-        wanted = ", ".join(f"'{key}' ({filename})" for key, filename in _FILES.items())
-        raise BadRequest(f"multipart file {name!r} is missing: send the files {wanted}")
-    return file.read()
-
-
-def _optional(name: str) -> bytes | None:
-    file = request.files.get(name)
-    return None if file is None else file.read()
-
-
-def _expert_calibrations() -> dict[str, bytes]:
-    """Files ``calibration_<expert>``, by expert name (the registry checks them against the spec)."""
-    return {name[len(_EXPERT_CALIBRATION_PREFIX):]: request.files[name].read() for name in request.files
-            if name.startswith(_EXPERT_CALIBRATION_PREFIX)}
 
 
 def _float_arg(name: str) -> float | None:
@@ -50,14 +33,18 @@ def _float_arg(name: str) -> float | None:
 
 @bp.post("")
 def register_model() -> ResponseReturnValue:
-    """Register a model from multipart files spec, weights, calibration (+ expert files) (202 new, 200 known)."""
+    """Register a model in either form, with its calibrations (202 new, 200 known).
+
+    Multipart: ``files`` parts named by their path in the model directory
+    (``model.json``, ``stages/1.onnx``, ``calibration.npz``, ...), or one
+    ``archive`` (zip or tar of the directory), or the fields ``spec``,
+    ``weights``, ``calibration``, ``calibration_<expert>``,
+    ``classifier_spec``, ``classifier_weights``.
+    """
     node = get_node()
     request.max_content_length = node.config.max_model_bytes
-    spec_bytes, weights_bytes, calibration_bytes = (_uploaded(name) for name in _FILES)
-    classifier_spec, classifier_weights = (_optional(name) for name in _CLASSIFIER_FILES)
-    registration = node.preparation.register(spec_bytes, weights_bytes, calibration_bytes,
-                                    expert_calibrations=_expert_calibrations(), classifier_spec=classifier_spec,
-                                    classifier_weights=classifier_weights)
+    files = uploaded_model_files(_NAMED_FIELDS, prefixed=_PREFIXED_FIELDS, max_bytes=node.config.max_model_bytes)
+    registration = node.preparation.register(files)
     if registration.created:
         return jsonify({"model_id": registration.model_id, "state": "registered"}), 202
     model = node.registry.get(registration.model_id)

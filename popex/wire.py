@@ -36,7 +36,6 @@ import re
 from dataclasses import dataclass, fields
 
 import numpy as np
-import torch
 from safetensors.numpy import save as safetensors_save
 
 from popex._wire_bytes import (
@@ -167,7 +166,7 @@ class OffloadRequest:
     ``n_bytes`` is the size of the payload on the wire, for the uplink monitor.
     """
 
-    tensor: torch.Tensor
+    tensor: np.ndarray
     model_id: str
     split: int
     wire_dtype: str
@@ -271,7 +270,7 @@ class OffloadReply:
 
 
 def encode_offload(
-    tensor: torch.Tensor,
+    tensor: np.ndarray,
     *,
     model_id: str,
     split: int,
@@ -283,7 +282,7 @@ def encode_offload(
 
     Parameters
     ----------
-    tensor : Tensor, shape (n, *stage_output_shape)
+    tensor : array-like of float, shape (n, *stage_output_shape)
         The output of stage ``split`` on the edge, batch dimension first
         (normally n = 1). Floating point and finite.
     model_id : str
@@ -314,17 +313,20 @@ def encode_offload(
 
     Examples
     --------
-    >>> payload = encode_offload(torch.ones(1, 4), model_id="m", split=1, request_id="r")
+    >>> payload = encode_offload(np.ones((1, 4), np.float32), model_id="m", split=1, request_id="r")
     >>> decode_offload(payload).tensor.shape
-    torch.Size([1, 4])
+    (1, 4)
     """
     if wire_dtype not in WIRE_DTYPES:
         raise ConfigError(f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {wire_dtype!r}")
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        raise WireError(f"the offloaded tensor must be a floating-point torch.Tensor, got {type(tensor).__name__}"
-                        + (f" of {tensor.dtype}" if isinstance(tensor, torch.Tensor) else ""))
-    if not 1 <= tensor.dim() <= _MAX_NDIM or tensor.numel() == 0:
-        raise WireError(f"the offloaded tensor needs a batch dimension and values, got shape {list(tensor.shape)}")
+    try:
+        x = np.asarray(tensor)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise WireError(f"the offloaded tensor must be a floating-point array, got {type(tensor).__name__}") from err
+    if not np.issubdtype(x.dtype, np.floating):
+        raise WireError(f"the offloaded tensor must be a floating-point array, got {type(tensor).__name__} of {x.dtype}")
+    if not 1 <= x.ndim <= _MAX_NDIM or x.size == 0:
+        raise WireError(f"the offloaded tensor needs a batch dimension and values, got shape {list(x.shape)}")
     if isinstance(split, bool) or not isinstance(split, int) or not 0 <= split <= _MAX_SPLIT:
         raise WireError(f"split must be a non-negative int, got {split!r}")
     metadata = {
@@ -336,9 +338,7 @@ def encode_offload(
     }
     if head is not None:
         metadata["head"] = _check_id(head, "head")
-    # numpy, not torch, from here on: these arrays are small, and torch's intra-op thread
-    # pool can stall for milliseconds on a busy CPU where numpy runs single-threaded.
-    x = np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise WireError("the offloaded tensor holds NaN or infinity")
     if wire_dtype == "float16":
@@ -413,7 +413,7 @@ def decode_offload(data: bytes, *, max_bytes: int = MAX_WIRE_BYTES) -> OffloadRe
     elif not np.isfinite(x).all():
         raise WireError("tensor holds NaN or infinity")
     return OffloadRequest(
-        tensor=torch.from_numpy(x),
+        tensor=x,
         model_id=_check_id(metadata["model_id"], "model_id"),
         split=split,
         wire_dtype=wire_dtype,

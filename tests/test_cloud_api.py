@@ -16,6 +16,7 @@ from cloud_api.config import CloudConfig, load_config
 from popex.errors import ConfigError
 from popex.nets import EarlyExitNet, compute_model_id, weights_to_bytes, zoo_spec
 from popex.cloud.runner import CloudRunner
+from popex.runtime.model_files import spec_model_id
 from popex.wire import encode_offload
 
 TOKEN = "test-token-0123456789"
@@ -185,17 +186,24 @@ def test_put_is_idempotent_and_get_reports(client, registered):
     assert client.get(f"/api/v1/models/{model_id}", headers=AUTH).json == {"model_id": model_id, "n_stages": 3}
 
 
+def _put_own(client, spec_bytes, weights_bytes):
+    """PUT under the id the content hashes to, so the content itself is what is judged."""
+    return _put(client, spec_model_id(spec_bytes, weights_bytes), spec_bytes, weights_bytes)
+
+
 def test_put_rejects_bad_models(client, model):
     model_id = model["model_id"]
     buffer = io.BytesIO()
     torch.save(model["net"].state_dict(), buffer)
-    message = _error(_put(client, model_id, model["spec_bytes"], buffer.getvalue()), 400, "bad_weights")
+    message = _error(_put_own(client, model["spec_bytes"], buffer.getvalue()), 400, "bad_weights")
     assert "pickle" in message
-    message = _error(_put(client, model_id, model["spec_bytes"], pickle.dumps({"a": 1})), 400, "bad_weights")
+    message = _error(_put_own(client, model["spec_bytes"], pickle.dumps({"a": 1})), 400, "bad_weights")
     assert "pickle" in message
     evil_spec = json.loads(model["spec_bytes"])
     evil_spec["stages"][0]["layers"][0]["type"] = "os.system"
-    _error(_put(client, model_id, json.dumps(evil_spec).encode(), model["weights_bytes"]), 400, "bad_spec")
+    _error(_put_own(client, json.dumps(evil_spec).encode(), model["weights_bytes"]), 400, "bad_spec")
+    assert not list((Path(client.application.extensions["popex_cloud_config"].state_dir) / "models").glob("*"))
+    _error(_put(client, model_id, model["spec_bytes"], pickle.dumps({"a": 1})), 400, "model_id_mismatch")
     message = _error(_put(client, "0" * 64, model["spec_bytes"], model["weights_bytes"]), 400, "model_id_mismatch")
     assert model_id in message
     _error(client.put(f"/api/v1/models/{model_id}", headers=AUTH, data={}), 400, "bad_request")
@@ -346,8 +354,8 @@ def test_concurrent_registration_of_one_model(tmp_path, model):
 
     runner = CloudRunner(tmp_path / "state")
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda _: runner.register(model["model_id"], model["spec_bytes"],
-                                                          model["weights_bytes"]), range(4)))
+        results = list(pool.map(lambda _: runner.register(model["model_id"], {
+            "spec.json": model["spec_bytes"], "weights.safetensors": model["weights_bytes"]}), range(4)))
     assert len({id(loaded) for loaded in results}) == 1 and runner.n_models == 1
     assert sorted(path.name for path in (tmp_path / "state" / "models").iterdir()) == [model["model_id"]]
     assert CloudRunner(tmp_path / "state").has(model["model_id"])

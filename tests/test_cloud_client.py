@@ -37,6 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 STARTUP_S = 60.0
 
 
+def _files(model):
+    """The spec form's files of a model fixture, by path."""
+    return {"spec.json": model["spec_bytes"], "weights.safetensors": model["weights_bytes"]}
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -126,7 +131,7 @@ def model():
 def registered(cloud, model, token):
     with CloudClient(cloud.url, token=token) as client:
         if not client.has_model(model["model_id"], timeout_s=10):
-            client.put_model(model["model_id"], model["spec_bytes"], model["weights_bytes"], timeout_s=30)
+            client.put_model(model["model_id"], _files(model), timeout_s=30)
     return model
 
 
@@ -143,9 +148,9 @@ def _payload(model, split=1, seed=0):
 def test_put_has_and_infer(cloud, model, token):
     with CloudClient(cloud.url, token=token) as client:
         assert client.health(timeout_s=5)
-        registration = client.put_model(model["model_id"], model["spec_bytes"], model["weights_bytes"], timeout_s=30)
+        registration = client.put_model(model["model_id"], _files(model), timeout_s=30)
         assert registration.model_id == model["model_id"] and registration.n_stages == 3
-        again = client.put_model(model["model_id"], model["spec_bytes"], model["weights_bytes"], timeout_s=30)
+        again = client.put_model(model["model_id"], _files(model), timeout_s=30)
         assert not again.created
         assert client.has_model(model["model_id"], timeout_s=5)
         assert not client.has_model("f" * 64, timeout_s=5)
@@ -175,7 +180,7 @@ def test_rejections_carry_the_cloud_error(cloud, registered, token):
             client.infer(b"not a tensor", timeout_s=10)
         assert (info.value.status, info.value.code) == (400, "bad_tensor")
         with pytest.raises(CloudRejected) as info:
-            client.put_model("0" * 64, registered["spec_bytes"], registered["weights_bytes"], timeout_s=30)
+            client.put_model("0" * 64, _files(registered), timeout_s=30)
         assert info.value.code == "model_id_mismatch"
         with pytest.raises(CloudRejected) as info:
             client.profile("f" * 64, n_repeats=3, timeout_s=10)
@@ -224,7 +229,7 @@ def test_emulated_link_beyond_the_budget_times_out_without_sending(cloud, regist
 def test_stopped_cloud_is_unavailable(clouds, model, token):
     server = clouds[1]
     client = CloudClient(server.url, token=token)
-    client.put_model(model["model_id"], model["spec_bytes"], model["weights_bytes"], timeout_s=30)
+    client.put_model(model["model_id"], _files(model), timeout_s=30)
     assert client.infer(_payload(model)[0], timeout_s=10).label >= 0  # a keep-alive connection is open now
     server.stop(crash=True)
     with pytest.raises(CloudUnavailable) as info:
@@ -242,7 +247,7 @@ def test_a_restarted_cloud_is_reached_on_a_fresh_connection(tmp_path, model, tok
     first = CloudProcess(tmp_path / "state", tmp_path / "first.log", token).wait_ready()
     client = CloudClient(first.url, token=token)
     try:
-        client.put_model(model["model_id"], model["spec_bytes"], model["weights_bytes"], timeout_s=30)
+        client.put_model(model["model_id"], _files(model), timeout_s=30)
         payload, expected_label = _payload(model)
         assert client.infer(payload, timeout_s=10).label == expected_label
         first.stop()

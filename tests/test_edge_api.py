@@ -170,8 +170,8 @@ def test_a_model_is_classifiable_before_it_is_ready(model_actions, client, cloud
 
 
 @pytest.mark.parametrize("change, pattern", [
-    ({"spec": None}, "'spec' is missing"),
-    ({"calibration": None}, "'calibration' is missing"),
+    ({"spec": None}, "spec.json is missing"),
+    ({"calibration": None}, "no calibration.npz"),
     ({"weights": pickle.dumps({"a": 1})}, "pickle"),
     ({"spec": b"[1, 2"}, "JSON"),
     ({"calibration": _calibration_bytes(n_exits=3)}, "exits"),
@@ -201,6 +201,17 @@ def test_models_survive_a_restart(make_app, config, registered, model_files):
     client = make_app(config, cloud=_cloud()).test_client()
     assert client.get(f"/api/v1/models/{registered}").json["state"] == "ready"
     assert client.post("/api/v1/classify", data=_png(), content_type="image/png").status_code == 200
+
+
+def test_a_restart_with_another_emulated_slowdown_profiles_again(make_app, config, registered, model_actions):
+    before = [stage["edge_ms"] for stage in model_actions.wait_ready(registered)["profile"]["stages"]]
+    restarted = make_app({**config, "emulate_edge_slowdown": 50.0}, cloud=_cloud())
+    restarted_actions = type(model_actions)(restarted, restarted.test_client(), model_actions._monkeypatch)
+    after = restarted_actions.wait_ready(registered)
+    # the old device's profile is not kept: every stage is measured again under the 50x device
+    assert sum(stage["edge_ms"] for stage in after["profile"]["stages"]) > 10 * sum(before)
+    status = restarted.test_client().get("/api/v1/status").json
+    assert status["emulated_edge_slowdown"] == 50.0
 
 
 def test_the_default_model_dir_is_registered_at_start(tmp_path, make_app, config, model_files):

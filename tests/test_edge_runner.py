@@ -13,7 +13,8 @@ import torch
 from popex.data import Preprocessing, decode_image, encode_png, preprocess
 from popex.decision import DecisionIndex, Link, Profile
 from popex.errors import ConfigError, DataError
-from popex.nets import EarlyExitNet, exit_confidence, weights_to_bytes, zoo_spec
+from popex.nets import EarlyExitNet, weights_to_bytes, zoo_spec
+from popex.runtime.exits import exit_confidence
 from popex.edge.cloud_port import CloudRejected, CloudTimeout, CloudUnavailable
 from popex.edge.compute import EdgeCompute
 from popex.edge.fake_cloud import FakeCloud
@@ -67,7 +68,8 @@ def setup(tmp_path, net):
     plans = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0), headroom_fraction=0.0)
     plans.install(model_id, registry.get(model_id).calibration, _profile(net))
     cloud = FakeCloud(state_dir=tmp_path / "cloud", cloud_ms=2.0, transfer_ms=28.0)
-    cloud.put_model(model_id, json.dumps(net.spec).encode(), weights_to_bytes(net), timeout_s=30.0)
+    cloud.put_model(model_id, {"spec.json": json.dumps(net.spec).encode(),
+                              "weights.safetensors": weights_to_bytes(net)}, timeout_s=30.0)
     monitor = FakeMonitor(Link(uplink_mbps=10.0, rtt_ms=20.0))
     planner = BackgroundPlanner(plans=plans, monitor=monitor, initial_offload_overhead_ms=1.0,
                                 replan_hysteresis_fraction=0.2)
@@ -97,13 +99,17 @@ def _force(force_plan, setup, *, split, thresholds, profile=None):
                       offload_prob=0.5, profile=profile)
 
 
+def _served(setup):
+    """The edge's executor of the registered model (ONNX Runtime), whose numbers a request sees."""
+    return setup["registry"].get(setup["model_id"]).loaded.net
+
+
 def _reference(net, image_bytes):
-    """Branch-0 confidence/label and final label/confidence, computed directly."""
-    x = torch.from_numpy(preprocess(decode_image(image_bytes), Preprocessing.from_spec_dict(net.spec)))
-    with torch.inference_mode():
-        h1 = net.run_stages(x, stop=1)
-        branch_conf, branch_label = exit_confidence(net.run_branch(0, h1), temperature=TEMPERATURES[0])
-        final_conf, final_label = exit_confidence(net(x)[-1], temperature=TEMPERATURES[1])
+    """Branch-0 confidence/label and final label/confidence, computed directly on ``net`` (the served one)."""
+    x = preprocess(decode_image(image_bytes), Preprocessing.from_spec_dict(net.spec))
+    h1 = net.run_stages(x, stop=1)
+    branch_conf, branch_label = exit_confidence(net.run_branch(0, h1), temperature=TEMPERATURES[0])
+    final_conf, final_label = exit_confidence(net(x)[-1], temperature=TEMPERATURES[1])
     return {"branch": (float(branch_conf[0]), int(branch_label[0])), "final": (float(final_conf[0]),
                                                                                 int(final_label[0])),
             "h1": h1}
@@ -173,7 +179,7 @@ def test_strategies_csv_has_one_line_per_row(setup):
 
 def test_edge_only_answers_with_the_final_exit(force_plan, setup, net):
     _force(force_plan, setup, split=3, thresholds=[None])
-    reference = _reference(net, _image())
+    reference = _reference(_served(setup), _image())
     result = setup["runner"].classify(_image(), deadline_ms=100.0)
     assert (result.where, result.exit, result.fallback, result.split) == ("edge", "final", False, 3)
     assert (result.confidence, result.label) == pytest.approx(reference["final"])
@@ -183,7 +189,7 @@ def test_edge_only_answers_with_the_final_exit(force_plan, setup, net):
 
 
 def test_exit_rule_compares_in_float64_with_the_exits_temperature(force_plan, setup, net):
-    confidence, label = _reference(net, _image())["branch"]
+    confidence, label = _reference(_served(setup), _image())["branch"]
     _force(force_plan, setup, split=3, thresholds=[confidence])  # exactly the confidence: exits
     result = setup["runner"].classify(_image())
     assert (result.exit, result.label, result.confidence) == (0, label, confidence)
@@ -193,8 +199,9 @@ def test_exit_rule_compares_in_float64_with_the_exits_temperature(force_plan, se
 
 def test_an_inactive_branch_is_not_evaluated(monkeypatch, force_plan, setup, net):
     calls = []
-    original = net.run_branch
-    monkeypatch.setattr(net, "run_branch", lambda b, h: calls.append(b) or original(b, h))
+    served = _served(setup)
+    original = served.run_branch
+    monkeypatch.setattr(served, "run_branch", lambda b, h, **kw: calls.append(b) or original(b, h, **kw))
     _force(force_plan, setup, split=3, thresholds=[None])
     setup["runner"].classify(_image())
     assert calls == []
@@ -205,14 +212,14 @@ def test_an_inactive_branch_is_not_evaluated(monkeypatch, force_plan, setup, net
 
 def test_offload_sends_the_split_tensor_within_the_budget(force_plan, setup, net):
     _force(force_plan, setup, split=1, thresholds=[None])
-    reference = _reference(net, _image())
+    reference = _reference(_served(setup), _image())
     result = setup["runner"].classify(_image(), deadline_ms=500.0)
     assert (result.where, result.exit, result.fallback) == ("cloud", "final", False)
     assert result.label == reference["final"][1] and result.class_name == net.class_names[result.label]
     (call,) = setup["cloud"].offloads
     request = call.request
     assert request.split == 1 and request.model_id == setup["model_id"]
-    assert torch.equal(request.tensor, reference["h1"])
+    assert np.array_equal(request.tensor, reference["h1"])
     assert 0 < call.timeout_s <= 0.5
     assert result.latency.cloud_ms == 2.0 and result.latency.transfer_ms == 28.0
     assert result.latency.total_ms >= result.latency.edge_ms >= 0
@@ -276,7 +283,7 @@ def test_fallback_uses_the_most_confident_evaluated_branch(force_plan, setup, ne
     setup["runner"].on_cloud_rejected = rejected.append
     result = setup["runner"].classify(_image())
     assert (result.where, result.exit, result.fallback) == ("edge", 0, True)
-    assert (result.confidence, result.label) == pytest.approx(_reference(net, _image())["branch"])
+    assert (result.confidence, result.label) == pytest.approx(_reference(_served(setup), _image())["branch"])
     assert type(error).__name__ in result.fallback_reason
     assert rejected == ([setup["model_id"]] if isinstance(error, CloudRejected) else [])
     assert setup["planner"].drain()
@@ -288,7 +295,7 @@ def test_fallback_runs_the_rest_of_the_network_when_the_budget_allows(force_plan
     setup["cloud"].fail("infer", CloudUnavailable("connection refused"))
     result = setup["runner"].classify(_image(), deadline_ms=1000.0)
     assert (result.where, result.exit, result.fallback) == ("edge", "final", True)
-    assert result.label == _reference(net, _image())["final"][1]
+    assert result.label == _reference(_served(setup), _image())["final"][1]
 
 
 def test_fallback_takes_the_cheapest_branch_when_the_rest_does_not_fit(force_plan, setup, net):
@@ -297,7 +304,7 @@ def test_fallback_takes_the_cheapest_branch_when_the_rest_does_not_fit(force_pla
     setup["cloud"].fail("infer", CloudTimeout("late"))
     result = setup["runner"].classify(_image(), deadline_ms=1000.0)
     assert (result.exit, result.fallback) == (0, True)
-    assert result.label == _reference(net, _image())["branch"][1]
+    assert result.label == _reference(_served(setup), _image())["branch"][1]
 
 
 def test_fallback_before_any_branch_runs_the_whole_network(force_plan, setup, net):
@@ -306,7 +313,7 @@ def test_fallback_before_any_branch_runs_the_whole_network(force_plan, setup, ne
     setup["cloud"].fail("infer", CloudTimeout("late"))
     result = setup["runner"].classify(_image(), deadline_ms=1000.0)
     assert (result.exit, result.fallback) == ("final", True)
-    assert result.label == _reference(net, _image())["final"][1]
+    assert result.label == _reference(_served(setup), _image())["final"][1]
 
 
 def test_no_budget_left_means_no_cloud_call(force_plan, setup):
@@ -359,7 +366,7 @@ def test_edge_slowdown_emulates_a_device_with_the_scaled_profile_times(setup):
 
     runner = setup["runner"]
     net = runner.registry.get(setup["model_id"]).loaded.net
-    x = torch.zeros(1, *net.input_shape)
+    x = np.zeros((1, *net.input_shape), np.float32)
     waits = []
     import popex.edge.compute as module
 

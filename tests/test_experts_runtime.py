@@ -260,7 +260,8 @@ def test_each_head_set_has_its_own_table_swapped_together(served):
 @pytest.fixture(scope="module")
 def cloud_runner(tmp_path_factory, model_files):
     runner = CloudRunner(tmp_path_factory.mktemp("cloud-runner"))
-    runner.register(model_files["model_id"], model_files["files"]["spec"], model_files["files"]["weights"])
+    runner.register(model_files["model_id"], {"spec.json": model_files["files"]["spec"],
+                                               "weights.safetensors": model_files["files"]["weights"]})
     return runner
 
 

@@ -33,9 +33,9 @@ def test_a_scripted_cloud_answers_records_and_keeps_models(lenet_files):
     assert isinstance(cloud, CloudPort) and cloud.runner is None
     files, model_id = lenet_files["files"], lenet_files["model_id"]
     assert not cloud.has_model(model_id, timeout_s=1.0)
-    registered = cloud.put_model(model_id, files["spec"], files["weights"], timeout_s=1.0)
+    registered = cloud.put_model(model_id, {"spec.json": files["spec"], "weights.safetensors": files["weights"]}, timeout_s=1.0)
     assert (registered.n_stages, registered.created) == (3, True) and model_id in cloud.models
-    assert not cloud.put_model(model_id, files["spec"], files["weights"], timeout_s=1.0).created
+    assert not cloud.put_model(model_id, {"spec.json": files["spec"], "weights.safetensors": files["weights"]}, timeout_s=1.0).created
     assert cloud.profile(model_id, n_repeats=2, timeout_s=1.0) == [0.05, 0.05, 0.05]
     with pytest.raises(CloudRejected, match="unknown_model"):
         cloud.profile("f" * 64, n_repeats=2, timeout_s=1.0)
@@ -59,14 +59,14 @@ def test_a_real_cloud_half_finishes_offloads_and_refuses_unknown_models(tmp_path
     with pytest.raises(CloudRejected) as info:
         cloud.infer(_payload(model_id), timeout_s=1.0)
     assert (info.value.status, info.value.code) == (404, "unknown_model")
-    cloud.put_model(model_id, files["spec"], files["weights"], timeout_s=5.0)
+    cloud.put_model(model_id, {"spec.json": files["spec"], "weights.safetensors": files["weights"]}, timeout_s=5.0)
     assert cloud.runner.has(model_id) and FakeCloud(state_dir=tmp_path / "cloud").has_model(model_id, timeout_s=1)
     answer = cloud.infer(_payload(model_id), timeout_s=1.0)
     assert 0 <= answer.label < 10 and answer.class_name == f"class{answer.label}" and answer.cloud_ms > 0
     assert answer.round_trip_ms == answer.cloud_ms  # no wire in this process
     assert len(cloud.profile(model_id, n_repeats=2, timeout_s=5.0)) == 3
     with pytest.raises(CloudRejected) as info:
-        cloud.put_model("0" * 64, files["spec"], files["weights"], timeout_s=5.0)
+        cloud.put_model("0" * 64, {"spec.json": files["spec"], "weights.safetensors": files["weights"]}, timeout_s=5.0)
     assert info.value.code == "model_id_mismatch"
     with pytest.raises(CloudRejected, match="bad_tensor"):
         cloud.infer(b"not a tensor", timeout_s=1.0)

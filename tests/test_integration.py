@@ -563,6 +563,40 @@ def test_no_server_error_or_traceback_in_either_log(services: Services) -> None:
     assert not problems, "\n".join(problems[:40])
 
 
+def _mapped_libraries(pid: int) -> set[str]:
+    """File names of the shared libraries process ``pid`` has mapped."""
+    names = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and ".so" in parts[-1]:
+            names.add(Path(parts[-1]).name)
+    return names
+
+
+def _group_pids(leader: int) -> list[int]:
+    """Every live process of the process group ``leader`` started (run_*.sh, gunicorn and its workers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == leader:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return pids
+
+
+def test_edge_and_cloud_serve_without_torch(services: Services, streamed: StreamedImages) -> None:
+    """After serving the stream, no process of either service has libtorch mapped; ONNX Runtime serves."""
+    for service in (services.edge, services.cloud):
+        libraries = {pid: _mapped_libraries(pid) for pid in _group_pids(service.process.pid)}
+        serving = [pid for pid, names in libraries.items() if any("onnxruntime" in n for n in names)]
+        assert serving, f"no {service.name} process runs ONNX Runtime: {libraries}"
+        with_torch = {pid: sorted(n for n in names if "torch" in n) for pid, names in libraries.items()
+                      if any("libtorch" in n for n in names)}
+        assert not with_torch, f"{service.name} processes with torch loaded: {with_torch}"
+
+
 # -- 6. distortion-aware inference end to end (its own cloud and edge) ------------------------------
 
 DISTORTION_MODEL_DIR = REPO_ROOT / "models" / "default-distortion"

@@ -43,10 +43,12 @@ def test_register_stores_all_files_and_is_idempotent(tmp_path, files):
     assert model_id == files["model_id"]
     directory = tmp_path / "models" / model_id
     assert sorted(p.name for p in directory.iterdir()) == [
-        "calibration.npz", "spec.json", "state.json", "weights.safetensors"]
+        "calibration.npz", "onnx", "spec.json", "state.json", "weights.safetensors"]
+    assert (directory / "onnx" / "model.json").is_file()  # the export it runs, made at registration
     assert (directory / "weights.safetensors").read_bytes() == files["weights"]
     assert json.loads((directory / "state.json").read_text())["state"] == "registered"
-    again = registry.add(files["spec"], files["weights"], files["calibration"])
+    again = registry.add({"spec.json": files["spec"], "weights.safetensors": files["weights"],
+                          "calibration.npz": files["calibration"]})
     assert again.model_id == model_id and not again.created
     assert registry.ids() == [model_id] and _entries(tmp_path) == [model_id]
     model = registry.get(model_id)
@@ -113,7 +115,8 @@ def test_a_corrupted_stored_model_is_skipped_and_can_be_registered_again(tmp_pat
     (tmp_path / "models" / model_id / "weights.safetensors").write_bytes(b"junk")
     registry = ModelRegistry(tmp_path)
     assert registry.ids() == []
-    assert registry.add(files["spec"], files["weights"], files["calibration"]).created
+    assert registry.add({"spec.json": files["spec"], "weights.safetensors": files["weights"],
+                          "calibration.npz": files["calibration"]}).created
     assert ModelRegistry(tmp_path).ids() == [model_id]
 
 

@@ -5,8 +5,9 @@
 remaining stages on decoded offloads, answering with the wire contract's
 :class:`~popex.wire.OffloadReply`.
 
-A model with expert head sets needs nothing special here: its spec and
-weights hold every head set, and an offload's ``head`` metadata says whose
+Stages run with ONNX Runtime (:mod:`popex.runtime.onnx_model`); this process
+never imports torch. A model with expert head sets needs nothing special
+here: its graphs hold every head set, and an offload's ``head`` metadata says whose
 final stage to run (the edge's distortion classifier chose it).
 """
 
@@ -15,13 +16,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from popex.checks import check_int
 from popex.cloud.store import ModelStore
-from popex.nets.io import LoadedModel
+from popex.runtime.model_files import LoadedModel
 from popex.runtime.profiler import time_stages
 from popex.wire import MAX_WIRE_BYTES, OffloadReply, OffloadRequest, WireError, decode_offload, decompress_payload
 
@@ -50,19 +52,19 @@ class CloudRunner:
         Directory of the :class:`~popex.cloud.store.ModelStore`; created if
         missing. Every model found there is loaded now.
     n_threads : int, optional
-        Torch intra-op threads used when profiling (None: torch's default).
+        ONNX Runtime intra-op threads of each stage's session (default 1).
 
     Notes
     -----
-    Thread-safe: the store takes its own locks; inference runs the network
-    under ``torch.inference_mode()``, which changes no module state, so
-    requests for the same model run concurrently.
+    Thread-safe: the store takes its own locks, and ONNX Runtime sessions
+    may run from several threads, so requests for the same model run
+    concurrently.
     """
 
     def __init__(self, state_dir: str | os.PathLike[str], *, n_threads: int | None = None) -> None:
-        self.store = ModelStore(state_dir)
+        self.n_threads = 1 if n_threads is None else n_threads
+        self.store = ModelStore(state_dir, n_threads=self.n_threads)
         self.state_dir = self.store.state_dir
-        self.n_threads = n_threads
         self._profile_lock = threading.Lock()  # one profile at a time: they would skew each other
 
     @property
@@ -103,17 +105,15 @@ class CloudRunner:
         """
         return self.store.has(model_id)
 
-    def register(self, model_id: str, spec_bytes: bytes, weights_bytes: bytes) -> LoadedModel:
+    def register(self, model_id: str, files: Mapping[str, bytes]) -> LoadedModel:
         """Check, store and load a model uploaded by the edge: :meth:`popex.cloud.store.ModelStore.register`.
 
         Parameters
         ----------
         model_id : str
-            sha256 of the canonical spec followed by the weights.
-        spec_bytes : bytes
-            The spec JSON.
-        weights_bytes : bytes
-            The weights, safetensors only.
+            The hash of the files (either form).
+        files : mapping of str to bytes
+            ``model.json`` and its graphs, or ``spec.json`` and ``weights.safetensors``.
 
         Returns
         -------
@@ -121,10 +121,10 @@ class CloudRunner:
 
         Raises
         ------
-        SpecError, WeightsError, ModelIdMismatchError
+        SpecError, WeightsError, OnnxModelError, ModelIdMismatchError
             As :meth:`popex.cloud.store.ModelStore.register`.
         """
-        return self.store.register(model_id, spec_bytes, weights_bytes)
+        return self.store.register(model_id, files)
 
     def infer(self, request: OffloadRequest) -> CloudResult:
         """Run stages split+1..N and the final exit on a decoded offload.
@@ -162,15 +162,16 @@ class CloudRunner:
             raise WireError(f"tensor shape {list(request.tensor.shape)} does not fit model "
                             f"{request.model_id[:12]} at split {request.split}: expected {list(expected)} "
                             "(a batch of exactly 1)")
-        with torch.inference_mode():
-            logits = net.run_stages(request.tensor, start=request.split, head=head)
-            probs = torch.softmax(logits.float(), dim=1)
-            confidence, label = probs.max(dim=1)
-        label_index = int(label[0])
+        logits = net.run_stages(request.tensor, start=request.split, head=head).astype(np.float64)[0]
+        if not np.isfinite(logits).all():
+            raise WireError(f"model {request.model_id[:12]} produced NaN or infinite logits for this tensor")
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        label_index = int(probs.argmax())
         return CloudResult(
             label=label_index,
             class_name=net.class_names[label_index],
-            confidence=float(confidence[0]),
+            confidence=float(probs[label_index]),
             cloud_ms=(time.perf_counter() - start_s) * 1000.0,
         )
 

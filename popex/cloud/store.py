@@ -1,7 +1,9 @@
 """The cloud's model store: models registered by the edge, in memory and on disk.
 
-Models are registered by the edge (spec JSON + safetensors weights, never a
-pickle) and stored under ``<state_dir>/models/<model_id>/``, so they survive
+Models are registered by the edge in either form (DESIGN.md §2: model.json and
+ONNX graphs, or spec JSON + safetensors weights, never a pickle), run by ONNX
+Runtime, and stored under ``<state_dir>/models/<model_id>/`` (a spec model
+with its ONNX export in ``onnx/``), so they survive
 a restart and are shared by every worker process on the same state dir: a
 model missing from memory is looked up on disk before it is called unknown.
 """
@@ -16,9 +18,10 @@ import tempfile
 import threading
 from pathlib import Path
 
+from collections.abc import Mapping
+
 from popex.errors import PopexError, UnknownModelError
-from popex.nets.io import SPEC_FILE, WEIGHTS_FILE, LoadedModel, compute_model_id, load_model, load_model_bytes
-from popex.nets.spec import parse_spec_json
+from popex.runtime.model_files import ONNX_DIR, LoadedModel, files_model_id, load_model_dir, write_files
 
 __all__ = ["MODELS_DIR", "ModelIdMismatchError", "ModelStore"]
 
@@ -39,18 +42,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
 def _check_id(model_id: str, computed: str) -> None:
     if model_id != computed:
         raise ModelIdMismatchError(
-            f"model id {str(model_id)[:80]!r} does not match its content: spec + weights hash to {computed}; "
-            "upload the model under the id popex.nets.io.compute_model_id gives"
+            f"model id {str(model_id)[:80]!r} does not match its content: its files hash to {computed}; "
+            "upload the model under the id its registration on the edge answered"
         )
 
 
@@ -76,8 +77,9 @@ class ModelStore:
     worker never sees half a model.
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], *, n_threads: int = 1) -> None:
         self.state_dir = Path(state_dir)
+        self.n_threads = n_threads
         self._models_dir = self.state_dir / MODELS_DIR
         self._models_dir.mkdir(parents=True, exist_ok=True)
         self._models: dict[str, LoadedModel] = {}
@@ -97,11 +99,11 @@ class ModelStore:
     def _load_from_disk(self, model_id: str) -> LoadedModel | None:
         """Load a stored model; a broken directory is logged and skipped, not fatal."""
         directory = self._models_dir / model_id
-        if not (directory / SPEC_FILE).is_file():
+        if not directory.is_dir():
             return None
         try:
-            loaded = load_model(directory)
-        except PopexError as err:
+            loaded = load_model_dir(directory, n_threads=self.n_threads)
+        except (PopexError, OSError) as err:
             log.warning("skipping stored model %s: %s", directory, err)
             return None
         if loaded.model_id != model_id:
@@ -117,23 +119,6 @@ class ModelStore:
                 self._shapes[loaded.model_id] = shapes
                 self._models[loaded.model_id] = loaded
             return self._models[loaded.model_id]
-
-    def _store(self, model_id: str, spec_bytes: bytes, weights_bytes: bytes) -> None:
-        """Write both files into a temporary directory, then rename it into place (atomic)."""
-        final = self._models_dir / model_id
-        with self._store_lock:
-            if (final / SPEC_FILE).is_file():
-                return  # stored already, e.g. by another worker process on this state dir
-            tmp = Path(tempfile.mkdtemp(dir=self._models_dir, prefix=f".{model_id[:12]}."))
-            try:
-                _write_file(tmp / WEIGHTS_FILE, weights_bytes)
-                _write_file(tmp / SPEC_FILE, spec_bytes)
-                os.replace(tmp, final)
-                _fsync_dir(self._models_dir)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not (final / SPEC_FILE).is_file():  # else another process stored it first
-                    raise
 
     def get(self, model_id: str) -> LoadedModel:
         """The registered model ``model_id``.
@@ -196,18 +181,18 @@ class ModelStore:
         with self._lock:
             return self._shapes[model_id][split]
 
-    def register(self, model_id: str, spec_bytes: bytes, weights_bytes: bytes) -> LoadedModel:
+    def register(self, model_id: str, files: Mapping[str, bytes]) -> LoadedModel:
         """Check, store and load a model uploaded by the edge; idempotent.
 
         Parameters
         ----------
         model_id : str
-            The id the edge claims: must be the sha256 of the canonical spec
-            followed by the weights (see :func:`popex.nets.io.compute_model_id`).
-        spec_bytes : bytes
-            The spec JSON.
-        weights_bytes : bytes
-            The weights, safetensors only (a pickle is refused, never read).
+            The id the edge claims: the hash of the files
+            (:func:`popex.runtime.model_files.files_model_id`).
+        files : mapping of str to bytes
+            Relative path -> content: ``model.json`` and its graphs, or
+            ``spec.json`` and ``weights.safetensors`` (converted to ONNX by
+            a separate process, never unpickled).
 
         Returns
         -------
@@ -215,17 +200,34 @@ class ModelStore:
 
         Raises
         ------
-        SpecError, WeightsError
-            If the spec or the weights are invalid or do not fit each other.
+        SpecError, WeightsError, OnnxModelError
+            If the files are invalid or do not fit each other; nothing is stored.
         ModelIdMismatchError
             If the content hashes to another id than ``model_id``.
         """
+        _check_id(model_id, files_model_id(files))
         if self.has(model_id):
-            _check_id(model_id, compute_model_id(parse_spec_json(spec_bytes), weights_bytes))
             return self.get(model_id)
-        loaded = load_model_bytes(spec_bytes, weights_bytes)
-        _check_id(model_id, loaded.model_id)
-        self._store(model_id, spec_bytes, weights_bytes)
-        loaded = self._add(loaded)
-        log.info("registered model %s (%s, %d stages)", model_id, loaded.spec.get("name"), loaded.net.n_stages)
+        final = self._models_dir / model_id
+        with self._store_lock:
+            if not final.is_dir():
+                tmp = Path(tempfile.mkdtemp(dir=self._models_dir, prefix=f".{model_id[:12]}."))
+                try:
+                    write_files(files, tmp)
+                    loaded = load_model_dir(tmp, n_threads=self.n_threads,
+                                            export_to=tmp / ONNX_DIR)
+                    _check_id(model_id, loaded.model_id)
+                    for path in sorted(tmp.rglob("*")):
+                        if path.is_file():
+                            _fsync_file(path)
+                    os.replace(tmp, final)
+                    _fsync_dir(self._models_dir)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    if not final.is_dir():  # else another process stored it first
+                        raise
+        loaded = self.get(model_id)
+        log.info("registered model %s (%s, %d stages, %s form)", model_id, loaded.spec.get("name"),
+                 loaded.net.n_stages, loaded.form)
         return loaded
+

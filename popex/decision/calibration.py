@@ -14,13 +14,15 @@ from os import PathLike
 
 import numpy as np
 
-from popex.errors import CalibrationError
+from popex.errors import CalibrationError, ConfigError
 
 __all__ = [
     "CONFIDENCE_METHODS",
     "Calibration",
     "save_calibration",
     "load_calibration",
+    "CALIBRATION_FILE",
+    "calibration_file",
 ]
 
 CONFIDENCE_METHODS = ("max_softmax", "entropy")
@@ -280,3 +282,18 @@ def load_calibration(path: str | PathLike[str]) -> Calibration:
             f"got dtype {method.dtype} and shape {method.shape}"
         )
     return Calibration(**arrays, confidence_method=str(method[()]))
+
+
+CALIBRATION_FILE = "calibration.npz"
+"""A model directory's calibration of its pristine heads."""
+
+
+def calibration_file(head: str) -> str:
+    """File name of a head set's calibration in a model directory.
+
+    >>> calibration_file("pristine"), calibration_file("blur")
+    ('calibration.npz', 'calibration_blur.npz')
+    """
+    if not isinstance(head, str) or not head:
+        raise ConfigError(f"head must be a non-empty name, got {head!r}")
+    return CALIBRATION_FILE if head == "pristine" else f"calibration_{head}.npz"

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from popex.edge.strategy import Strategy
 
@@ -32,7 +32,7 @@ class RequestRun:
         The requirement, as reported.
     budget_ms : float
         When the edge stops waiting for the cloud, ms from arrival (see :func:`offload_budget_ms`).
-    features : list of torch.Tensor
+    features : list of np.ndarray
         The input, then the output of each stage run so far.
     evaluated : list of (int, float, int)
         ``(branch, confidence, predicted label)`` of each branch evaluated.
@@ -49,7 +49,7 @@ class RequestRun:
     arrival_s: float
     deadline_ms: float
     budget_ms: float
-    features: list[torch.Tensor]
+    features: list[np.ndarray]
     evaluated: list[tuple[int, float, int]]
     transfer_ms: float = 0.0
     cloud_ms: float = 0.0

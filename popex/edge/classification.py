@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from popex.nets.early_exit import PRISTINE_HEAD
+from popex.runtime.onnx_model import PRISTINE_HEAD
 
 __all__ = ["LatencyBreakdown", "Classification"]
 

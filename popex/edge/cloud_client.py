@@ -18,6 +18,8 @@ health checks are control traffic and are not delayed).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import http.client
 import math
 import time
@@ -266,16 +268,17 @@ class CloudClient:
 
     # -- control plane -------------------------------------------------------------
 
-    def put_model(self, model_id: str, spec_bytes: bytes, weights_bytes: bytes, *,
+    def put_model(self, model_id: str, files: Mapping[str, bytes], *,
                   timeout_s: float) -> RegisteredModel:
-        """Upload a model (spec JSON + safetensors weights); harmless if already there.
+        """Upload a model in the form it was registered in; harmless if already there.
 
         Parameters
         ----------
         model_id : str
-            sha256 of the canonical spec and the weights (the cloud checks it).
-        spec_bytes, weights_bytes : bytes
-            spec.json and weights.safetensors as stored on the edge.
+            The hash of the files (the cloud checks it).
+        files : mapping of str to bytes
+            Path in the model directory -> content: model.json and its ONNX
+            graphs, or spec.json and weights.safetensors.
         timeout_s : float
 
         Returns
@@ -285,14 +288,12 @@ class CloudClient:
         Raises
         ------
         CloudRejected
-            If the cloud finds the spec, the weights or the id wrong (its
-            message says which).
+            If the cloud finds a file or the id wrong (its message says which).
         CloudTimeout, CloudUnavailable
         """
         deadline_s = time.perf_counter() + _check_timeout_s(timeout_s)
-        files = {"spec": ("spec.json", spec_bytes, "application/json"),
-                 "weights": ("weights.safetensors", weights_bytes, "application/octet-stream")}
-        response = self._send("PUT", self._model_url(model_id), deadline_s=deadline_s, files=files)
+        parts = [("files", (path, data, "application/octet-stream")) for path, data in sorted(files.items())]
+        response = self._send("PUT", self._model_url(model_id), deadline_s=deadline_s, files=parts)
         body = json_body(response, ("model_id", "n_stages"))
         return RegisteredModel(model_id=str(body["model_id"]), n_stages=int(body["n_stages"]),
                                created=response.status_code == 201)

@@ -16,6 +16,8 @@ from one place).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from typing import Protocol, runtime_checkable
 
 from popex.edge.cloud_client import API_PREFIX, CloudClient
@@ -131,16 +133,17 @@ class CloudPort(Protocol):
         """
         ...
 
-    def put_model(self, model_id: str, spec_bytes: bytes, weights_bytes: bytes, *,
+    def put_model(self, model_id: str, files: Mapping[str, bytes], *,
                   timeout_s: float) -> RegisteredModel:
-        """Give the cloud a model (spec JSON + safetensors weights); harmless if it has it.
+        """Give the cloud a model in the form it was registered in; harmless if it has it.
 
         Parameters
         ----------
         model_id : str
-            The id the cloud must find again from the two files.
-        spec_bytes, weights_bytes : bytes
-            spec.json and weights.safetensors as the edge stores them.
+            The id the cloud must find again from the files.
+        files : mapping of str to bytes
+            Path in the model directory -> content: model.json and its ONNX
+            graphs, or spec.json and weights.safetensors.
         timeout_s : float
             Timeout of this control call, s.
 
@@ -152,7 +155,7 @@ class CloudPort(Protocol):
         Raises
         ------
         CloudTimeout, CloudUnavailable, CloudRejected
-            Rejected: the cloud found the spec, weights or id wrong.
+            Rejected: the cloud found the files or the id wrong.
         """
         ...
 

@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
+import numpy as np
 
 from popex.checks import check_finite
 from popex.edge.budget import RequestRun
 from popex.edge.plans import ModelPlan
 from popex.edge.store import StoredModel
-from popex.nets.early_exit import exit_confidence
+from popex.runtime.exits import exit_confidence
 
 __all__ = ["EdgeCompute"]
 
@@ -44,8 +44,8 @@ class EdgeCompute:
     def __init__(self, *, edge_slowdown: float) -> None:
         self.edge_slowdown = check_finite(edge_slowdown, name="edge_slowdown", low=1.0, high=_MAX_EDGE_SLOWDOWN)
 
-    def on_edge(self, compute: Callable[..., torch.Tensor], *args: Any, emulated_ms: float,
-                run: RequestRun | None = None, **kwargs: Any) -> torch.Tensor:
+    def on_edge(self, compute: Callable[..., np.ndarray], *args: Any, emulated_ms: float,
+                run: RequestRun | None = None, **kwargs: Any) -> np.ndarray:
         """Run ``compute(*args, **kwargs)``; on an emulated slower device, take at least ``emulated_ms``.
 
         ``time.sleep`` wakes late (0.1-1 ms on a busy VM, per piece); within a
@@ -63,7 +63,7 @@ class EdgeCompute:
 
         Returns
         -------
-        torch.Tensor
+        np.ndarray
             What ``compute`` returned.
         """
         if self.edge_slowdown == 1.0:
@@ -81,7 +81,7 @@ class EdgeCompute:
             run.sleep_overshoot_ms = overshoot_ms
         return result
 
-    def evaluate_branch(self, model: StoredModel, plan: ModelPlan, branch: int, features: torch.Tensor, *,
+    def evaluate_branch(self, model: StoredModel, plan: ModelPlan, branch: int, features: np.ndarray, *,
                         head: str | None = None, run: RequestRun | None = None) -> tuple[float, int]:
         """Run side branch ``branch`` on ``features``; its temperature-scaled confidence and label.
 
@@ -91,7 +91,7 @@ class EdgeCompute:
         plan : ModelPlan
             Gives the branch's profile time (emulation).
         branch : int
-        features : torch.Tensor, shape (1, ...)
+        features : np.ndarray, shape (1, ...)
             The output of the stage the branch is attached after.
         head : str, optional
             Expert head set; None = pristine.
@@ -106,13 +106,13 @@ class EdgeCompute:
                               emulated_ms=float(plan.profile.branch_edge_ms[branch]))
         return self._exit(model, logits, branch, head)
 
-    def final(self, model: StoredModel, logits: torch.Tensor, *, head: str | None = None) -> tuple[float, int]:
+    def final(self, model: StoredModel, logits: np.ndarray, *, head: str | None = None) -> tuple[float, int]:
         """Confidence and label of the final exit from its logits.
 
         Parameters
         ----------
         model : StoredModel
-        logits : torch.Tensor, shape (1, n_classes)
+        logits : np.ndarray, shape (1, n_classes)
         head : str, optional
 
         Returns
@@ -122,7 +122,7 @@ class EdgeCompute:
         return self._exit(model, logits, -1, head)
 
     @staticmethod
-    def _exit(model: StoredModel, logits: torch.Tensor, exit_index: int, head: str | None) -> tuple[float, int]:
+    def _exit(model: StoredModel, logits: np.ndarray, exit_index: int, head: str | None) -> tuple[float, int]:
         calibration = model.calibration_of(head)
         confidence, predicted = exit_confidence(
             logits, temperature=float(calibration.temperature[exit_index]), method=calibration.confidence_method

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from popex.checks import check_finite
@@ -28,7 +29,9 @@ from popex.edge.cloud_types import (
 )
 from popex.errors import ConfigError, PopexError
 from popex.link.emulation import LinkEmulator
-from popex.nets.spec import parse_spec_json
+from popex.errors import SpecError
+from popex.runtime.model_files import SPEC_FILE
+from popex.runtime.onnx_model import MANIFEST_FILE, read_manifest
 from popex.wire import OffloadRequest, decode_offload, decompress_payload
 
 __all__ = ["PORT_METHODS", "SCRIPTED_STAGE_MS", "Offload", "FakeCloud"]
@@ -53,6 +56,16 @@ class Offload:
     timeout_s: float
     n_bytes: int
     content_encoding: str | None
+
+
+def _n_stages(files: Mapping[str, bytes]) -> int:
+    """Stage count of a model given as files, read from model.json or spec.json (scripted mode)."""
+    if MANIFEST_FILE in files:
+        return len(read_manifest(files[MANIFEST_FILE])["stages"])
+    try:
+        return len(json.loads(files[SPEC_FILE])["stages"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SpecError(f"the files hold neither {MANIFEST_FILE} nor a {SPEC_FILE} with stages") from err
 
 
 class FakeCloud:
@@ -305,14 +318,14 @@ class FakeCloud:
         self._raise_failure("has_model")
         return self._holds(model_id)
 
-    def put_model(self, model_id: str, spec_bytes: bytes, weights_bytes: bytes, *,
+    def put_model(self, model_id: str, files: Mapping[str, bytes], *,
                   timeout_s: float) -> RegisteredModel:
         """Keep the model (the real cloud half checks, stores and loads it).
 
         Parameters
         ----------
         model_id : str
-        spec_bytes, weights_bytes : bytes
+        files : mapping of str to bytes
         timeout_s : float
 
         Returns
@@ -322,7 +335,7 @@ class FakeCloud:
         Raises
         ------
         CloudRejected
-            If the spec (or, when real, the weights or the id) is wrong.
+            If the files name no model (or, when real, a file or the id is wrong).
         CloudUnavailable, CloudError
             While ``down``; as set by :meth:`fail`.
         """
@@ -331,9 +344,9 @@ class FakeCloud:
         created = not self._holds(model_id)
         try:
             if self.runner is not None:
-                n_stages = self.runner.register(model_id, spec_bytes, weights_bytes).net.n_stages
+                n_stages = self.runner.register(model_id, files).net.n_stages
             else:
-                n_stages = len(parse_spec_json(spec_bytes)["stages"])
+                n_stages = _n_stages(files)
         except PopexError as err:
             raise _rejected(err) from err
         with self._lock:

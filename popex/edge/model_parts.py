@@ -1,9 +1,10 @@
 """Checks of the parts of an uploaded model, before the model store keeps any of it.
 
-A model is its spec and weights (checked by :func:`popex.nets.io.load_model_bytes`),
-one calibration per head set, and, when the spec lists ``"experts"`` (see
+A model is its files in either form (ONNX graphs + model.json, or spec +
+weights; checked by :func:`popex.runtime.model_files.load_model_dir`), one
+calibration per head set, and, when the model has expert head sets (see
 :mod:`popex.nets.experts`), the distortion classifier that picks the head set
-per image. The checks here say, in one message each, which part is wrong:
+per image. :func:`split_model_files` sorts an upload's files into those parts. The checks here say, in one message each, which part is wrong:
 a calibration that is not a pickle-free npz, has the wrong number of exits
 or classes outside the model's; expert files sent to a model without
 experts, or missing from one with them.
@@ -11,16 +12,159 @@ experts, or missing from one with them.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from popex.decision.calibration import Calibration, load_calibration
+from popex.decision.calibration import CALIBRATION_FILE, Calibration, calibration_file, load_calibration
 from popex.errors import CalibrationError, PopexError, SpecError
-from popex.nets.distortion import DistortionClassifier
-from popex.nets.experts import calibration_file
-from popex.nets.io import CALIBRATION_FILE, LoadedModel
+from popex.runtime.distortion import CLASSIFIER_DIR, OnnxDistortionClassifier
+from popex.runtime.model_files import (
+    MANIFEST_FILE,
+    ONNX_DIR,
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    LoadedModel,
+    check_file_path,
+    load_model_dir,
+    onnx_form_files,
+)
 
-__all__ = ["read_calibration", "check_calibration_fits", "check_expert_parts", "read_classifier"]
+__all__ = [
+    "CALIBRATION_FILE",
+    "calibration_file",
+    "ModelFiles",
+    "split_model_files",
+    "check_model_files",
+    "read_model_directory",
+    "read_calibration",
+    "check_calibration_fits",
+    "check_expert_parts",
+    "read_classifier",
+]
+
+_EXPERT_CALIBRATION = re.compile(r"calibration_([A-Za-z_][A-Za-z0-9_]{0,31})\.npz")
+#: External data of an ONNX graph: the only files besides those model.json names.
+_EXTERNAL_DATA_SUFFIXES = (".data", ".bin")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """An upload's files sorted into the model's parts (paths relative to each part's directory)."""
+
+    model: dict[str, bytes]
+    calibration: bytes
+    expert_calibrations: dict[str, bytes] = field(default_factory=dict)
+    classifier: dict[str, bytes] = field(default_factory=dict)
+
+
+def split_model_files(files: Mapping[str, bytes]) -> ModelFiles:
+    """Sort a model directory's files: the model, calibrations, the distortion classifier.
+
+    Parameters
+    ----------
+    files : mapping of str to bytes
+        Path -> content, as uploaded or read from a directory.
+
+    Returns
+    -------
+    ModelFiles
+
+    Raises
+    ------
+    SpecError
+        If a path is unsafe or a content is not bytes.
+    CalibrationError
+        If ``calibration.npz`` is missing.
+    """
+    model: dict[str, bytes] = {}
+    experts: dict[str, bytes] = {}
+    classifier: dict[str, bytes] = {}
+    calibration = None
+    for path, data in files.items():
+        check_file_path(path)
+        if not isinstance(data, (bytes, bytearray)):
+            raise SpecError(f"{path} must be bytes, got {type(data).__name__}")
+        data = bytes(data)
+        match = _EXPERT_CALIBRATION.fullmatch(path)
+        if path == CALIBRATION_FILE:
+            calibration = data
+        elif match is not None:
+            experts[match.group(1)] = data
+        elif path.startswith(CLASSIFIER_DIR + "/"):
+            classifier[path[len(CLASSIFIER_DIR) + 1:]] = data
+        else:
+            model[path] = data
+    if calibration is None:
+        raise CalibrationError(f"the model has no {CALIBRATION_FILE}: send the calibration of its exits "
+                               "(popex calibrate writes it)")
+    return ModelFiles(model=model, calibration=calibration, expert_calibrations=experts, classifier=classifier)
+
+
+def check_model_files(loaded: LoadedModel, model_files: Mapping[str, bytes]) -> None:
+    """Refuse files that are not part of the model's form (a stray upload is an error, not ignored).
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        The model as loaded from those files.
+    model_files : mapping of str to bytes
+        What was sent for the model itself (:attr:`ModelFiles.model`).
+
+    Raises
+    ------
+    SpecError
+        Naming the first such file.
+    """
+    extra = sorted(path for path in model_files if path not in loaded.files
+                   and not (loaded.form == "onnx" and path.endswith(_EXTERNAL_DATA_SUFFIXES)))
+    if extra:
+        wanted = "model.json and the graphs it names" if loaded.form == "onnx" else "spec.json and weights.safetensors"
+        raise SpecError(f"file {extra[0][:80]!r} is not part of the model ({wanted}, calibration.npz, "
+                        f"calibration_<expert>.npz, {CLASSIFIER_DIR}/)")
+
+
+def _form_files(directory: Path) -> dict[str, bytes]:
+    if (directory / MANIFEST_FILE).is_file():
+        return onnx_form_files(directory)
+    missing = [name for name in (SPEC_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise SpecError(f"model directory {str(directory)!r} has neither {MANIFEST_FILE} nor {missing[0]}")
+    return {name: (directory / name).read_bytes() for name in (SPEC_FILE, WEIGHTS_FILE)}
+
+
+def read_model_directory(directory: str | os.PathLike[str]) -> dict[str, bytes]:
+    """The files of a model directory that a registration needs (either form), by relative path.
+
+    Cards, profiles and a spec model's ``onnx/`` export are left out; the
+    registration makes its own.
+
+    Parameters
+    ----------
+    directory : path
+
+    Returns
+    -------
+    dict of str to bytes
+
+    Raises
+    ------
+    SpecError
+        If the model files or calibration.npz are missing.
+    """
+    directory = Path(directory)
+    files = _form_files(directory)
+    if not (directory / CALIBRATION_FILE).is_file():
+        raise SpecError(f"model directory {str(directory)!r} has no {CALIBRATION_FILE}")
+    files[CALIBRATION_FILE] = (directory / CALIBRATION_FILE).read_bytes()
+    for path in sorted(directory.glob("calibration_*.npz")):
+        files[path.name] = path.read_bytes()
+    if (directory / CLASSIFIER_DIR).is_dir():
+        for path, data in _form_files(directory / CLASSIFIER_DIR).items():
+            files[f"{CLASSIFIER_DIR}/{path}"] = data
+    return files
 
 
 def read_calibration(calibration_bytes: bytes, directory: Path, file_name: str = CALIBRATION_FILE) -> Calibration:
@@ -88,38 +232,33 @@ def check_calibration_fits(calibration: Calibration, loaded: LoadedModel, what: 
             )
 
 
-def check_expert_parts(loaded: LoadedModel, expert_calibrations: Mapping[str, bytes],
-                       classifier_spec: bytes | None, classifier_weights: bytes | None) -> None:
-    """Check that the expert files sent are exactly those the spec's ``experts`` call for.
+def check_expert_parts(loaded: LoadedModel, expert_calibrations: Mapping[str, bytes], *,
+                       has_classifier: bool) -> None:
+    """Check that the expert files sent are exactly those the model's expert head sets call for.
 
     Parameters
     ----------
     loaded : LoadedModel
-        The checked spec and weights.
     expert_calibrations : mapping of str to bytes
         Expert name -> its calibration .npz, as sent.
-    classifier_spec, classifier_weights : bytes or None
-        The distortion classifier's files, as sent.
+    has_classifier : bool
+        Whether distortion classifier files were sent.
 
     Raises
     ------
     SpecError
-        If a part is not bytes, expert files come with a model without
-        experts, or the classifier is missing for a model with them.
+        If expert files come with a model without experts, or the
+        classifier is missing for a model with them.
     CalibrationError
         If a calibration names an unknown expert or one expert has none.
     """
     experts = loaded.net.expert_names
-    sent = [(f"calibration_{e}", b) for e, b in expert_calibrations.items()]
-    for name, data in (*sent, ("classifier_spec", classifier_spec), ("classifier_weights", classifier_weights)):
-        if data is not None and not isinstance(data, (bytes, bytearray)):
-            raise SpecError(f"{name} must be bytes, got {type(data).__name__}")
-    has_classifier = classifier_spec is not None or classifier_weights is not None
     if not experts:
         sent = [f"calibration_{e}" for e in expert_calibrations] + (["the distortion classifier"]
                                                                     if has_classifier else [])
         if sent:
-            raise SpecError(f"the spec lists no 'experts', so the model takes no expert files; got {sent}")
+            raise SpecError(f"the model lists no 'experts' (expert head sets), so it takes no expert files; "
+                           f"got {sent}")
         return
     unknown = sorted(set(expert_calibrations) - set(experts))
     if unknown:
@@ -129,29 +268,37 @@ def check_expert_parts(loaded: LoadedModel, expert_calibrations: Mapping[str, by
     if missing:
         raise CalibrationError(f"the model has expert heads {list(experts)} but no calibration for "
                                f"{', '.join(missing)}: send each as the file calibration_<expert>")
-    if classifier_spec is None or classifier_weights is None:
+    if not has_classifier:
         raise SpecError(f"the model has expert heads {list(experts)}, which need the distortion classifier "
-                        "that chooses them: send its files classifier_spec and classifier_weights")
+                        f"that chooses them: send its files under {CLASSIFIER_DIR}/ (classifier_spec and "
+                        "classifier_weights for a spec-form classifier)")
 
 
-def read_classifier(spec_bytes: bytes, weights_bytes: bytes) -> DistortionClassifier:
-    """Build the distortion classifier from its spec JSON and safetensors weights.
+def read_classifier(directory: Path, *, n_threads: int = 1) -> OnnxDistortionClassifier:
+    """Load the distortion classifier from its directory (either form; a spec one is converted).
 
     Parameters
     ----------
-    spec_bytes, weights_bytes : bytes
+    directory : Path
+        ``<model>/distortion-classifier``; a spec one's export is written into its ``onnx/``.
+    n_threads : int
 
     Returns
     -------
-    DistortionClassifier
+    OnnxDistortionClassifier
 
     Raises
     ------
     PopexError
-        Of the same kind as :meth:`DistortionClassifier.from_bytes` raised,
-        its message prefixed with "distortion classifier".
+        Of the kind the load raised, its message prefixed with "distortion classifier".
     """
+    if not (directory / MANIFEST_FILE).is_file():
+        for name, field_name in ((SPEC_FILE, "classifier_spec"), (WEIGHTS_FILE, "classifier_weights")):
+            if not (directory / name).is_file():
+                raise SpecError(f"distortion classifier: {CLASSIFIER_DIR}/{name} (multipart field {field_name}) "
+                                f"is missing, or send its ONNX form ({CLASSIFIER_DIR}/{MANIFEST_FILE})")
     try:
-        return DistortionClassifier.from_bytes(bytes(spec_bytes), bytes(weights_bytes))
+        loaded = load_model_dir(directory, n_threads=n_threads, export_to=directory / ONNX_DIR)
+        return OnnxDistortionClassifier(loaded.net, model_id=loaded.model_id)
     except PopexError as err:
         raise type(err)(f"distortion classifier: {err}") from err

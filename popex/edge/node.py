@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 
 from popex.decision.latency import Link
 from popex.edge.cloud_port import CloudClient
@@ -108,13 +107,11 @@ class EdgeNode:
         ConfigError
             If the link profiles file is invalid.
         """
-        if config.n_threads is not None:
-            torch.set_num_threads(config.n_threads)
         client = cloud_client
         if client is None:
             link = parse_link(config.emulate_link) if config.emulate_link is not None else None
             client = CloudClient(config.cloud_url, token=config.token, link=link)
-        registry = ModelRegistry(config.state_dir)
+        registry = ModelRegistry(config.state_dir, n_threads=config.n_threads or 1)
         _log.info("edge registry on %s with %d stored models", config.state_dir, len(registry))
         plans = PlanBook(link=_initial_link(config, client), headroom_fraction=config.plan_headroom_fraction)
         monitor = UplinkMonitor(

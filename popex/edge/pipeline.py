@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import torch
+import numpy as np
 
 from popex.checks import check_deadline_ms, check_objective
 from popex.data.images import decode_image
@@ -49,8 +49,8 @@ from popex.edge.plans import ModelPlan
 from popex.edge.strategy import Strategy
 from popex.edge.store import StoredModel, UnknownModelError
 from popex.errors import ConfigError, PopexError
-from popex.nets.early_exit import PRISTINE_HEAD
-from popex.nets.experts import choose_head
+from popex.runtime.onnx_model import PRISTINE_HEAD
+from popex.runtime.distortion import choose_head
 from popex.wire import WIRE_COMPRESSIONS, compress_payload, encode_offload
 
 __all__ = ["EdgeRunner"]
@@ -280,7 +280,7 @@ class EdgeRunner:
             strategy = plan.strategy(deadline_ms, objective, policy)  # checks before any image work
             image = decode_image(image_bytes, max_pixels=self.max_image_pixels)
             choice = choose_head(model.classifier, model.loaded.net, image) if aware else None
-            x = torch.from_numpy(preprocess(image, model.preprocessing))
+            x = preprocess(image, model.preprocessing)
             self.planner.submit_edge_fixed((time.perf_counter() - arrival_s) * 1000.0)  # the classifier's included
             if choice is not None and choice.head is not None:
                 strategy = plan.strategy(deadline_ms, objective, policy, head=choice.head)
@@ -289,8 +289,7 @@ class EdgeRunner:
                              evaluated=[])
             if choice is not None:
                 run.head, run.expert_confidence = choice.head, choice.confidence
-            with torch.inference_mode():
-                result = self._run(model, plan, strategy, run)
+            result = self._run(model, plan, strategy, run)
             outcome = _outcome(result)
             return result
         finally:
@@ -335,7 +334,7 @@ class EdgeRunner:
         return self._offload(model, plan, strategy, run, request_id, h)
 
     def _offload(self, model: StoredModel, plan: ModelPlan, strategy: Strategy, run: RequestRun, request_id: str,
-                 h: torch.Tensor) -> Classification:
+                 h: np.ndarray) -> Classification:
         encode_started = time.perf_counter()
         try:
             payload = encode_offload(h, model_id=model.model_id, split=strategy.split, request_id=request_id,

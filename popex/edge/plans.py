@@ -33,7 +33,7 @@ from popex.decision.sweep import ExitStats, sweep_exit_stats
 from popex.decision.table import Planner, StrategyTable
 from popex.edge.strategy import Strategy, strategy_from_row
 from popex.errors import ConfigError
-from popex.nets.early_exit import PRISTINE_HEAD, UnknownHeadError
+from popex.runtime.onnx_model import PRISTINE_HEAD, UnknownHeadError
 
 __all__ = ["ModelPlan", "PlanBook"]
 

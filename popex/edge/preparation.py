@@ -41,7 +41,6 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
-import torch
 
 from popex.checks import check_finite, check_int
 from popex.decision.latency import Profile
@@ -69,7 +68,7 @@ def _wire_split_bytes(model: StoredModel, wire_dtype: str) -> np.ndarray:
     net = model.loaded.net
     shapes = net.stage_output_shapes()
     sizes = [
-        len(encode_offload(torch.zeros(1, *shape), model_id=model.model_id, split=s, request_id=uuid.uuid4().hex,
+        len(encode_offload(np.zeros((1, *shape), np.float32), model_id=model.model_id, split=s, request_id=uuid.uuid4().hex,
                            wire_dtype=wire_dtype))
         for s, shape in enumerate(shapes[:-1])
     ]
@@ -135,11 +134,13 @@ class ModelPreparation:
         """Plan every stored model and queue the work it still needs (no wait)."""
         for model_id in self.registry.ids():
             model = self.registry.get(model_id)
-            if model.state == "ready" and model.profile is not None:
+            # A profile measured under another emulated slowdown is another device's: profile again.
+            if (model.state == "ready" and model.profile is not None
+                    and model.profile_edge_slowdown == self.compute.edge_slowdown):
                 self.plans.install(model_id, model.calibration, model.profile,
                                    expert_calibrations=model.expert_calibrations)
-                with torch.inference_mode():  # the first run of a network is slow; not a request's
-                    model.loaded.net(torch.zeros(1, *model.loaded.net.input_shape))
+                # the first run of a network is slow; not a request's
+                model.loaded.net(np.zeros((1, *model.loaded.net.input_shape), np.float32))
                 self._submit("sync", model_id, self._sync)
             else:
                 self._install_assumed_plan(model)
@@ -178,19 +179,14 @@ class ModelPreparation:
 
     # -- registration and preparation ------------------------------------------------
 
-    def register(self, spec_bytes: bytes, weights_bytes: bytes, calibration_bytes: bytes, *,
-                 expert_calibrations: Mapping[str, bytes] | None = None, classifier_spec: bytes | None = None,
-                 classifier_weights: bytes | None = None) -> Registration:
+    def register(self, files: Mapping[str, bytes]) -> Registration:
         """Validate and store a model, plan it with assumptions, queue its preparation.
 
         Parameters
         ----------
-        spec_bytes, weights_bytes, calibration_bytes : bytes
-            spec.json, weights.safetensors, calibration.npz.
-        expert_calibrations : mapping of str to bytes, optional
-            A model with expert heads: expert name -> calibration_<expert>.npz.
-        classifier_spec, classifier_weights : bytes, optional
-            A model with expert heads: its distortion classifier.
+        files : mapping of str to bytes
+            The model directory's files by relative path
+            (:meth:`popex.edge.store.ModelRegistry.add`).
 
         Returns
         -------
@@ -200,12 +196,10 @@ class ModelPreparation:
 
         Raises
         ------
-        SpecError, WeightsError, CalibrationError
+        SpecError, WeightsError, CalibrationError, OnnxModelError
             Nothing is stored in that case.
         """
-        registration = self.registry.add(spec_bytes, weights_bytes, calibration_bytes,
-                                         expert_calibrations=expert_calibrations, classifier_spec=classifier_spec,
-                                         classifier_weights=classifier_weights)
+        registration = self.registry.add(files)
         model = self.registry.get(registration.model_id)
         if registration.model_id not in self.plans:
             self._install_assumed_plan(model)
@@ -270,7 +264,8 @@ class ModelPreparation:
             profile = self._profile(model, timings, cloud_stage_ms)
             self.plans.install(model_id, model.calibration, profile, expert_calibrations=model.expert_calibrations)
             cloud_profile = "measured" if cloud_stage_ms is not None else "assumed"
-            return self.registry.set_state(model_id, "ready", profile=profile, cloud_profile=cloud_profile)
+            return self.registry.set_state(model_id, "ready", profile=profile, cloud_profile=cloud_profile,
+                                           profile_edge_slowdown=self.compute.edge_slowdown)
         except Exception as err:  # any failure leaves a usable model and a visible error
             _log.exception("preparing model %s failed", model_id)
             return self.registry.set_state(model_id, "failed", error=f"{type(err).__name__}: {err}")
@@ -335,8 +330,7 @@ class ModelPreparation:
         try:
             if self.client.has_model(model.model_id, timeout_s=self.cloud_timeout_s):
                 return True
-            spec_bytes, weights_bytes = model.artifact_bytes()
-            self.client.put_model(model.model_id, spec_bytes, weights_bytes, timeout_s=self.cloud_timeout_s)
+            self.client.put_model(model.model_id, model.loaded.files, timeout_s=self.cloud_timeout_s)
             return True
         except CloudError as err:
             _log.warning("cannot push model %s to the cloud (%s); assuming cloud times", model.model_id, err)
@@ -356,7 +350,7 @@ class ModelPreparation:
         The measurements go through the planner like a request's, and this
         job waits for it, so the profile built next sees them.
         """
-        x = torch.zeros(1, *model.loaded.net.input_shape)
+        x = np.zeros((1, *model.loaded.net.input_shape), np.float32)
         for _ in range(_N_OVERHEAD_OFFLOADS):
             started_s = time.perf_counter()
             payload = encode_offload(x, model_id=model.model_id, split=0, request_id=uuid.uuid4().hex,

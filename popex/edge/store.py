@@ -37,7 +37,15 @@ from pathlib import Path
 
 from popex.data.preprocess import Preprocessing
 from popex.decision.latency import Profile
-from popex.edge.model_parts import check_calibration_fits, check_expert_parts, read_calibration, read_classifier
+from popex.edge.model_parts import (
+    check_calibration_fits,
+    check_expert_parts,
+    check_model_files,
+    read_calibration,
+    read_classifier,
+    read_model_directory,
+    split_model_files,
+)
 from popex.edge.stored_model import (
     MODEL_STATES,
     PROFILE_FILE,
@@ -47,11 +55,18 @@ from popex.edge.stored_model import (
     load_stored_model,
     state_record,
 )
-from popex.errors import PopexError, ProfileError, SpecError, UnknownModelError
-from popex.nets.distortion import CLASSIFIER_DIR
-from popex.nets.experts import calibration_file
-from popex.nets.io import CALIBRATION_FILE, SPEC_FILE, WEIGHTS_FILE, atomic_write_bytes, load_model_bytes
-from popex.nets.spec import parse_spec_json
+from popex.errors import PopexError, ProfileError, UnknownModelError
+from popex.runtime.distortion import CLASSIFIER_DIR
+from popex.runtime.model_files import (
+    ONNX_DIR,
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    atomic_write_bytes,
+    files_model_id,
+    load_model_dir,
+    write_files,
+)
+from popex.edge.model_parts import CALIBRATION_FILE, calibration_file
 
 __all__ = [
     "MODEL_STATES",
@@ -96,8 +111,9 @@ class ModelRegistry:
     []
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], *, n_threads: int = 1) -> None:
         self.state_dir = Path(state_dir)
+        self.n_threads = n_threads
         self._models_dir = self.state_dir / _MODELS_DIR
         self._models_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -149,22 +165,16 @@ class ModelRegistry:
     def register(self, spec_bytes: bytes, weights_bytes: bytes, calibration_bytes: bytes, *,
                  expert_calibrations: Mapping[str, bytes] | None = None, classifier_spec: bytes | None = None,
                  classifier_weights: bytes | None = None) -> str:
-        """Validate and store a model; return its id (idempotent).
+        """Validate and store a spec-form model; return its id (idempotent): :meth:`add` with these files.
 
         Parameters
         ----------
-        spec_bytes : bytes
-            spec.json.
-        weights_bytes : bytes
-            weights.safetensors (never unpickled).
-        calibration_bytes : bytes
-            calibration.npz (read with ``allow_pickle=False``).
+        spec_bytes, weights_bytes, calibration_bytes : bytes
+            spec.json, weights.safetensors (never unpickled), calibration.npz.
         expert_calibrations : mapping of str to bytes, optional
-            Expert name -> its calibration .npz; required, one per expert,
-            when the spec lists ``experts``, refused otherwise.
+            Expert name -> its calibration .npz.
         classifier_spec, classifier_weights : bytes, optional
-            The distortion classifier's spec.json and weights.safetensors;
-            required with experts, refused without.
+            The distortion classifier's spec.json and weights.safetensors.
 
         Returns
         -------
@@ -174,26 +184,26 @@ class ModelRegistry:
         Raises
         ------
         SpecError, WeightsError, CalibrationError
-            One clear message; nothing is stored in that case.
-
-        See Also
-        --------
-        add : the same, also saying whether the model is new.
+            As :meth:`add`.
         """
-        return self.add(spec_bytes, weights_bytes, calibration_bytes, expert_calibrations=expert_calibrations,
-                        classifier_spec=classifier_spec, classifier_weights=classifier_weights).model_id
+        files = {SPEC_FILE: spec_bytes, WEIGHTS_FILE: weights_bytes, CALIBRATION_FILE: calibration_bytes}
+        files.update({calibration_file(e): data for e, data in (expert_calibrations or {}).items()})
+        if classifier_spec is not None:
+            files[f"{CLASSIFIER_DIR}/{SPEC_FILE}"] = classifier_spec
+        if classifier_weights is not None:
+            files[f"{CLASSIFIER_DIR}/{WEIGHTS_FILE}"] = classifier_weights
+        return self.add(files).model_id
 
-    def add(self, spec_bytes: bytes, weights_bytes: bytes, calibration_bytes: bytes, *,
-            expert_calibrations: Mapping[str, bytes] | None = None, classifier_spec: bytes | None = None,
-            classifier_weights: bytes | None = None) -> Registration:
-        """Validate and store a model; say whether it was new.
+    def add(self, files: Mapping[str, bytes]) -> Registration:
+        """Validate and store a model given as its directory's files; say whether it was new.
 
         Parameters
         ----------
-        spec_bytes, weights_bytes, calibration_bytes : bytes
-        expert_calibrations : mapping of str to bytes, optional
-        classifier_spec, classifier_weights : bytes, optional
-            As for :meth:`register`.
+        files : mapping of str to bytes
+            Path in the model directory -> content (:func:`popex.edge.model_parts.split_model_files`
+            says which files a model has): the model in either form, ``calibration.npz``, one
+            ``calibration_<expert>.npz`` per expert head set and ``distortion-classifier/``
+            for a model with experts.
 
         Returns
         -------
@@ -201,36 +211,31 @@ class ModelRegistry:
 
         Raises
         ------
-        SpecError, WeightsError, CalibrationError
-            As for :meth:`register`; nothing is stored in that case.
+        SpecError, WeightsError, CalibrationError, OnnxModelError
+            One clear message; nothing is stored in that case.
         """
-        for name, data in (("spec", spec_bytes), ("weights", weights_bytes), ("calibration", calibration_bytes)):
-            if not isinstance(data, (bytes, bytearray)):
-                raise SpecError(f"{name} must be bytes, got {type(data).__name__}")
-        expert_calibrations = dict(expert_calibrations or {})
-        loaded = load_model_bytes(bytes(spec_bytes), bytes(weights_bytes))
-        preprocessing = Preprocessing.from_spec_dict(loaded.spec)
-        check_expert_parts(loaded, expert_calibrations, classifier_spec, classifier_weights)
-        if loaded.model_id in self._models:
-            return Registration(loaded.model_id, created=False)
-        classifier = None
-        if loaded.net.expert_names:
-            classifier = read_classifier(classifier_spec, classifier_weights)  # type: ignore[arg-type]
+        parts = split_model_files(files)
+        model_id = files_model_id(parts.model)
+        if model_id in self._models:
+            return Registration(model_id, created=False)
         incoming = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self._models_dir))
         try:
-            calibration = read_calibration(bytes(calibration_bytes), incoming)
+            write_files(parts.model, incoming)
+            loaded = load_model_dir(incoming, export_to=incoming / ONNX_DIR, n_threads=self.n_threads)
+            check_model_files(loaded, parts.model)
+            preprocessing = Preprocessing.from_spec_dict(loaded.spec)
+            check_expert_parts(loaded, parts.expert_calibrations, has_classifier=bool(parts.classifier))
+            classifier = None
+            if parts.classifier:
+                write_files(parts.classifier, incoming / CLASSIFIER_DIR)
+                classifier = read_classifier(incoming / CLASSIFIER_DIR, n_threads=self.n_threads)
+            calibration = read_calibration(parts.calibration, incoming)
             check_calibration_fits(calibration, loaded)
             experts = {}
             for expert in loaded.net.expert_names:
                 file_name = calibration_file(expert)
-                experts[expert] = read_calibration(bytes(expert_calibrations[expert]), incoming, file_name)
+                experts[expert] = read_calibration(parts.expert_calibrations[expert], incoming, file_name)
                 check_calibration_fits(experts[expert], loaded, file_name)
-            (incoming / SPEC_FILE).write_bytes(bytes(spec_bytes))
-            (incoming / WEIGHTS_FILE).write_bytes(loaded.weights_bytes)
-            if classifier is not None and classifier_spec is not None and classifier_weights is not None:
-                (incoming / CLASSIFIER_DIR).mkdir()
-                (incoming / CLASSIFIER_DIR / SPEC_FILE).write_bytes(bytes(classifier_spec))
-                (incoming / CLASSIFIER_DIR / WEIGHTS_FILE).write_bytes(bytes(classifier_weights))
             model = StoredModel(
                 model_id=loaded.model_id,
                 loaded=loaded,
@@ -256,15 +261,12 @@ class ModelRegistry:
             shutil.rmtree(incoming, ignore_errors=True)
 
     def register_directory(self, directory: str | os.PathLike[str]) -> str:
-        """Register the spec, weights and calibration files found in ``directory``.
-
-        A spec with ``experts`` also needs ``calibration_<expert>.npz`` for
-        each and ``distortion-classifier/{spec.json,weights.safetensors}``
-        (the layout ``popex train-experts`` writes).
+        """Register the model found in ``directory`` (either form, with its calibrations and experts).
 
         Parameters
         ----------
         directory : str or path-like
+            The layout ``popex train``, ``popex train-experts`` or ``popex export`` writes.
 
         Returns
         -------
@@ -274,28 +276,9 @@ class ModelRegistry:
         Raises
         ------
         SpecError
-            If a file is missing; otherwise as :meth:`register`.
+            If a file is missing; otherwise as :meth:`add`.
         """
-        directory = Path(directory)
-        paths = [directory / name for name in (SPEC_FILE, WEIGHTS_FILE, CALIBRATION_FILE)]
-        for path in paths:
-            if not path.is_file():
-                raise SpecError(f"model directory {str(directory)!r} has no {path.name}")
-        spec_bytes, weights_bytes, calibration_bytes = (path.read_bytes() for path in paths)
-        experts = parse_spec_json(spec_bytes).get("experts", [])
-        extra = [directory / calibration_file(e) for e in experts]
-        if experts:
-            extra += [directory / CLASSIFIER_DIR / SPEC_FILE, directory / CLASSIFIER_DIR / WEIGHTS_FILE]
-        for path in extra:
-            if not path.is_file():
-                raise SpecError(f"model directory {str(directory)!r} has expert heads {experts} but no "
-                                f"{path.relative_to(directory)}")
-        classifier_spec = classifier_weights = None
-        if experts:
-            classifier_spec, classifier_weights = extra[-2].read_bytes(), extra[-1].read_bytes()
-        expert_calibrations = {e: (directory / calibration_file(e)).read_bytes() for e in experts}
-        return self.register(spec_bytes, weights_bytes, calibration_bytes, expert_calibrations=expert_calibrations,
-                             classifier_spec=classifier_spec, classifier_weights=classifier_weights)
+        return self.add(read_model_directory(directory)).model_id
 
     def set_state(
         self,
@@ -305,6 +288,7 @@ class ModelRegistry:
         error: str | None = None,
         profile: Profile | None = None,
         cloud_profile: str | None = None,
+        profile_edge_slowdown: float = 1.0,
     ) -> StoredModel:
         """Move a model to ``state`` and persist it (profile.json, state.json).
 
@@ -319,6 +303,9 @@ class ModelRegistry:
             Stored when given (the measured profile).
         cloud_profile : {"measured", "assumed"}, optional
             How the cloud times in ``profile`` were obtained.
+        profile_edge_slowdown : float
+            The emulated edge slowdown ``profile`` was measured under; a
+            start with another one profiles again.
 
         Returns
         -------
@@ -334,10 +321,12 @@ class ModelRegistry:
         model = self.get(model_id)
         with self._lock:
             if profile is not None:
-                data = {**profile.to_dict(), "cloud_profile": cloud_profile}
+                data = {**profile.to_dict(), "cloud_profile": cloud_profile,
+                        "edge_slowdown": profile_edge_slowdown}
                 atomic_write_bytes(model.directory / PROFILE_FILE, (json.dumps(data, indent=2) + "\n").encode())
                 model.profile = profile
                 model.cloud_profile = cloud_profile
+                model.profile_edge_slowdown = profile_edge_slowdown
             model.error = error
             model.state = state
             atomic_write_bytes(model.directory / STATE_FILE, json.dumps(state_record(model)).encode())
@@ -353,7 +342,7 @@ class ModelRegistry:
             if not entry.is_dir():
                 continue
             try:
-                model = load_stored_model(entry)
+                model = load_stored_model(entry, n_threads=self.n_threads)
             except (PopexError, OSError, ValueError) as err:
                 _log.error("skipping stored model %s: %s", entry.name, err)
                 continue

@@ -19,10 +19,9 @@ from popex.data.preprocess import Preprocessing
 from popex.decision.calibration import Calibration, load_calibration
 from popex.decision.latency import Profile
 from popex.errors import ProfileError, SpecError
-from popex.edge.model_parts import check_calibration_fits, read_classifier
-from popex.nets.distortion import CLASSIFIER_DIR, DistortionClassifier
-from popex.nets.experts import calibration_file
-from popex.nets.io import CALIBRATION_FILE, SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_model_bytes
+from popex.edge.model_parts import CALIBRATION_FILE, calibration_file, check_calibration_fits, read_classifier
+from popex.runtime.distortion import CLASSIFIER_DIR, OnnxDistortionClassifier
+from popex.runtime.model_files import ONNX_DIR, LoadedModel, load_model_dir
 
 __all__ = [
     "MODEL_STATES",
@@ -53,7 +52,7 @@ class StoredModel:
     Attributes
     ----------
     model_id : str
-        sha256 of the canonical spec and the weights.
+        The hash of the registered files (either form).
     loaded : LoadedModel
         The built network and its artifacts.
     calibration : Calibration
@@ -74,8 +73,10 @@ class StoredModel:
         Unix time of the registration.
     expert_calibrations : dict of str to Calibration
         One per expert head set (empty for a model without experts).
-    classifier : DistortionClassifier or None
+    classifier : OnnxDistortionClassifier or None
         Picks the head set per image; present exactly when the model has experts.
+    profile_edge_slowdown : float
+        The emulated edge slowdown its stored profile was measured under.
     """
 
     model_id: str
@@ -89,7 +90,8 @@ class StoredModel:
     cloud_profile: str | None = None
     registered_at_s: float = field(default_factory=time.time)
     expert_calibrations: dict[str, Calibration] = field(default_factory=dict)
-    classifier: DistortionClassifier | None = None
+    classifier: OnnxDistortionClassifier | None = None
+    profile_edge_slowdown: float = 1.0
 
     @property
     def expert_names(self) -> tuple[str, ...]:
@@ -131,21 +133,6 @@ class StoredModel:
         """Class names, in label order."""
         return tuple(self.loaded.net.class_names)
 
-    def artifact_bytes(self) -> tuple[bytes, bytes]:
-        """The spec and the weights as stored, e.g. to push to the cloud.
-
-        Returns
-        -------
-        tuple of (bytes, bytes)
-            spec.json and weights.safetensors.
-
-        Raises
-        ------
-        OSError
-            If the stored spec cannot be read.
-        """
-        return (self.directory / SPEC_FILE).read_bytes(), self.loaded.weights_bytes
-
 
 @dataclass(frozen=True)
 class Registration:
@@ -182,7 +169,7 @@ def state_record(model: StoredModel) -> dict[str, Any]:
     }
 
 
-def load_stored_model(directory: Path) -> StoredModel:
+def load_stored_model(directory: Path, *, n_threads: int = 1) -> StoredModel:
     """Read a model the store wrote back from ``directory``, checked as at its registration.
 
     A model whose state was "ready" keeps its stored profile; any other state
@@ -205,7 +192,7 @@ def load_stored_model(directory: Path) -> StoredModel:
     OSError, ValueError
         If a file cannot be read or its JSON parsed.
     """
-    loaded = load_model_bytes((directory / SPEC_FILE).read_bytes(), (directory / WEIGHTS_FILE).read_bytes())
+    loaded = load_model_dir(directory, n_threads=n_threads, export_to=directory / ONNX_DIR)
     if loaded.model_id != directory.name:
         raise SpecError(f"directory name does not match the model id {loaded.model_id}")
     calibration = load_calibration(directory / CALIBRATION_FILE)
@@ -216,8 +203,7 @@ def load_stored_model(directory: Path) -> StoredModel:
         check_calibration_fits(experts[expert], loaded, calibration_file(expert))
     classifier = None
     if experts:
-        classifier = read_classifier((directory / CLASSIFIER_DIR / SPEC_FILE).read_bytes(),
-                                      (directory / CLASSIFIER_DIR / WEIGHTS_FILE).read_bytes())
+        classifier = read_classifier(directory / CLASSIFIER_DIR, n_threads=n_threads)
     model = StoredModel(
         model_id=loaded.model_id,
         loaded=loaded,
@@ -240,6 +226,7 @@ def load_stored_model(directory: Path) -> StoredModel:
             raise ProfileError("stored profile does not match the model's branches")
         model.profile = profile
         model.cloud_profile = data.get("cloud_profile")
+        model.profile_edge_slowdown = float(data.get("edge_slowdown", 1.0))
         model.state = "ready"
     # Any other state was interrupted by the restart: the model is prepared again.
     return model

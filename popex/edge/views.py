@@ -13,7 +13,7 @@ from typing import Any
 from popex.edge.cloud_port import CloudError
 from popex.edge.plans import ModelPlan
 from popex.edge.store import StoredModel
-from popex.nets.early_exit import PRISTINE_HEAD
+from popex.runtime.onnx_model import PRISTINE_HEAD
 
 __all__ = ["EdgeViews"]
 

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from popex.data.distort import DEFAULT_LEVELS, DISTORTION_KINDS, DistortionLevels, distort, distort_mixed
-from popex.data.preprocess import Preprocessing, preprocess
+from popex.data.spectrum import DistortionPrediction, _gray_unit, spectrum, spectrum_features
 from popex.errors import ConfigError, DataError, SpecError
 from popex.nets.early_exit import EarlyExitNet
 from popex.nets.io import load_model, load_model_bytes, save_model
@@ -51,61 +51,6 @@ __all__ = [
 
 CLASSIFIER_DIR = "distortion-classifier"
 """Sub-directory of a model directory that holds the classifier's spec.json and weights."""
-
-
-def _gray_unit(images: np.ndarray, image_shape_hw: tuple[int, int], is_batch: bool | None) -> np.ndarray:
-    """uint8 images -> gray (n, H, W) float32 in [0, 1] at the classifier's size (the model's input size)."""
-    unit = Preprocessing((1, *image_shape_hw), mean=(0.0,), std=(1.0,))
-    return preprocess(images, unit, is_batch=is_batch)[:, 0]
-
-
-# -- features --------------------------------------------------------------------
-
-
-def spectrum(images: np.ndarray) -> np.ndarray:
-    """log(1 + |F|) of the centred 2-D Fourier transform of gray images.
-
-    Parameters
-    ----------
-    images : np.ndarray of float, shape (H, W) or (n, H, W)
-        Gray values, typically in [0, 1].
-
-    Returns
-    -------
-    np.ndarray of float32, the shape of ``images``
-        The zero frequency sits at (H // 2, W // 2).
-
-    Examples
-    --------
-    >>> s = spectrum(np.ones((4, 4)))
-    >>> s.shape, round(float(s[2, 2]), 3), float(s[0, 0])
-    ((4, 4), 2.833, 0.0)
-    """
-    values = np.asarray(images, dtype=np.float64)
-    if values.ndim not in (2, 3):
-        raise DataError(f"spectrum needs gray images (H, W) or (n, H, W), got shape {values.shape}")
-    transformed = np.fft.fftshift(np.fft.fft2(values, axes=(-2, -1)), axes=(-2, -1))
-    return np.log1p(np.abs(transformed)).astype(np.float32)
-
-
-def spectrum_features(images: np.ndarray, spec: dict[str, Any], *, is_batch: bool | None = None) -> np.ndarray:
-    """The classifier's input for uint8 images: standardised spectra, (n, 1, H, W) float32.
-
-    Colour images are converted to gray and every image is resized to the
-    spec's input size first (as the model itself would see them).
-
-    Parameters
-    ----------
-    images : np.ndarray of uint8
-        One image or a batch, as :func:`popex.data.preprocess.preprocess` accepts.
-    spec : dict
-        The classifier's spec: ``input_shape`` and the spectrum ``mean`` / ``std``.
-    is_batch : bool or None
-        For 3-D arrays only, as in ``preprocess``.
-    """
-    gray = _gray_unit(images, tuple(spec["input_shape"][1:]), is_batch)
-    mean, std = float(spec.get("mean", [0.0])[0]), float(spec.get("std", [1.0])[0])
-    return ((spectrum(gray) - mean) / std)[:, None].astype(np.float32)
 
 
 def distortion_classifier_spec(*, image_size_px: int = 28, spectrum_mean: float = 0.0, spectrum_std: float = 1.0,
@@ -154,14 +99,6 @@ def distortion_classifier_spec(*, image_size_px: int = 28, spectrum_mean: float 
 
 
 # -- the classifier --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistortionPrediction:
-    """Per-image kind ("pristine" | "blur" | "noise") and its softmax confidence."""
-
-    kinds: tuple[str, ...]
-    confidences: np.ndarray  # float32, shape (n,)
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,15 @@ backbone's own heads everywhere, so code that never names a head is unchanged.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from popex.errors import PopexError, SpecError
+from popex.errors import SpecError
 from popex.nets.spec import PRISTINE_HEAD, build_layer, validate_spec
+from popex.runtime.exits import exit_confidence as runtime_exit_confidence
+from popex.runtime.onnx_model import UnknownHeadError
 
 __all__ = ["EarlyExitNet", "UnknownHeadError", "exit_confidence", "CONFIDENCE_METHODS", "PRISTINE_HEAD"]
 
@@ -31,12 +32,6 @@ from popex.decision.calibration import CONFIDENCE_METHODS  # noqa: E402  one lis
 
 _RESERVED_NAMES = {"branches", "spec", "input_shape", "class_names", "stage_names", "branch_after_stage",
                    "experts", "expert_names"}
-
-
-class UnknownHeadError(PopexError):
-    """A head set was asked for that the model does not have (e.g. a wire payload's ``head``)."""
-
-    code = "unknown_head"
 
 
 class _Container(nn.Module):
@@ -235,20 +230,7 @@ class EarlyExitNet(nn.Module):
 def exit_confidence(
     logits: torch.Tensor, *, temperature: float = 1.0, method: str = "max_softmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence and predicted class of one exit for a batch of logits.
-
-    Parameters
-    ----------
-    logits : Tensor, shape (n, n_classes)
-    temperature : float
-        Per-exit temperature; logits are divided by it before the softmax.
-    method : {"max_softmax", "entropy"}
-        ``max_softmax``: the largest probability. ``entropy``: 1 − H(p)/log(n_classes),
-        so that higher means more confident for both.
-
-    Returns
-    -------
-    (confidence, predicted) : Tensor (n,) float, Tensor (n,) int64
+    """:func:`popex.runtime.exits.exit_confidence` on torch logits (training and calibration).
 
     Examples
     --------
@@ -256,13 +238,6 @@ def exit_confidence(
     >>> round(conf.item(), 3), pred.item()
     (0.5, 0)
     """
-    if method not in CONFIDENCE_METHODS:
-        raise ValueError(f"method must be one of {CONFIDENCE_METHODS}, got {method!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    probs = torch.softmax(logits.float() / temperature, dim=1)
-    top, predicted = probs.max(dim=1)
-    if method == "max_softmax":
-        return top, predicted
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
-    return 1.0 - entropy / math.log(probs.shape[1]), predicted
+    confidence, predicted = runtime_exit_confidence(logits.detach().float().cpu().numpy(),
+                                                    temperature=temperature, method=method)
+    return torch.from_numpy(confidence), torch.from_numpy(predicted)

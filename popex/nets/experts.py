@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +39,13 @@ from tqdm import tqdm
 
 from popex.data.distort import DEFAULT_LEVELS, DistortionLevels, distort_mixed
 from popex.data.preprocess import Preprocessing, preprocess
-from popex.decision.calibration import Calibration, load_calibration
+from popex.decision.calibration import Calibration, calibration_file, load_calibration
 from popex.errors import CalibrationError, ConfigError, DataError, SpecError
 from popex.nets.distortion import CLASSIFIER_DIR, DistortionClassifier
 from popex.nets.early_exit import PRISTINE_HEAD, EarlyExitNet, exit_confidence
-from popex.nets.io import CALIBRATION_FILE, LoadedModel, load_model
+from popex.nets.io import LoadedModel, load_model
 from popex.nets.train import fit_temperature
+from popex.runtime.distortion import HeadChoice, choose_head
 
 __all__ = [
     "EXPERT_KINDS",
@@ -63,17 +63,6 @@ __all__ = [
 
 EXPERT_KINDS = ("blur", "noise")
 """The distortion types that get an expert head set (the classifier's other class is "pristine")."""
-
-
-def calibration_file(head: str) -> str:
-    """File name of a head set's calibration in a model directory.
-
-    >>> calibration_file("pristine"), calibration_file("blur")
-    ('calibration.npz', 'calibration_blur.npz')
-    """
-    if not isinstance(head, str) or not head:
-        raise ConfigError(f"head must be a non-empty name, got {head!r}")
-    return CALIBRATION_FILE if head == PRISTINE_HEAD else f"calibration_{head}.npz"
 
 
 def _shared_features(net: EarlyExitNet, batch: torch.Tensor) -> list[torch.Tensor]:
@@ -339,21 +328,6 @@ def calibrate_head(net: EarlyExitNet, inputs: np.ndarray, labels: np.ndarray, *,
 
 
 @dataclass(frozen=True)
-class HeadChoice:
-    """Which head set serves one image, and what choosing cost.
-
-    ``expert`` is what a response reports ("pristine" | "blur" | "noise");
-    ``head`` is what the runtime passes to ``run_branch`` / ``run_stages`` and
-    puts in the wire payload's ``head`` metadata (None for pristine: omit it).
-    """
-
-    expert: str
-    head: str | None
-    confidence: float
-    classifier_ms: float
-
-
-@dataclass(frozen=True)
 class ExpertModel:
     """A model directory with expert heads: the network, one calibration per head, the classifier."""
 
@@ -369,28 +343,6 @@ class ExpertModel:
     def choose(self, image: np.ndarray) -> HeadChoice:
         """Run the classifier on one uint8 image and pick the head set for it (see :func:`choose_head`)."""
         return choose_head(self.classifier, self.net, image)
-
-
-def choose_head(classifier: DistortionClassifier, net: EarlyExitNet, image: np.ndarray) -> HeadChoice:
-    """Classify one uint8 image (any size, gray or RGB) and pick the head set of ``net`` for it.
-
-    A kind without an expert in ``net`` (e.g. "noise" for a model with only
-    a blur expert) falls back to the pristine heads.
-
-    Raises
-    ------
-    DataError
-        If ``image`` is not one uint8 image.
-    """
-    started = time.perf_counter()
-    prediction = classifier.predict(image, is_batch=False)
-    classifier_ms = (time.perf_counter() - started) * 1000.0
-    if len(prediction.kinds) != 1:
-        raise DataError(f"choose_head needs one image, got {len(prediction.kinds)}")
-    kind = prediction.kinds[0]
-    expert = kind if kind in net.expert_names else PRISTINE_HEAD
-    return HeadChoice(expert=expert, head=None if expert == PRISTINE_HEAD else expert,
-                      confidence=float(prediction.confidences[0]), classifier_ms=classifier_ms)
 
 
 def load_expert_model(directory: str | os.PathLike[str]) -> ExpertModel:

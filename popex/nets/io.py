@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from safetensors.torch import save as safetensors_save
 from popex.errors import SpecError, WeightsError
 from popex.nets.early_exit import EarlyExitNet
 from popex.nets.spec import canonical_spec_bytes, parse_spec_json
+from popex.decision.calibration import CALIBRATION_FILE
+from popex.runtime.model_files import atomic_write_bytes
 
 __all__ = [
     "SPEC_FILE",
@@ -40,7 +41,6 @@ __all__ = [
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "weights.safetensors"
-CALIBRATION_FILE = "calibration.npz"
 MAX_WEIGHTS_BYTES = 512 * 1024 * 1024
 
 
@@ -140,23 +140,6 @@ def load_model(directory: str | os.PathLike[str]) -> LoadedModel:
         if not path.is_file():
             raise SpecError(f"model directory {str(directory)!r} has no {path.name}")
     return load_model_bytes(spec_path.read_bytes(), weights_path.read_bytes())
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(net: EarlyExitNet, directory: str | os.PathLike[str]) -> str:

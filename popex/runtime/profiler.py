@@ -1,8 +1,8 @@
 """The profiler: per-stage and per-branch time, bytes at each split.
 
 Every stage is timed on its real input (the output of the previous stage
-for one image), after a warm-up, under ``torch.inference_mode``, with the
-thread count pinned; repeats are interleaved across stages so that a burst
+for one image) with ONNX Runtime, after a warm-up, with the thread count its
+sessions were built with; repeats are interleaved across stages so that a burst
 of load on a shared machine spreads over all stages instead of biasing one.
 Medians go into the latency model; the 10th-90th percentile spread is kept
 for people to judge the measurement.
@@ -15,18 +15,18 @@ import dataclasses
 import json
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from popex.decision.latency import Profile
 from popex.errors import ConfigError, ProfileError
-from popex.nets.early_exit import EarlyExitNet
+
+if TYPE_CHECKING:
+    from popex.runtime.onnx_model import OnnxModel
 
 __all__ = [
     "StageTimings",
@@ -41,17 +41,6 @@ __all__ = [
 # O (DESIGN.md §3) that `popex profile` and `popex plan` assume without a measurement; the edge
 # service starts from its own initial_offload_overhead_ms and then measures O.
 DEFAULT_OFFLOAD_OVERHEAD_MS = 2.0
-
-
-@contextmanager
-def _threads(n_threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if n_threads is not None:
-        torch.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,10 +72,10 @@ class StageTimings:
     def scaled(self, factor: float) -> StageTimings:
         """These timings on a device ``factor`` times slower (edge-device emulation).
 
-        >>> from popex.nets.zoo import b_lenet_spec
-        >>> t = time_stages(EarlyExitNet(b_lenet_spec()), n_warmup=0, n_repeats=1)
-        >>> bool((t.scaled(3.0).stage_ms == 3.0 * t.stage_ms).all())
-        True
+        >>> t = StageTimings(("s1",), np.array([1.0]), np.array([0.1]), np.zeros(0), np.zeros(0),
+        ...                  np.array([4, 0]), n_repeats=1, n_threads=1)
+        >>> t.scaled(3.0).stage_ms.tolist()
+        [3.0]
         """
         if not factor > 0:
             raise ConfigError(f"slowdown factor must be positive, got {factor!r}")
@@ -100,7 +89,7 @@ class StageTimings:
 
 
 def time_stages(
-    net: EarlyExitNet,
+    net: OnnxModel,
     *,
     n_warmup: int = 5,
     n_repeats: int = 30,
@@ -111,51 +100,43 @@ def time_stages(
 
     Parameters
     ----------
-    net : EarlyExitNet
-        Put in eval mode (and left there).
+    net : OnnxModel
+        The stage executor (sessions built with the tier's thread count).
     n_warmup : int
         Untimed runs first (allocator, oneDNN kernels selection).
     n_repeats : int
         Timed runs per stage and branch; the median is reported.
     n_threads : int, optional
-        torch intra-op threads during the measurement (restored afterwards).
+        The intra-op threads the sessions were built with, recorded in the
+        timings (default 1, the tiers' default).
     progress : bool
         Show a progress bar over the repeats.
 
     Returns
     -------
     StageTimings
-
-    Examples
-    --------
-    >>> from popex.nets.zoo import b_lenet_spec
-    >>> timings = time_stages(EarlyExitNet(b_lenet_spec()), n_warmup=1, n_repeats=3)
-    >>> timings.stage_ms.shape, timings.split_bytes.tolist()
-    ((3,), [3136, 4704, 1600, 40])
     """
     if n_warmup < 0 or n_repeats < 1:
         raise ConfigError(f"need n_warmup >= 0 and n_repeats >= 1, got {n_warmup}, {n_repeats}")
-    net.eval()
     n_stages, n_branches = net.n_stages, net.n_branches
-    with _threads(n_threads), torch.inference_mode():
-        inputs = [torch.zeros(1, *net.input_shape)]
+    inputs = [np.zeros((1, *net.input_shape), dtype=np.float32)]
+    for i in range(n_stages):
+        inputs.append(net.run_stages(inputs[-1], start=i, stop=i + 1))
+    split_bytes = np.array([x.size * 4 for x in inputs], dtype=np.int64)
+    stage_samples = np.zeros((n_repeats, n_stages))
+    branch_samples = np.zeros((n_repeats, n_branches))
+    for repeat in tqdm(range(-n_warmup, n_repeats), desc="profiling", disable=not progress):
         for i in range(n_stages):
-            inputs.append(net.run_stages(inputs[-1], start=i, stop=i + 1))
-        split_bytes = np.array([x.numel() * 4 for x in inputs], dtype=np.int64)
-        stage_samples = np.zeros((n_repeats, n_stages))
-        branch_samples = np.zeros((n_repeats, n_branches))
-        for repeat in tqdm(range(-n_warmup, n_repeats), desc="profiling", disable=not progress):
-            for i in range(n_stages):
-                started = time.perf_counter_ns()
-                net.run_stages(inputs[i], start=i, stop=i + 1)
-                if repeat >= 0:
-                    stage_samples[repeat, i] = (time.perf_counter_ns() - started) / 1e6
-            for b, after_stage in enumerate(net.branch_after_stage):
-                started = time.perf_counter_ns()
-                net.run_branch(b, inputs[after_stage])
-                if repeat >= 0:
-                    branch_samples[repeat, b] = (time.perf_counter_ns() - started) / 1e6
-        used_threads = torch.get_num_threads()
+            started = time.perf_counter_ns()
+            net.run_stages(inputs[i], start=i, stop=i + 1)
+            if repeat >= 0:
+                stage_samples[repeat, i] = (time.perf_counter_ns() - started) / 1e6
+        for b, after_stage in enumerate(net.branch_after_stage):
+            started = time.perf_counter_ns()
+            net.run_branch(b, inputs[after_stage])
+            if repeat >= 0:
+                branch_samples[repeat, b] = (time.perf_counter_ns() - started) / 1e6
+    used_threads = 1 if n_threads is None else n_threads
 
     def spread(samples: np.ndarray) -> np.ndarray:
         if samples.shape[1] == 0:

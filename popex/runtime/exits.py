@@ -1,0 +1,53 @@
+"""Confidence of an exit (DESIGN.md §2): temperature-scaled max softmax, or normalised entropy.
+
+One formula for calibration (training, on torch logits converted to numpy)
+and for every tier at serving time, so a threshold means the same on both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["CONFIDENCE_METHODS", "exit_confidence"]
+
+from popex.decision.calibration import CONFIDENCE_METHODS  # noqa: E402  one list for both sides
+
+
+def exit_confidence(logits: np.ndarray, *, temperature: float = 1.0,
+                    method: str = "max_softmax") -> tuple[np.ndarray, np.ndarray]:
+    """Confidence and predicted class of one exit for a batch of logits.
+
+    Parameters
+    ----------
+    logits : np.ndarray, shape (n, n_classes)
+    temperature : float
+        Per-exit temperature; logits are divided by it before the softmax.
+    method : {"max_softmax", "entropy"}
+        ``max_softmax``: the largest probability. ``entropy``: 1 − H(p)/log(n_classes),
+        so that higher means more confident for both.
+
+    Returns
+    -------
+    (confidence, predicted) : np.ndarray (n,) float32, np.ndarray (n,) int64
+
+    Examples
+    --------
+    >>> conf, pred = exit_confidence(np.array([[0.0, 0.0]]))
+    >>> round(float(conf[0]), 3), int(pred[0])
+    (0.5, 0)
+    """
+    if method not in CONFIDENCE_METHODS:
+        raise ValueError(f"method must be one of {CONFIDENCE_METHODS}, got {method!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    scaled = np.asarray(logits, dtype=np.float32) / np.float32(temperature)
+    scaled = scaled - scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    probs = exp / exp.sum(axis=1, keepdims=True)
+    predicted = probs.argmax(axis=1).astype(np.int64)
+    if method == "max_softmax":
+        return probs.max(axis=1), predicted
+    entropy = -(probs * np.log(np.maximum(probs, np.float32(1e-12)))).sum(axis=1)
+    return (1.0 - entropy / np.float32(math.log(probs.shape[1]))).astype(np.float32), predicted
