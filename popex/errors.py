@@ -15,6 +15,7 @@ __all__ = [
     "ProfileError",
     "DataError",
     "ConfigError",
+    "ExportError",
 ]
 
 
@@ -66,6 +67,12 @@ class ConfigError(PopexError):
     """A configuration value is missing or out of range."""
 
     code = "bad_config"
+
+
+class ExportError(PopexError):
+    """A torch module cannot be exported to ONNX, or its export does not reproduce it."""
+
+    code = "export_error"
 
 
 _HTTP_CODES = {
