@@ -15,7 +15,6 @@ boundaries as extra graph outputs and cutting that graph at them.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from popex.errors import ExportError
+from popex.runtime.onnx_model import compute_onnx_model_id as runtime_model_id
 from popex.nets.io import atomic_write_bytes
 
 __all__ = ["FORMAT", "MODEL_JSON", "OPSET", "ExportResult", "compute_onnx_model_id", "referenced_files",
@@ -72,14 +72,11 @@ def compute_onnx_model_id(manifest: Mapping[str, Any], files: Mapping[str, bytes
     >>> compute_onnx_model_id({"stages": ["stages/1.onnx"]}, {"stages/1.onnx": b"x"})[:12]
     'f4a12e2d58a9'
     """
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
-    for path in referenced_files(manifest):
-        if path not in files:
-            raise ExportError(f"model.json names {path!r}, which is not among the files")
-        data = files[path]
-        digest.update(path.encode("utf-8") + b"\0" + len(data).to_bytes(8, "big"))
-        digest.update(data)
-    return digest.hexdigest()
+    paths = referenced_files(manifest)
+    missing = [path for path in paths if path not in files]
+    if missing:
+        raise ExportError(f"model.json names {missing[0]!r}, which is not among the files")
+    return runtime_model_id(manifest, {path: files[path] for path in paths})
 
 
 def _normalise_graph(proto: onnx.ModelProto) -> bytes:

@@ -67,8 +67,9 @@ def export_early_exit_net(net: EarlyExitNet, out: str | os.PathLike[str]) -> Exp
     extra = {key: value for key, value in spec.items()
              if key not in ("format", "stages", "branches", "experts", "name", "input_shape", "mean", "std",
                             "class_names")}
-    if extra:  # export() writes the common keys; the spec's others (on_channel_mismatch, description, ...) too
-        result = _add_keys(result, extra)
+    extra["stage_names"] = list(net.stage_names)  # the spec's stage names, for profiles and tables
+    # export() writes the common keys; the spec's others (on_channel_mismatch, description, ...) too
+    result = _add_keys(result, extra)
     return result
 
 
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = export_spec_dir(argv[0], argv[1])
     except PopexError as err:
-        print(f"export: error: {err}", file=sys.stderr)
+        # "error[<code>]: <message>": the tiers' converter (popex.runtime.model_files) reads the code back.
+        print(f"error[{err.code}]: {err}", file=sys.stderr)
         return 2
     worst = max(result.max_abs_diff.values())
     print(f"model {result.model_id} written to {result.out_dir} (max |onnx - torch| {worst:.2g})")
