@@ -20,11 +20,13 @@ threads=4
 cloud_url=""
 emulate_link=""
 edge_slowdown=""
+edge_device=""
 state_dir=""
 
 usage() {
     echo "usage: POPEX_TOKEN=<secret> $0 --cloud-url URL [--host H] [--port P]" \
-         "[--emulate-link RATE_MBPS,RTT_MS] [--emulate-edge-slowdown FACTOR] [--state-dir D] [--threads N]" >&2
+         "[--emulate-link RATE_MBPS,RTT_MS] [--emulate-edge-slowdown FACTOR | --emulate-edge-device NAME]" \
+         "[--state-dir D] [--threads N]" >&2
     exit 2
 }
 
@@ -35,6 +37,7 @@ while [[ $# -gt 0 ]]; do
         --cloud-url) [[ $# -ge 2 ]] || usage; cloud_url="$2"; shift 2 ;;
         --emulate-link) [[ $# -ge 2 ]] || usage; emulate_link="$2"; shift 2 ;;
         --emulate-edge-slowdown) [[ $# -ge 2 ]] || usage; edge_slowdown="$2"; shift 2 ;;
+        --emulate-edge-device) [[ $# -ge 2 ]] || usage; edge_device="$2"; shift 2 ;;
         --state-dir) [[ $# -ge 2 ]] || usage; state_dir="$2"; shift 2 ;;
         --threads) [[ $# -ge 2 ]] || usage; threads="$2"; shift 2 ;;
         -h|--help) usage ;;
@@ -55,6 +58,11 @@ fi
 [[ "$threads" =~ ^[1-9][0-9]*$ ]] || { echo "error: --threads must be a positive number, got '$threads'" >&2; exit 2; }
 if [[ -n "$cloud_url" ]]; then export POPEX_CLOUD_URL="$cloud_url"; fi
 if [[ -n "$emulate_link" ]]; then export POPEX_EMULATE_LINK="$emulate_link"; fi
+if [[ -n "$edge_device" ]]; then
+    # A named device of configs/devices.yaml: its measured factor, never a typed-in one.
+    [[ -z "$edge_slowdown" ]] || { echo "error: give --emulate-edge-device or --emulate-edge-slowdown, not both" >&2; exit 2; }
+    edge_slowdown="$(PYTHONPATH=. .venv/bin/python -m popex.runtime.devices "$edge_device")" || exit 2
+fi
 if [[ -n "$edge_slowdown" ]]; then export POPEX_EMULATE_EDGE_SLOWDOWN="$edge_slowdown"; fi
 if [[ -n "$state_dir" ]]; then export POPEX_EDGE_STATE_DIR="$state_dir"; fi
 
