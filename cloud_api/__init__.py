@@ -19,6 +19,7 @@ from api_common.config import resolve_config
 from api_common.errors import init_errors
 from api_common.logs import init_logging, init_request_logging
 from api_common.metrics import init_metrics
+from cloud_api.openapi_doc import init_cloud_openapi
 from cloud_api.readiness import init_readiness
 from cloud_api.telemetry import init_telemetry
 from cloud_api.routes import RUNNER_KEY, init_routes
@@ -70,4 +71,5 @@ def create_app(config: CloudConfig | Mapping[str, Any] | None = None) -> Flask:
     init_routes(app)
     init_readiness(app)
     init_telemetry(app, init_metrics(app, service="cloud"))
+    init_cloud_openapi(app)
     return app

@@ -17,12 +17,14 @@ from flask import Flask
 from edge_api.admin import bp as admin_bp
 from edge_api.classify import bp as classify_bp
 from edge_api.config import EdgeConfig, load_config
+from edge_api.dashboard import bp as dashboard_bp
 from api_common.config import resolve_config
 from api_common.errors import init_errors
 from api_common.logs import init_logging, init_request_logging
 from api_common.metrics import init_metrics
 from edge_api.models import bp as models_bp
 from edge_api.node import NODE_KEY, get_node
+from edge_api.openapi_doc import init_edge_openapi
 from edge_api.readiness import init_readiness
 from edge_api.status import init_status
 from edge_api.telemetry import init_telemetry
@@ -68,6 +70,8 @@ def create_app(config: EdgeConfig | Mapping[str, Any] | None = None, *, cloud_cl
     app.register_blueprint(admin_bp)
     init_status(app)
     init_readiness(app)
+    app.register_blueprint(dashboard_bp)
+    init_edge_openapi(app)
     if config.start_background:
         node.start()
     return app
