@@ -160,3 +160,18 @@ def test_the_cloud_serves_readyz_and_metrics(tmp_path, token):
     assert _total(samples, "popex_cloud_offload_received_bytes_total") == 300
     assert _total(samples, "popex_cloud_models_loaded") == 0
     assert _total(samples, "popex_cloud_http_requests_total", route="/readyz") == 1
+
+
+@pytest.mark.parametrize("script", ["run_edge.sh", "run_cloud.sh"])
+@pytest.mark.parametrize("bad_token", ["short", "has a space 0123"])
+def test_the_run_scripts_refuse_a_bad_token_in_one_line_before_gunicorn(script, bad_token, tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {"PATH": os.environ["PATH"], "POPEX_TOKEN": bad_token, "HOME": str(tmp_path)}
+    result = subprocess.run([str(repo / script), "--cloud-url", "http://127.0.0.1:9"] if script == "run_edge.sh"
+                            else [str(repo / script)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "at least 8 characters" in result.stderr, result.stderr
