@@ -84,5 +84,7 @@ def test_the_dashboard_shows_the_status_without_console_errors(app, model_action
                               sorted(status["models"], key=lambda m: m["model_id"])):
             assert row.find_element(By.CLASS_NAME, "split").text == str(model["strategy"]["split"])
         assert "5 recent requests" in browser.find_element(By.ID, "requests-summary").text
+        table = client.get(f"/api/v1/models/{status['models'][0]['model_id']}/strategies").get_json()
+        assert browser.find_element(By.ID, "pareto-summary").text.startswith(f"{table['n_rows']} rows")
         errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
         assert errors == [], errors

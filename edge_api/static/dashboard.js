@@ -3,6 +3,7 @@
 
 const POLL_MS = 2000;
 const MAX_POINTS = 300;
+const TABLE_EVERY_N_POLLS = 5;  // the strategy table is ~170 kB: every 10 s is enough
 const linkSeries = [];  // {t_s, uplink_mbps, rtt_ms}: the history the status gives, then one point per poll
 
 function text(id, value) {
@@ -125,6 +126,63 @@ function renderRequests(body) {
   text("requests-summary", `${requests.length} recent requests, ${late} over their requirement`);
 }
 
+let nPolls = 0;
+
+function paretoFront(rows) {
+  // Rows no other row beats on both expected latency (lower) and accuracy (higher), by latency.
+  const sorted = rows.slice().sort((a, b) => a.expected_latency_ms - b.expected_latency_ms || b.accuracy - a.accuracy);
+  const front = [];
+  let best = -Infinity;
+  for (const row of sorted) {
+    if (row.accuracy > best) { front.push(row); best = row.accuracy; }
+  }
+  return front;
+}
+
+function drawPareto(canvas, table, deadlineMs) {
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height, pad = 34;
+  ctx.clearRect(0, 0, w, h);
+  const rows = table.rows || [];
+  if (rows.length === 0) return [];
+  const lat = rows.map(r => r.expected_latency_ms), acc = rows.map(r => r.accuracy);
+  const x1 = Math.max(...lat, deadlineMs) * 1.05, y0 = Math.min(...acc), y1 = Math.max(...acc);
+  const x = v => pad + (v / x1) * (w - 2 * pad);
+  const y = v => h - pad - (y1 > y0 ? (v - y0) / (y1 - y0) : 0.5) * (h - 2 * pad);
+  ctx.fillStyle = "#bbb";
+  rows.forEach(r => ctx.fillRect(x(r.expected_latency_ms) - 1, y(r.accuracy) - 1, 2, 2));
+  const front = paretoFront(rows);
+  ctx.strokeStyle = "#06c";
+  ctx.beginPath();
+  front.forEach((r, i) => { if (i === 0) ctx.moveTo(x(r.expected_latency_ms), y(r.accuracy)); else ctx.lineTo(x(r.expected_latency_ms), y(r.accuracy)); });
+  ctx.stroke();
+  ctx.strokeStyle = "#888";
+  ctx.beginPath(); ctx.moveTo(x(deadlineMs), pad / 2); ctx.lineTo(x(deadlineMs), h - pad); ctx.stroke();
+  const chosen = table.chosen;
+  if (chosen) {
+    ctx.fillStyle = "#b00";
+    ctx.beginPath(); ctx.arc(x(chosen.predicted_latency_ms), y(chosen.accuracy), 4, 0, 2 * Math.PI); ctx.fill();
+  }
+  ctx.fillStyle = "#222";
+  ctx.font = "12px sans-serif";
+  ctx.fillText(`latency 0–${x1.toFixed(1)} ms · accuracy ${(100 * y0).toFixed(2)}–${(100 * y1).toFixed(2)} % · ` +
+               "grey rows · blue Pareto front · red chosen · line requirement", pad, 14);
+  return front;
+}
+
+async function pollTable(status) {
+  const models = status.models || [];
+  const model = models.find(m => m.state === "ready") || models[0];
+  if (!model) return;
+  const r = await fetch(`/api/v1/models/${encodeURIComponent(model.model_id)}/strategies`);
+  if (!r.ok) return;
+  const table = await r.json();
+  const front = drawPareto(document.getElementById("pareto-chart"), table, status.default_deadline_ms);
+  text("pareto-model", `${model.name} (${model.model_id.slice(0, 12)})`);
+  text("pareto-summary", `${table.n_rows} rows, ${front.length} on the Pareto front; chosen: split ${table.chosen.split}, ` +
+       `${fmt(table.chosen.predicted_latency_ms, 2)} ms, accuracy ${fmt(table.chosen.accuracy, 4)}`);
+}
+
 async function poll() {
   try {
     const [status, recent] = await Promise.all(
@@ -134,6 +192,7 @@ async function poll() {
       })));
     renderStatus(status);
     renderRequests(recent);
+    if (nPolls++ % TABLE_EVERY_N_POLLS === 0) await pollTable(status);
     text("updated", `updated ${new Date().toLocaleTimeString()}`);
     document.body.dataset.loaded = "true";
   } catch (err) {
