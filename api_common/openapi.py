@@ -25,7 +25,8 @@ from typing import Any
 from apispec import APISpec
 from flask import Flask, Response, jsonify
 
-__all__ = ["ERROR_SCHEMA", "OPENAPI_PATH", "build_openapi", "error_responses", "init_openapi", "json_body", "undocumented"]
+__all__ = ["ERROR_SCHEMA", "OPENAPI_PATH", "build_openapi", "error_responses", "init_openapi", "json_body",
+           "undocumented"]
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 _SKIPPED_METHODS = {"HEAD", "OPTIONS"}
@@ -43,9 +44,13 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 
 
+_ANY_ERROR = {"description": "An error (DESIGN §6 body)",
+              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
 def error_responses(*statuses: int) -> dict[str, Any]:
     """``responses`` entries for error statuses, each the DESIGN §6 ``Error`` body."""
-    return {str(status): {"description": _REASONS.get(status, "An error (DESIGN §6 body)"),
+    return {str(status): {"description": _REASONS.get(status, "Error"),
                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
             for status in statuses}
 
@@ -100,7 +105,7 @@ def build_openapi(app: Flask, *, title: str, version: str, description: str,
                           for name in rule.arguments]
             operation["parameters"] = parameters + list(operation.get("parameters", []))
             responses = dict(operation.get("responses", {"200": {"description": "OK"}}))
-            responses.setdefault("default", error_responses(0)["0"])  # any error: the DESIGN §6 body
+            responses.setdefault("default", _ANY_ERROR)  # any other status: the DESIGN §6 body
             operation["responses"] = responses
             operation.setdefault("summary", _summary(view))
             operation["operationId"] = f"{rule.endpoint}.{method.lower()}"
