@@ -36,6 +36,11 @@ if [[ -z "${POPEX_TOKEN:-}" ]]; then
     echo "       e.g.  export POPEX_TOKEN=\$(python3 -c 'import secrets; print(secrets.token_hex(16))')" >&2
     exit 1
 fi
+# The same rule as the config's (MIN_TOKEN_CHARS), checked here so a bad token is one line, not a traceback.
+if (( ${#POPEX_TOKEN} < 8 )) || [[ "$POPEX_TOKEN" =~ [[:space:]] ]]; then
+    echo "error: POPEX_TOKEN must be at least 8 characters without spaces (got ${#POPEX_TOKEN}); the cloud refuses to start." >&2
+    exit 1
+fi
 [[ "$port" =~ ^[0-9]+$ ]] || { echo "error: --port must be a number, got '$port'" >&2; exit 2; }
 [[ "$threads" =~ ^[1-9][0-9]*$ ]] || { echo "error: --threads must be a positive number, got '$threads'" >&2; exit 2; }
 if [[ -n "$state_dir" ]]; then

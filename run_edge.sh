@@ -54,6 +54,11 @@ if [[ -z "$cloud_url" && -z "${POPEX_CLOUD_URL:-}" ]]; then
     echo "error: --cloud-url is required (e.g. --cloud-url http://127.0.0.1:8001)" >&2
     usage
 fi
+# The same rule as the config's (MIN_TOKEN_CHARS), checked here so a bad token is one line, not a traceback.
+if (( ${#POPEX_TOKEN} < 8 )) || [[ "$POPEX_TOKEN" =~ [[:space:]] ]]; then
+    echo "error: POPEX_TOKEN must be at least 8 characters without spaces (got ${#POPEX_TOKEN}); the edge refuses to start." >&2
+    exit 1
+fi
 [[ "$port" =~ ^[0-9]+$ ]] || { echo "error: --port must be a number, got '$port'" >&2; exit 2; }
 [[ "$threads" =~ ^[1-9][0-9]*$ ]] || { echo "error: --threads must be a positive number, got '$threads'" >&2; exit 2; }
 if [[ -n "$cloud_url" ]]; then export POPEX_CLOUD_URL="$cloud_url"; fi

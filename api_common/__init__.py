@@ -1,1 +1,4 @@
-"""What the two Flask apps share: the one error handler (DESIGN §6 JSON). Flask-side, so not in popex."""
+"""What the two Flask apps share: the one error handler (DESIGN §6 JSON), logging, metrics, OpenAPI.
+
+Flask-side, so not in popex.
+"""

@@ -16,6 +16,11 @@ from cloud_api.auth import CONFIG_KEY
 from cloud_api.config import CloudConfig, load_config
 from api_common.config import resolve_config
 from api_common.errors import init_errors
+from api_common.logs import init_logging, init_request_logging
+from api_common.metrics import init_metrics
+from cloud_api.openapi_doc import init_cloud_openapi
+from cloud_api.readiness import init_readiness
+from cloud_api.telemetry import init_telemetry
 from cloud_api.routes import RUNNER_KEY, init_routes
 from popex.cloud.runner import CloudRunner
 
@@ -52,11 +57,16 @@ def create_app(config: CloudConfig | Mapping[str, Any] | None = None) -> Flask:
         If the configuration is invalid, e.g. there is no real token.
     """
     config = resolve_config(config, config_class=CloudConfig, load=load_config)
+    init_logging(level=config.log_level, log_format=config.log_format)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     app.extensions[CONFIG_KEY] = config
     init_errors(app, service_name="cloud")
+    init_request_logging(app)
     init_runner(app, config)
     init_routes(app)
+    init_readiness(app)
+    init_telemetry(app, init_metrics(app, service="cloud"))
+    init_cloud_openapi(app)
     return app

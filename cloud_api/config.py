@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from popex.cloud.runner import MAX_PROFILE_N_REPEATS
-from popex.constraints import DirectoryPath, Integer, Nullable, Rule, Secret
+from popex.constraints import DirectoryPath, Integer, Nullable, OneOf, Rule, Secret
 from popex.settings import Settings, load_settings, yaml_layer
+from api_common.logs import LOG_FORMATS, LOG_LEVELS
 
 __all__ = ["CloudConfig", "load_config", "DEFAULT_CONFIG_PATH", "MIN_TOKEN_CHARS"]
 
@@ -53,6 +54,10 @@ class CloudConfig(Settings):
         shared.
     profile_n_repeats : int
         Timed runs per stage when the edge asks for a profile without saying.
+    log_level : {"DEBUG", "INFO", "WARNING", "ERROR"}
+        Level of the service's log (stderr).
+    log_format : {"text", "json"}
+        Plain log lines, or one JSON object per line.
     """
 
     _service: ClassVar[str] = "cloud"
@@ -63,6 +68,8 @@ class CloudConfig(Settings):
         "max_body_bytes": Integer(_MIN_BODY_BYTES, _MAX_BODY_BYTES),
         "n_threads": Nullable(Integer(1, _MAX_THREADS)),
         "profile_n_repeats": Integer(1, MAX_PROFILE_N_REPEATS),
+        "log_level": OneOf(LOG_LEVELS),
+        "log_format": OneOf(LOG_FORMATS),
     }
 
     token: str
@@ -70,6 +77,8 @@ class CloudConfig(Settings):
     max_body_bytes: int = 64 * 2**20
     n_threads: int | None = 1
     profile_n_repeats: int = 30
+    log_level: str = "INFO"
+    log_format: str = "text"
 
 
 def load_config(overrides: Mapping[str, Any] | None = None, *,

@@ -17,11 +17,17 @@ from flask import Flask
 from edge_api.admin import bp as admin_bp
 from edge_api.classify import bp as classify_bp
 from edge_api.config import EdgeConfig, load_config
+from edge_api.dashboard import bp as dashboard_bp
 from api_common.config import resolve_config
 from api_common.errors import init_errors
+from api_common.logs import init_logging, init_request_logging
+from api_common.metrics import init_metrics
 from edge_api.models import bp as models_bp
 from edge_api.node import NODE_KEY, get_node
+from edge_api.openapi_doc import init_edge_openapi
+from edge_api.readiness import init_readiness
 from edge_api.status import init_status
+from edge_api.telemetry import init_telemetry
 from popex.edge.node import EdgeNode
 
 __all__ = ["EdgeConfig", "NODE_KEY", "create_app", "close_app", "get_node"]
@@ -49,6 +55,7 @@ def create_app(config: EdgeConfig | Mapping[str, Any] | None = None, *, cloud_cl
         If the configuration is invalid, e.g. there is no real token.
     """
     config = resolve_config(config, config_class=EdgeConfig, load=load_config)
+    init_logging(level=config.log_level, log_format=config.log_format)
     app = Flask(__name__)
     # The largest body any route takes; each route lowers it for itself.
     app.config["MAX_CONTENT_LENGTH"] = max(config.max_image_bytes, config.max_model_bytes)
@@ -56,10 +63,15 @@ def create_app(config: EdgeConfig | Mapping[str, Any] | None = None, *, cloud_cl
     node = EdgeNode.from_config(config, cloud_client=cloud_client)
     app.extensions[NODE_KEY] = node
     init_errors(app, service_name="edge")
+    init_request_logging(app)
+    init_telemetry(app, init_metrics(app, service="edge"))
     app.register_blueprint(classify_bp)
     app.register_blueprint(models_bp)
     app.register_blueprint(admin_bp)
     init_status(app)
+    init_readiness(app)
+    app.register_blueprint(dashboard_bp)
+    init_edge_openapi(app)
     if config.start_background:
         node.start()
     return app

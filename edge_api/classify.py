@@ -9,6 +9,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
 from edge_api.node import get_node
+from edge_api.telemetry import CLASSIFICATION_KEY
 from popex.checks import MAX_DEADLINE_MS, check_deadline_ms
 from popex.errors import ConfigError, DataError
 
@@ -82,4 +83,5 @@ def classify() -> ResponseReturnValue:
         policy=_parameter("policy") or "adaptive", arrival_s=g.arrival_s,
         distortion_aware=_distortion_aware(),
     )
+    setattr(g, CLASSIFICATION_KEY, result)  # counted and logged by edge_api.telemetry after the response
     return jsonify(result.to_dict())

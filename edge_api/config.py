@@ -30,6 +30,7 @@ from popex.errors import ConfigError
 from popex.link.emulation import parse_link
 from popex.link.shaping import IFACE_PATTERN
 from popex.settings import Settings, load_settings, yaml_layer
+from api_common.logs import LOG_FORMATS, LOG_LEVELS
 from popex.wire import WIRE_COMPRESSIONS, WIRE_DTYPES
 
 __all__ = ["EdgeConfig", "load_config", "DEFAULT_CONFIG_PATH", "MIN_TOKEN_CHARS"]
@@ -130,6 +131,10 @@ class EdgeConfig(Settings):
         Interface whose egress ``PUT /api/v1/admin/link`` shapes with tc
         (needs CAP_NET_ADMIN); None: the endpoint changes the emulated link
         instead (``emulate_link``).
+    log_level : {"DEBUG", "INFO", "WARNING", "ERROR"}
+        Level of the service's log (stderr).
+    log_format : {"text", "json"}
+        Plain log lines, or one JSON object per line.
     """
 
     _service: ClassVar[str] = "edge"
@@ -164,6 +169,8 @@ class EdgeConfig(Settings):
         "n_threads": Nullable(Integer(1, 1024)),
         "start_background": Flag(),
         "shaping_interface": Nullable(Matching(IFACE_PATTERN, "an interface name")),
+        "log_level": OneOf(LOG_LEVELS),
+        "log_format": OneOf(LOG_FORMATS),
     }
 
     token: str
@@ -195,6 +202,8 @@ class EdgeConfig(Settings):
     n_threads: int | None = 1
     start_background: bool = True
     shaping_interface: str | None = None
+    log_level: str = "INFO"
+    log_format: str = "text"
 
 
 def load_config(overrides: Mapping[str, Any] | None = None, *,

@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, testbed=dataclasses.replace(config.testbed, mode=args.mode))
     docs_path = None if args.no_docs else args.docs
     _, info = getattr(module, entry.run_function)(config, out_root=args.out, docs_path=docs_path,
-                                                  progress=not args.no_progress)
+                                                  progress=not args.no_progress and sys.stderr.isatty())
     print(info.text())
     for path in info.files:
         print(f"wrote {path}")

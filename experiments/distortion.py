@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 import json
 import os
 import re
@@ -170,7 +171,7 @@ def _replace_section(path: Path, section: str) -> None:
 def _cmd_distortion(args: argparse.Namespace) -> int:
     csv_path = run_distortion_experiment(args.model, args.out, args.quick, threshold=args.threshold,
                                          docs_path=None if args.no_docs else DEFAULT_DOCS_PATH,
-                                         progress=not args.quiet)
+                                         progress=not args.quiet and sys.stderr.isatty())
     print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}" + ("" if args.no_docs else
                                                                      f"; updated {DEFAULT_DOCS_PATH}"))
     return 0

@@ -45,7 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train=TrainConfig(n_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                           seed=args.seed, n_threads=args.threads),
     )
-    model_id = train_model_dir(args.out, recipe, progress=not args.quiet)
+    model_id = train_model_dir(args.out, recipe, progress=not args.quiet and sys.stderr.isatty())  # no \r noise in logs
     print(f"model {model_id} written to {args.out} (see {args.out}/MODEL_CARD.md)")
     return 0
 

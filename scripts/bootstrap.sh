@@ -16,10 +16,28 @@ stamp=.venv/.requirements.sha256
 wanted="$(sha256sum requirements.txt | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
     echo "[bootstrap] installing requirements.txt (torch==2.13.0 CPU; first run takes a few minutes)"
-    # POPEX_PIP_ARGS lets a machine without a local CPU wheel point pip at one,
-    # e.g. POPEX_PIP_ARGS="--extra-index-url <PyTorch CPU wheel index>".
+    # POPEX_PIP_ARGS, when set (even empty), is passed to pip as it is, e.g.
+    # POPEX_PIP_ARGS="--extra-index-url https://mirror/whl/cpu". Unset: ask pip
+    # (a dry run) which torch wheel it would take; unless that is a local file or
+    # a +cpu build, add PyTorch's CPU index, because the public index's Linux
+    # wheel pulls gigabytes of CUDA packages (the +cpu version sorts above it).
+    if [ -n "${POPEX_PIP_ARGS+set}" ]; then
+        pip_args="$POPEX_PIP_ARGS"
+    else
+        pip_args=""
+        torch_pin="$(grep -E '^torch==' requirements.txt | head -n 1 | cut -d' ' -f1)"
+        torch_url="$(.venv/bin/python -m pip install --dry-run --no-deps --quiet --ignore-installed --report - \
+                "$torch_pin" 2>/dev/null | .venv/bin/python -c \
+                'import json, sys; print(" ".join(i["download_info"]["url"] for i in json.load(sys.stdin)["install"]))' \
+                2>/dev/null || true)"
+        case "$torch_url" in
+            file:*|*+cpu*|*%2Bcpu*) ;;
+            *) pip_args="--extra-index-url https://download.pytorch.org/whl/cpu"
+               echo "[bootstrap] no local CPU torch wheel: adding PyTorch's CPU index (set POPEX_PIP_ARGS to override)" ;;
+        esac
+    fi
     # shellcheck disable=SC2086
-    .venv/bin/python -m pip install --quiet ${POPEX_PIP_ARGS:-} -r requirements.txt
+    .venv/bin/python -m pip install --quiet $pip_args -r requirements.txt
     echo "$wanted" > "$stamp"
 fi
 

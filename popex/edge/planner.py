@@ -82,6 +82,8 @@ class BackgroundPlanner:
         self._state_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        #: Called on the planner's thread after each re-plan with its reason (the app's log and metrics).
+        self.replan_listeners: list[Callable[[str], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -186,7 +188,11 @@ class BackgroundPlanner:
         ----------
         link : Link
         """
-        self.submit(lambda: self.plans.set_link(link))
+        def replan() -> None:
+            self.plans.set_link(link)
+            self._replanned(f"uplink estimate {link.uplink_mbps:.3g} Mbit/s, RTT {link.rtt_ms:.3g} ms")
+
+        self.submit(replan)
 
     # -- measurement ----------------------------------------------------------------
 
@@ -239,6 +245,11 @@ class BackgroundPlanner:
             except Exception:  # a failed re-plan keeps the old plan; the next measurement retries
                 _log.exception("planner job failed")
 
+    def _replanned(self, reason: str) -> None:
+        _log.info("re-planned: %s", reason)
+        for listener in self.replan_listeners:
+            listener(reason)
+
     def _offloaded(self, n_bytes: int, *, encode_ms: float, round_trip_ms: float, cloud_ms: float,
                    payload_n_bytes: int | None) -> None:
         if self.monitor is not None:
@@ -258,3 +269,5 @@ class BackgroundPlanner:
                 self.plans.update_profile(**{field: current})
             except PopexError:
                 _log.exception("re-plan with %s = %.3f failed", field, current)
+            else:
+                self._replanned(f"{field} {planned:.3g} -> {current:.3g}")

@@ -328,6 +328,8 @@ class ModelRegistry:
                 model.cloud_profile = cloud_profile
                 model.profile_edge_slowdown = profile_edge_slowdown
             model.error = error
+            if model.state != state:
+                _log.info("model %s: %s -> %s%s", model_id[:12], model.state, state, f" ({error})" if error else "")
             model.state = state
             atomic_write_bytes(model.directory / STATE_FILE, json.dumps(state_record(model)).encode())
         return model
