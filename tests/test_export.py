@@ -1,0 +1,237 @@
+"""Export to the ONNX model directory: modules the old whitelist could not express, refusals, spec models, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from popex.errors import ExportError
+from popex.nets.export import _run_chain, compute_onnx_model_id, export, export_model
+
+REPO = Path(__file__).resolve().parents[1]
+NORM = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+CLASSES = [f"c{i}" for i in range(5)]
+
+
+def _load(out: Path) -> tuple[dict, dict]:
+    manifest = json.loads((out / "model.json").read_text())
+    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.onnx")}
+    return manifest, files
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class GeluNorm(nn.Module):  # conv, LayerNorm over channels, GELU
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 3, 1)
+        return nn.functional.gelu(self.norm(x)).permute(0, 3, 1, 2)
+
+
+class Inception(nn.Module):  # torch.cat of two conv paths
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU())
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], dim=1)
+
+
+class Attention(nn.Module):  # hand-written attention + residual adds on tokens
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norm, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+
+    def forward(self, tokens):
+        q, k, v = self.qkv(self.norm(tokens)).chunk(3, dim=-1)
+        weights = torch.softmax(q @ k.transpose(1, 2) / 4.0, dim=-1)
+        tokens = tokens + self.proj(weights @ v)
+        return tokens + self.mlp(tokens)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 4, stride=4)
+
+    def forward(self, x):
+        return self.conv(x).flatten(2).transpose(1, 2)
+
+
+class TokenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(16), nn.Linear(16, 5)
+
+    def forward(self, tokens):
+        return self.fc(self.norm(tokens).mean(dim=1))
+
+
+def _pool_head(channels: int) -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 5))
+
+
+def _cases():
+    torch.manual_seed(0)
+    yield "gelu_layernorm", [nn.Sequential(nn.Conv2d(3, 3, 1)), GeluNorm(3), _pool_head(8)], {2: _pool_head(8)}
+    yield "concat", [nn.Conv2d(3, 3, 3, padding=1), Inception(), _pool_head(8)], {2: _pool_head(8)}
+    yield "attention", [PatchEmbed(), Attention(), Attention(), TokenHead()], {2: TokenHead()}
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda case: case[0])
+def test_export_modules_outside_the_old_whitelist(tmp_path, case):
+    _, stages, branches = case
+    for module in [*stages, *branches.values()]:
+        module.eval()
+    x = torch.randn(1, 3, 16, 16)
+    result = export(stages=stages, branches=branches, example_input=x, out=tmp_path, class_names=CLASSES,
+                    normalisation=NORM)
+    assert set(result.max_abs_diff) == {"branch0", "final"} and max(result.max_abs_diff.values()) < 1e-4
+    manifest, files = _load(tmp_path)
+    assert manifest["format"] == "popex-onnx/1" and manifest["input_shape"] == [3, 16, 16]
+    assert manifest["branches"] == [{"after_stage": 2, "file": "branches/0.onnx"}]
+    assert compute_onnx_model_id(manifest, files) == result.model_id
+    images = torch.randn(7, 3, 16, 16)
+    got = _run_chain(manifest, files, images.numpy())
+    with torch.inference_mode():
+        features = images
+        for module in stages[:2]:
+            features = module(features)
+        want = {"branch0": branches[2](features), "final": stages[-1](features if len(stages) == 3 else
+                                                                       stages[2](features))}
+    for name, logits in want.items():
+        assert np.array_equal(got[name].argmax(1), logits.numpy().argmax(1))
+        assert np.abs(_softmax(got[name]) - torch.softmax(logits, 1).numpy()).max() < 1e-4
+
+
+class Gate(nn.Module):  # data-dependent control flow: the trace keeps the example's branch
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else -x
+
+
+def test_export_refuses_an_export_that_differs(tmp_path):
+    stages = [Gate(), _pool_head(3)]
+    x = torch.ones(1, 3, 8, 8)
+    with pytest.raises(ExportError, match="differ"):
+        export(stages=stages, example_input=x, out=tmp_path, class_names=CLASSES, normalisation=NORM)
+    assert not (tmp_path / "model.json").exists()
+
+
+def test_export_refuses_a_module_in_training_mode(tmp_path):
+    stages = [nn.Sequential(nn.Conv2d(3, 3, 1), nn.Dropout(0.5)), _pool_head(3).eval()]
+    with pytest.raises(ExportError, match="training mode"):
+        export(stages=stages, example_input=torch.randn(1, 3, 8, 8), out=tmp_path, class_names=CLASSES,
+               normalisation=NORM)
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv(x))
+
+
+class ResNetWithHead(nn.Module):  # stage boundaries at block outputs; the classifier's flatten is in forward
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block1, self.block2 = Residual(8), Residual(8)
+        self.head1 = _pool_head(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.block1(self.stem(x))
+        early = self.head1(x)
+        x = self.block2(x)
+        return [early, self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))]
+
+
+def test_export_model_cuts_one_module_at_its_boundaries(tmp_path):
+    torch.manual_seed(0)
+    net = ResNetWithHead().eval()
+    result = export_model(net, stage_ends=["stem", "block1"], branch_heads={2: "head1"},
+                          example_input=torch.randn(1, 3, 8, 8), out=tmp_path, class_names=CLASSES,
+                          normalisation=NORM)
+    assert set(result.max_abs_diff) == {"branch0", "final"} and max(result.max_abs_diff.values()) < 1e-4
+    manifest, files = _load(tmp_path)
+    assert len(manifest["stages"]) == 3 and manifest["branches"][0]["after_stage"] == 2
+    x = torch.randn(5, 3, 8, 8)
+    got = _run_chain(manifest, files, x.numpy())
+    with torch.inference_mode():
+        early, final = net(x)
+    assert np.abs(got["final"] - final.numpy()).max() < 1e-4 and np.abs(got["branch0"] - early.numpy()).max() < 1e-4
+
+
+def test_export_model_refuses_a_boundary_that_is_not_a_cut(tmp_path):
+    net = ResNetWithHead().eval()
+    with pytest.raises(ExportError, match="not a cut"):
+        export_model(net, stage_ends=["block1.conv"], branch_heads={}, example_input=torch.randn(1, 3, 8, 8),
+                     out=tmp_path, class_names=CLASSES, normalisation=NORM)
+
+
+def _check_spec_export(src: Path, out: Path) -> None:
+    from popex.nets.export_spec import export_spec_dir
+    from popex.nets.io import load_model
+
+    net = load_model(src).net
+    result = export_spec_dir(src, out)
+    manifest, files = _load(out)
+    x = torch.randn(6, *net.input_shape, generator=torch.Generator().manual_seed(1))
+    got = _run_chain(manifest, {k: v for k, v in files.items() if not k.startswith("distortion")}, x.numpy())
+    with torch.inference_mode():
+        for head in net.head_names:
+            for e, logits in enumerate(net(x, head=head)):
+                name = f"branch{e}" if e < net.n_branches else "final"
+                name = name if head == "pristine" else f"{head}/{name}"
+                assert np.abs(got[name] - logits.numpy()).max() <= 1e-4 * max(1.0, logits.abs().max().item())
+    assert len(result.max_abs_diff) == len(net.head_names) * net.n_exits
+    spec = json.loads((src / "spec.json").read_text())
+    assert {k: manifest[k] for k in spec if k not in ("format", "stages", "branches", "experts")} == \
+        {k: v for k, v in spec.items() if k not in ("format", "stages", "branches", "experts")}
+
+
+def test_export_spec_default_model(tmp_path):
+    _check_spec_export(REPO / "models/default", tmp_path / "a")
+    _check_spec_export(REPO / "models/default", tmp_path / "b")
+    for path in sorted((tmp_path / "a").rglob("*")):
+        if path.is_file():
+            assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes(), path
+
+
+def test_export_spec_distortion_model_with_experts(tmp_path):
+    _check_spec_export(REPO / "models/default-distortion", tmp_path)
+    assert (tmp_path / "distortion-classifier/model.json").is_file()
+    assert (tmp_path / "calibration_blur.npz").is_file()
+
+
+@pytest.mark.slow
+def test_export_spec_entry_point_exits_2_on_a_bad_dir(tmp_path):
+    (tmp_path / "spec.json").write_text("{not json")
+    run = subprocess.run([sys.executable, "-m", "popex.nets.export_spec", str(tmp_path), str(tmp_path / "o")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+@pytest.mark.slow
+def test_import_popex_does_not_import_torch_but_export_is_there():
+    code = "import sys, popex; assert 'torch' not in sys.modules; from popex import export; print(export.__name__)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0 and run.stdout.strip() == "export", run.stderr
