@@ -239,6 +239,8 @@ _SUBCOMMANDS: dict[str, _Subcommand] = {
                            "popex.data.distort:add_distort_parser"),
     "train-experts": _Subcommand("add blur/noise expert heads and a distortion classifier to a trained model",
                                  "popex.nets.expert_recipe:add_train_experts_parser"),
+    "export": _Subcommand("export a spec model directory to ONNX (popex-onnx/1), checked by ORT",
+                          "popex.nets.export_spec:add_export_parser"),
     "experiment": _Subcommand("run one experiment: CSV + PNG in results/, a section of docs/results.md",
                               "experiments.cli:add_experiment_parser"),
 }

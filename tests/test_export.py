@@ -235,3 +235,10 @@ def test_import_popex_does_not_import_torch_but_export_is_there():
     code = "import sys, popex; assert 'torch' not in sys.modules; from popex import export; print(export.__name__)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0 and run.stdout.strip() == "export", run.stderr
+
+
+def test_popex_export_cli_exits_2_on_a_bad_dir(tmp_path, capsys):
+    from popex import cli
+
+    assert cli.main(["export", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "has no spec.json" in capsys.readouterr().err
