@@ -242,3 +242,19 @@ def test_popex_export_cli_exits_2_on_a_bad_dir(tmp_path, capsys):
 
     assert cli.main(["export", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "has no spec.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_falls_back_to_the_dynamo_exporter(tmp_path, monkeypatch):
+    original = torch.onnx.export
+
+    def torchscript_fails(*args, **kwargs):
+        if kwargs.get("dynamo") is False:
+            raise RuntimeError("unsupported operator (simulated)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", torchscript_fails)
+    stages = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU()).eval(), _pool_head(4).eval()]
+    result = export(stages=stages, branches={1: _pool_head(4).eval()}, example_input=torch.randn(1, 3, 8, 8),
+                    out=tmp_path, class_names=CLASSES, normalisation=NORM)
+    assert set(result.exporter.values()) == {"dynamo"} and max(result.max_abs_diff.values()) < 1e-4
