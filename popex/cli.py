@@ -241,6 +241,8 @@ _SUBCOMMANDS: dict[str, _Subcommand] = {
                                  "popex.nets.expert_recipe:add_train_experts_parser"),
     "calibrate": _Subcommand("measure a model's exits on labelled images (calibration.npz)",
                              "popex.runtime.calibrate:add_calibrate_parser"),
+    "export": _Subcommand("export a spec model directory to ONNX (popex-onnx/1), checked by ORT",
+                          "popex.nets.export_spec:add_export_parser"),
     "experiment": _Subcommand("run one experiment: CSV + PNG in results/, a section of docs/results.md",
                               "experiments.cli:add_experiment_parser"),
 }

@@ -131,7 +131,7 @@ def _torch_to_proto(module: nn.Module, example: torch.Tensor, *, output_names: S
             try:
                 program = torch.onnx.export(module, (example,), dynamo=True, opset_version=OPSET,
                                             input_names=["input"], output_names=list(output_names),
-                                            dynamic_axes=axes)
+                                            dynamic_axes=axes, verbose=False)
                 proto, exporter = program.model_proto, "dynamo"
             except Exception as err:
                 errors.append(f"dynamo exporter: {type(err).__name__}: {str(err)[:300]}")

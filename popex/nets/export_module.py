@@ -36,6 +36,7 @@ class _Tapped(nn.Module):
         super().__init__()
         self.module, self.taps = module, list(taps)
         self._targets = []
+        self.eval()  # the exporter restores the wrapper's mode afterwards, recursively: it must not be training
         for name in self.taps:
             try:
                 self._targets.append(module.get_submodule(name))

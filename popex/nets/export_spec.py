@@ -24,7 +24,7 @@ from popex.nets.early_exit import EarlyExitNet
 from popex.nets.export import ExportResult, export
 from popex.nets.io import load_model
 
-__all__ = ["export_early_exit_net", "export_spec_dir", "main"]
+__all__ = ["export_early_exit_net", "export_spec_dir", "main", "add_export_parser"]
 
 _DISTORTION_DIR = "distortion-classifier"
 
@@ -120,3 +120,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _cmd_export(args) -> int:
+    result = export_spec_dir(args.model, args.out)
+    for name, diff in result.max_abs_diff.items():
+        print(f"  {name:<16} max |onnx - torch| {diff:.2g}")
+    print(f"model {result.model_id} written to {result.out_dir} ({len(result.files)} files)")
+    return 0
+
+
+def add_export_parser(subparsers) -> None:
+    """Register ``popex export`` (sets ``run`` like the other subcommands)."""
+    p = subparsers.add_parser("export", help="export a spec model directory to ONNX (popex-onnx/1), checked by ORT")
+    p.add_argument("--model", required=True, help="spec model directory (spec.json, weights.safetensors)")
+    p.add_argument("--out", required=True, help="directory to write (may be the model directory itself)")
+    p.set_defaults(run=_cmd_export)
