@@ -182,3 +182,13 @@ def test_the_run_scripts_refuse_a_bad_token_in_one_line_before_gunicorn(script, 
                             else [str(repo / script)], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "at least 8 characters" in result.stderr, result.stderr
+
+
+def test_fallback_reasons_become_bounded_labels():
+    from edge_api.telemetry import fallback_kind
+
+    assert fallback_kind("CloudTimeout: the cloud took longer than 12 ms") == "CloudTimeout"
+    assert fallback_kind("no time left in the budget for the cloud") == "budget_exhausted"
+    assert fallback_kind("cannot encode the tensor: NaN") == "encode_failed"
+    assert fallback_kind("some free text: with a colon") == "other"
+    assert fallback_kind(None) == "unknown"
