@@ -39,6 +39,7 @@ TELEMETRY_KEY = "popex_edge_telemetry"
 _N_RECENT = 200
 _ERROR_BUCKETS_S = (-0.05, -0.02, -0.01, -0.005, -0.002, -0.001, 0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
 _PARTS = ("edge", "transfer", "cloud")
+_BYTES_BUCKETS = tuple(float(2**k) for k in range(8, 25, 2))  # 256 B .. 16 MiB
 _CLASSIFY_ENDPOINT = "classify.classify"
 
 bp = Blueprint("telemetry", __name__, url_prefix="/api/v1")
@@ -175,11 +176,21 @@ class EdgeTelemetry:
         self.plan_changes = Counter("popex_edge_plan_changes_total",
                                     "Strategy changes (per model, default requirement) after a re-plan",
                                     registry=registry)
+        self.offload_bytes = Histogram("popex_edge_offload_bytes", "Bytes on the wire of one request's offload",
+                                       buckets=_BYTES_BUCKETS, registry=registry)
+        self.offload_payload_bytes = Counter("popex_edge_offload_payload_bytes_total",
+                                             "Payload bytes of request offloads before compression",
+                                             registry=registry)
+        node.planner.offload_listeners.append(self._offloaded)
         registry.register(_NodeCollector(node))
         self.watch = StrategyWatch(node, self.plan_changes)
         node.planner.replan_listeners.append(self.watch.replanned)
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=_N_RECENT)
         self._recent_lock = threading.Lock()
+
+    def _offloaded(self, n_bytes: int, payload_n_bytes: int) -> None:
+        self.offload_bytes.observe(n_bytes)
+        self.offload_payload_bytes.inc(payload_n_bytes)
 
     def observe(self, result: Any) -> None:
         """Count, time and remember one answered classify request."""

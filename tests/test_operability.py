@@ -68,8 +68,10 @@ def test_readyz_is_not_ready_while_the_default_model_is_missing(make_app, config
     assert app.test_client().get("/readyz").status_code == 200
 
 
-def test_metrics_counters_move_over_a_stream_of_requests(ready_edge, fake_cloud):
-    _, client = ready_edge
+def test_metrics_counters_move_over_a_stream_of_requests(ready_edge, fake_cloud, edge_internals, model_actions):
+    app, client = ready_edge
+    model_actions.force(get_node(app).runner.default_model_id, split=2)  # every image offloaded after stage 2
+    n_cloud_before = edge_internals(app)[1].counts()["n_cloud"]
     before = _samples(client)
     n_fallback = 10
     for i in range(N_REQUESTS):
@@ -78,6 +80,7 @@ def test_metrics_counters_move_over_a_stream_of_requests(ready_edge, fake_cloud)
         response = client.post("/api/v1/classify?deadline_ms=1000", data=_png(i), content_type="image/png")
         assert response.status_code == 200, response.get_json()
     assert client.post("/api/v1/classify", data=b"", content_type="image/png").status_code == 400
+    assert get_node(app).planner.drain()  # the offload measurements reach the metrics on the planner's thread
     after = _samples(client)
     moved = _total(after, "popex_edge_classify_requests_total") - _total(before, "popex_edge_classify_requests_total")
     assert moved == N_REQUESTS + 1
@@ -85,13 +88,17 @@ def test_metrics_counters_move_over_a_stream_of_requests(ready_edge, fake_cloud)
     assert _total(after, "popex_edge_classify_latency_seconds_count") == N_REQUESTS
     assert _total(after, "popex_edge_classify_part_latency_seconds_count", part="edge") == N_REQUESTS
     assert _total(after, "popex_edge_latency_prediction_error_seconds_count") == N_REQUESTS
-    n_fallbacks = _total(after, "popex_edge_fallbacks_total")
-    assert n_fallbacks == _total(after, "popex_edge_classify_requests_total", outcome="fallback") <= n_fallback
+    n_fallbacks = _total(after, "popex_edge_fallbacks_total", reason="CloudUnavailable")
+    assert n_fallbacks == _total(after, "popex_edge_classify_requests_total", outcome="fallback") == n_fallback
     assert _total(after, "popex_edge_http_requests_total", route="/api/v1/classify", status="200") == N_REQUESTS
     assert _total(after, "popex_edge_uplink_estimate_bytes_per_second") > 0
     assert _total(after, "popex_edge_uplink_rtt_seconds") >= 0
     assert _total(after, "popex_edge_models", state="ready") == 1
     assert ("popex_edge_plan_changes_total", ()) in after
+    n_cloud = edge_internals(app)[1].counts()["n_cloud"] - n_cloud_before
+    assert _total(after, "popex_edge_offload_bytes_count") == n_cloud
+    assert _total(after, "popex_edge_classify_requests_total", where="cloud") == n_cloud
+    assert n_cloud == N_REQUESTS - n_fallback and _total(after, "popex_edge_offload_payload_bytes_total") > 0
     recent = client.get("/api/v1/requests").get_json()["requests"]
     assert len(recent) == N_REQUESTS and {"total_ms", "deadline_ms", "where", "exit"} <= set(recent[-1])
 
@@ -175,3 +182,13 @@ def test_the_run_scripts_refuse_a_bad_token_in_one_line_before_gunicorn(script, 
                             else [str(repo / script)], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "at least 8 characters" in result.stderr, result.stderr
+
+
+def test_fallback_reasons_become_bounded_labels():
+    from edge_api.telemetry import fallback_kind
+
+    assert fallback_kind("CloudTimeout: the cloud took longer than 12 ms") == "CloudTimeout"
+    assert fallback_kind("no time left in the budget for the cloud") == "budget_exhausted"
+    assert fallback_kind("cannot encode the tensor: NaN") == "encode_failed"
+    assert fallback_kind("some free text: with a colon") == "other"
+    assert fallback_kind(None) == "unknown"

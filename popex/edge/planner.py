@@ -84,6 +84,8 @@ class BackgroundPlanner:
         self._closed = False
         #: Called on the planner's thread after each re-plan with its reason (the app's log and metrics).
         self.replan_listeners: list[Callable[[str], None]] = []
+        #: Called on the planner's thread per request offload with (bytes on the wire, payload bytes).
+        self.offload_listeners: list[Callable[[int, int], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -258,6 +260,8 @@ class BackgroundPlanner:
                     self.overhead_ms(n_bytes, encode_ms=encode_ms, round_trip_ms=round_trip_ms, cloud_ms=cloud_ms))
         if payload_n_bytes:
             self._track(self.wire_ratio, "wire_ratio", n_bytes / payload_n_bytes, slack=_WIRE_RATIO_SLACK)
+            for listener in self.offload_listeners:
+                listener(n_bytes, payload_n_bytes)
 
     def _track(self, tracker: OverheadTracker, field: str, value: float, *, slack: float = _OVERHEAD_SLACK_MS) -> None:
         tracker.add(value)
