@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     config = config_class.quick_config() if args.quick else config_class()
     if args.mode != "auto" and entry.uses_services:
         config = dataclasses.replace(config, testbed=dataclasses.replace(config.testbed, mode=args.mode))
-    docs_path = None if args.no_docs else args.docs
+    docs_path = args.docs if args.update_docs else None
     _, info = getattr(module, entry.run_function)(config, out_root=args.out, docs_path=docs_path,
                                                   progress=not args.no_progress and sys.stderr.isatty())
     print(info.text())
@@ -79,8 +79,10 @@ def add_experiment_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
         p = names.add_parser(name, help=entry.help, description=entry.help)
         p.add_argument("--quick", action="store_true", help="the CI version: fewer points and images")
         p.add_argument("--out", type=Path, default=DEFAULT_OUT_ROOT, help="results root (default: results/)")
-        p.add_argument("--docs", type=Path, default=DEFAULT_DOCS_PATH, help="the results document to update")
-        p.add_argument("--no-docs", action="store_true", help="do not touch the results document")
+        p.add_argument("--update-docs", action="store_true",
+                       help="also rewrite this experiment's section of the results document (default: only results/)")
+        p.add_argument("--docs", type=Path, default=DEFAULT_DOCS_PATH, help="the results document --update-docs "
+                                                                            "rewrites (default: docs/results.md)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if entry.uses_services:
             p.add_argument("--mode", choices=("auto", "netns", "emulation"), default="auto",

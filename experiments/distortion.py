@@ -170,9 +170,9 @@ def _replace_section(path: Path, section: str) -> None:
 
 def _cmd_distortion(args: argparse.Namespace) -> int:
     csv_path = run_distortion_experiment(args.model, args.out, args.quick, threshold=args.threshold,
-                                         docs_path=None if args.no_docs else DEFAULT_DOCS_PATH,
+                                         docs_path=DEFAULT_DOCS_PATH if args.update_docs else None,
                                          progress=not args.quiet and sys.stderr.isatty())
-    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}" + ("" if args.no_docs else
+    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}" + ("" if not args.update_docs else
                                                                      f"; updated {DEFAULT_DOCS_PATH}"))
     return 0
 
@@ -297,7 +297,7 @@ def add_distortion_experiment_parser(subparsers: argparse._SubParsersAction) -> 
     p.add_argument("--out", default="results", help="results folder (CSV and PNG go to OUT/distortion/)")
     p.add_argument("--quick", action="store_true", help="shipped 1,000-image subset instead of the full test split")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="threshold of every branch")
-    p.add_argument("--no-docs", action="store_true", help="do not update docs/results.md")
+    p.add_argument("--update-docs", action="store_true", help="also rewrite its section of docs/results.md")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_distortion)
     return p

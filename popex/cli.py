@@ -73,10 +73,10 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 def _measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads: int | None,
                      cloud_speedup: float, offload_overhead_ms: float) -> tuple[object, object, str]:
     """Measure the edge here; the cloud is an assumption until a cloud profile exists."""
+    from popex.runtime.model_files import load_model_dir
     from popex.runtime.profiler import build_profile, time_stages
-    from popex.nets.io import load_model
 
-    model = load_model(model_dir)
+    model = load_model_dir(model_dir, n_threads=n_threads or 1)  # what the tiers run: ONNX Runtime
     timings = time_stages(model.net, n_warmup=n_warmup, n_repeats=n_repeats, n_threads=n_threads,
                           progress=sys.stderr.isatty())
     profile = build_profile(timings, branch_after_stage=model.net.branch_after_stage,
@@ -93,7 +93,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     profile, timings, note = _measure_profile(args.model, n_repeats=args.repeats, n_warmup=args.warmup,
                                               n_threads=args.threads, cloud_speedup=args.cloud_speedup,
                                               offload_overhead_ms=args.offload_overhead_ms)
-    out_dir = args.out or args.model
+    # Under results/ unless --out says otherwise: a model directory (tracked files) is never rewritten by default.
+    out_dir = args.out or os.path.join("results", "profile", os.path.basename(os.path.abspath(args.model)))
     paths = save_profile(profile, out_dir, timings=timings, note=note)
     png = plot_profile(profile, f"{out_dir}/profile.png", title=f"Profile of {args.model}")
     print(note)
@@ -111,12 +112,13 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     from popex.runtime.profiler import DEFAULT_OFFLOAD_OVERHEAD_MS
 
     p = subparsers.add_parser("profile", help=_SUBCOMMANDS["profile"].help)
-    p.add_argument("--model", required=True, help="model directory (spec.json, weights.safetensors)")
-    p.add_argument("--out", help="output directory (default: the model directory)")
+    p.add_argument("--model", required=True, help="model directory (ONNX form, or spec.json + weights.safetensors)")
+    p.add_argument("--out", help="output directory (default: results/profile/<model directory name>; give the "
+                                 "model directory to update its profile.json)")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads while timing (default 1: batch-1 inference of a small network is fastest "
+                   help="ONNX Runtime threads while timing (default 1: batch-1 inference of a small network is fastest "
                         "and steadiest on one thread, as the services run it)")
     p.add_argument("--cloud-speedup", type=float, default=OFFLINE_CLOUD_SPEEDUP, help=_CLOUD_SPEEDUP_HELP)
     p.add_argument("--offload-overhead-ms", type=float, default=DEFAULT_OFFLOAD_OVERHEAD_MS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -22,9 +23,10 @@ from popex.nets.train import calibrate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _popex(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "popex.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
+def _popex(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "popex.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=240, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_profile_writes_json_csv_png(model_dir: Path) -> None:
-    result = _popex("profile", "--model", str(model_dir), "--repeats", "5", "--warmup", "1")
+    result = _popex("profile", "--model", str(model_dir), "--repeats", "5", "--warmup", "1", "--out", str(model_dir))
     assert result.returncode == 0, result.stderr
     profile = json.loads((model_dir / "profile.json").read_text())
     assert [s["name"] for s in profile["stages"]] == ["conv1", "conv2", "classifier"]
@@ -55,10 +57,19 @@ def test_profile_writes_json_csv_png(model_dir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_profile_writes_under_results_and_leaves_the_model_directory_alone(model_dir: Path, tmp_path: Path) -> None:
+    before = sorted(p.name for p in model_dir.iterdir())
+    result = _popex("profile", "--model", str(model_dir), "--repeats", "2", "--warmup", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "results" / "profile" / model_dir.name / "profile.json").is_file()
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mean", "tail"])
 def test_plan_json_contract(model_dir: Path, objective: str) -> None:
     if not (model_dir / "profile.json").exists():
-        assert _popex("profile", "--model", str(model_dir), "--repeats", "5").returncode == 0
+        assert _popex("profile", "--model", str(model_dir), "--repeats", "5", "--out", str(model_dir)).returncode == 0
     column = "expected_latency_ms" if objective == "mean" else "worst_latency_ms"
 
     def plan_for(deadline_ms: float) -> dict:
@@ -181,3 +192,12 @@ def test_top_level_help_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_an_experiment_leaves_the_results_document_alone_unless_asked() -> None:
+    from popex.cli import _build_parser
+
+    args = _build_parser("experiment").parse_args(["experiment", "threshold-sweep", "--quick"])
+    assert args.update_docs is False
+    args = _build_parser("experiment").parse_args(["experiment", "threshold-sweep", "--update-docs"])
+    assert args.update_docs is True and args.docs.name == "results.md"
