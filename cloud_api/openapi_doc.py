@@ -45,9 +45,9 @@ CLOUD_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "responses": {"200": json_body("OffloadReply")}},
     ("cloud_api.put_model", "PUT"): {
         "security": _BEARER,
+        # "files" parts (repeated, named by their paths), or the spec form's two fields
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["spec", "weights"],
-            "properties": {"spec": _BINARY, "weights": _BINARY}}}}},
+            "type": "object", "properties": {"files": _BINARY, "spec": _BINARY, "weights": _BINARY}}}}},
         "responses": {"200": json_body("Model", "Known"), "201": json_body("Model", "Registered")}},
     ("cloud_api.get_model", "GET"): {"security": _BEARER, "responses": {"200": json_body("Model")}},
     ("cloud_api.profile_model", "POST"): {

@@ -78,9 +78,11 @@ _CLASSIFY_BODY = {"required": True, "content": {
     "application/octet-stream": {"schema": _IMAGE},
     "multipart/form-data": {"schema": _object(["image"], image=_IMAGE)},
 }}
-_MODEL_FILES = {"required": True, "content": {"multipart/form-data": {"schema": _object(
-    ["spec", "weights", "calibration"], spec=_IMAGE, weights=_IMAGE, calibration=_IMAGE,
-    classifier_spec=_IMAGE, classifier_weights=_IMAGE)}}}
+# Either form of a model: one "archive" of its directory, "files" parts (repeated) named by their paths in
+# it, or the spec form's fields. Which parts make a model is checked by the route, so none is required here.
+_MODEL_FILES = {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
+    name: _IMAGE for name in ("archive", "files", "spec", "weights", "calibration", "classifier_spec",
+                              "classifier_weights")}}}}}
 _LINK_BODY = {"required": True, "content": {"application/json": {"schema": {"oneOf": [
     _object(["uplink_mbps", "rtt_ms"], uplink_mbps=_NUMBER, rtt_ms=_NUMBER),
     _object(["profile"], profile=_STRING)]}}}}

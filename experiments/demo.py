@@ -120,7 +120,12 @@ def _plot(rows: list[DemoRow], path: Path, deadline_ms: float) -> None:
     for j, policy in enumerate(policies):
         picked = [next(r for r in rows if r.profile == p and r.policy == policy) for p in profiles]
         x = np.arange(len(profiles)) + (j - (len(policies) - 1) / 2) * width
-        ax_latency.bar(x, [r.mean_latency_ms for r in picked], width, label=f"{policy} (mean)")
+        bars = ax_latency.bar(x, [r.mean_latency_ms for r in picked], width, label=f"{policy} (mean)")
+        if policy == "adaptive":  # the partition POPEX chose on each link, on its bar
+            for bar, r in zip(bars, picked):
+                ax_latency.annotate(r.strategy.split(" θ")[0], (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                    ha="center", va="bottom", fontsize=7, rotation=90, xytext=(0, 2),
+                                    textcoords="offset points")
         ax_latency.scatter(x, [r.p95_latency_ms for r in picked], color="k", marker="_", s=200,
                            label="p95" if j == 0 else None, zorder=3)
         ax_accuracy.bar(x, [100 * r.accuracy for r in picked], width, label=policy)
@@ -149,6 +154,10 @@ def _print_table(rows: list[DemoRow], deadline_ms: float, objective: str) -> Non
               f"{r.p95_latency_ms:>9.1f}{r.within_share:>8.1%}{r.offload_share:>8.1%}{r.fallback_share:>9.1%}"
               f"{r.predicted_mean_ms:>9.1f}"
               f"{r.prediction_error:>7.1%}")
+    chosen = [f"{r.profile} {r.strategy}" for r in rows if r.policy == "adaptive"]
+    if chosen:
+        print("POPEX's partition per link (split s: stages 1..s on the edge, the rest on the cloud): "
+              + " | ".join(chosen))
 
 
 @dataclass(frozen=True)
