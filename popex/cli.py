@@ -36,14 +36,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from popex.nets.recipe import TrainRecipe, train_model_dir
     from popex.nets.train import TrainConfig
 
+    from popex.data.idx import DEFAULT_FASHION_MNIST_ROOT
+    from popex.errors import ConfigError
+
+    if args.data_root is None and args.dataset != "fashion-mnist":
+        raise ConfigError(f"--dataset {args.dataset} needs --data-root (the folder of its files)")
+    blocks = None
+    if args.blocks is not None:
+        try:
+            blocks = tuple(int(b) for b in args.blocks.split(","))
+        except ValueError as err:
+            raise ConfigError(f"--blocks must be comma-separated integers, e.g. 2,2,2,2; got {args.blocks!r}") from err
     recipe = TrainRecipe(
         arch=args.arch,
-        width=args.width,
-        data_root=args.data_root,
+        width=args.width if args.width is not None else (0.5 if args.arch == "b-alexnet" else 1.0),
+        data_root=args.data_root or DEFAULT_FASHION_MNIST_ROOT,
         val_fraction=args.val_fraction,
         confidence_method=args.confidence,
         train=TrainConfig(n_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                           seed=args.seed, n_threads=args.threads),
+        dataset=args.dataset,
+        max_train_images=args.max_train_images,
+        image_size=args.image_size,
+        blocks=blocks,
+        depth=args.depth,
     )
     model_id = train_model_dir(args.out, recipe, progress=not args.quiet and sys.stderr.isatty())  # no \r noise in logs
     print(f"model {model_id} written to {args.out} (see {args.out}/MODEL_CARD.md)")
@@ -52,13 +68,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
     from popex.data.idx import DEFAULT_FASHION_MNIST_ROOT
+    from popex.nets.recipe import DATASETS
     from popex.nets.zoo import ZOO
 
     p = subparsers.add_parser("train", help=_SUBCOMMANDS["train"].help)
     p.add_argument("--arch", choices=sorted(ZOO), default="b-alexnet")
-    p.add_argument("--width", type=float, default=0.5, help="channel multiplier (b-alexnet only)")
+    p.add_argument("--width", type=float, default=None,
+                   help="channel multiplier of any architecture (default 0.5 for b-alexnet, else 1.0; "
+                        "b-resnet: 16 x width channels in its first layer)")
+    p.add_argument("--blocks", help="b-resnet: residual blocks per layer, comma-separated (default 2,2,2,2)")
+    p.add_argument("--depth", type=float, default=None,
+                   help="b-mobilenetv2: multiplier of each inverted-residual group's repeats (default 1)")
     p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument("--data-root", default=DEFAULT_FASHION_MNIST_ROOT, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--dataset", choices=DATASETS, default="fashion-mnist",
+                   help="fashion-mnist: IDX files; cifar10: the binary batches; imagefolder: DIR/train/<class>/ "
+                        "and DIR/test/<class>/ (or DIR/<class>/, 1/6 held out as test)")
+    p.add_argument("--data-root", default=None,
+                   help=f"folder of the dataset (default for fashion-mnist: {DEFAULT_FASHION_MNIST_ROOT})")
+    p.add_argument("--max-train-images", type=int, default=None,
+                   help="train on a seeded random subset of this many images (default: all)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input side in pixels; images are resized (default: the dataset's size)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=2e-3)
@@ -234,7 +264,8 @@ class _Subcommand:
 
 # The help of a subcommand registered elsewhere must be the same as there (tests/test_cli.py checks).
 _SUBCOMMANDS: dict[str, _Subcommand] = {
-    "train": _Subcommand("train an early-exit network on Fashion-MNIST and write a model dir", _add_train),
+    "train": _Subcommand("train an early-exit network on Fashion-MNIST, CIFAR-10 or an image folder; write a model dir",
+                         _add_train),
     "profile": _Subcommand("measure per-stage/branch time and bytes; write JSON, CSV, PNG", _add_profile),
     "plan": _Subcommand("strategy table and decision for a link and a latency requirement", _add_plan),
     "distort": _Subcommand("write a blurred or noisy copy of an IDX or ImageFolder dataset",

@@ -75,6 +75,12 @@ class ExpertRecipe:
         parts = ["popex", "train-experts", "--model", model_dir, "--out", out_dir,
                  "--epochs", str(self.experts.n_epochs), "--classifier-epochs", str(self.classifier.n_epochs),
                  "--seed", str(self.experts.seed)]
+        if self.experts.n_images_per_epoch != ExpertTrainConfig.n_images_per_epoch:
+            parts += ["--images-per-epoch", str(self.experts.n_images_per_epoch)]
+        if self.n_classifier_images is not None:
+            parts += ["--classifier-images", str(self.n_classifier_images)]
+        if self.experts.n_threads != ExpertTrainConfig.n_threads:
+            parts += ["--threads", str(self.experts.n_threads)]
         if self.data_root != str(DEFAULT_FASHION_MNIST_ROOT):
             parts += ["--data-root", self.data_root]
         return " ".join(shlex.quote(p) for p in parts)
@@ -233,6 +239,7 @@ def _cmd_train_experts(args: argparse.Namespace) -> int:
         experts=ExpertTrainConfig(n_epochs=args.epochs, seed=args.seed, n_threads=args.threads,
                                   n_images_per_epoch=args.images_per_epoch),
         classifier=ClassifierTrainConfig(n_epochs=args.classifier_epochs, seed=args.seed, n_threads=args.threads),
+        n_classifier_images=args.classifier_images,
     )
     card = train_expert_model_dir(args.model, args.out, recipe, progress=not args.quiet)
     for score in card["classifier"]["scores"]:
@@ -254,6 +261,8 @@ def add_train_experts_parser(subparsers: argparse._SubParsersAction) -> argparse
     p.add_argument("--images-per-epoch", type=int, default=ExpertTrainConfig.n_images_per_epoch,
                    help="training images drawn per expert epoch")
     p.add_argument("--classifier-epochs", type=int, default=ClassifierTrainConfig.n_epochs)
+    p.add_argument("--classifier-images", type=int, default=None,
+                   help="train the distortion classifier on a seeded subset of this many images (default: all)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="as the model was trained with (default 0.1)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of that validation split (default 0)")
     p.add_argument("--seed", type=int, default=0)

@@ -11,6 +11,7 @@ and exit probabilities (DESIGN.md §2).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +52,7 @@ class TrainResult:
 
     train_loss: list[float] = field(default_factory=list)
     val_accuracy: list[list[float]] = field(default_factory=list)  # per epoch, per exit
+    epoch_seconds: list[float] = field(default_factory=list)  # wall time of each epoch, validation included
 
 
 def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -115,6 +117,7 @@ def train_early_exit(
     result = TrainResult()
     for epoch in range(config.n_epochs):
         net.train()
+        epoch_started = time.perf_counter()
         order = torch.randperm(len(inputs), generator=generator)
         total_loss = 0.0
         bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{config.n_epochs}", disable=not progress, leave=True)
@@ -136,8 +139,9 @@ def train_early_exit(
         accuracy = [float((lg.argmax(1) == val_labels).mean()) for lg in logits]
         result.train_loss.append(total_loss / n_batches)
         result.val_accuracy.append(accuracy)
+        result.epoch_seconds.append(time.perf_counter() - epoch_started)
         if progress:
-            tqdm.write(f"epoch {epoch + 1}: loss {total_loss / n_batches:.4f}, "
+            tqdm.write(f"epoch {epoch + 1}: {result.epoch_seconds[-1]:.1f} s, loss {total_loss / n_batches:.4f}, "
                        f"val accuracy per exit {', '.join(f'{a:.4f}' for a in accuracy)}")
     net.eval()
     return result

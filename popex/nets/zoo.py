@@ -9,6 +9,7 @@ for MobileNetV2).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from popex.errors import SpecError
@@ -83,24 +84,30 @@ def _header(name: str, in_channels: int, image_size: int, class_names: list[str]
 # -- B-LeNet ---------------------------------------------------------------------
 
 
-def b_lenet_spec(*, n_classes: int = 10, in_channels: int = 1, image_size: int = 28,
+def b_lenet_spec(*, n_classes: int = 10, in_channels: int = 1, image_size: int = 28, width: float = 1.0,
                  class_names: list[str] | None = None, mean: list[float] | None = None,
                  std: list[float] | None = None) -> dict[str, Any]:
-    """BranchyNet's B-LeNet: LeNet-5 with one branch after the first conv stage."""
+    """BranchyNet's B-LeNet: LeNet-5 with one branch after the first conv stage.
+
+    ``width`` scales every channel and hidden-unit count (1.0 is LeNet-5's 6/16 channels, 120/84 units).
+    """
+    if not 0 < width <= 8:
+        raise SpecError(f"width must be in (0, 8], got {width}")
+    c1, c2, cb, h1, h2 = (max(2, round(c * width)) for c in (6, 16, 8, 120, 84))
     size1 = image_size // 2  # conv1 keeps the size (padding 2), pool halves it
     size2 = (size1 - 4) // 2
     size_branch = size1 // 2
     spec = _header("b-lenet", in_channels, image_size, _default_classes(n_classes, class_names), mean, std)
     spec["stages"] = [
-        {"name": "conv1", "layers": [_conv(in_channels, 6, 5, padding=2, name="conv1"), _RELU,
+        {"name": "conv1", "layers": [_conv(in_channels, c1, 5, padding=2, name="conv1"), _RELU,
                                      {"type": "maxpool2d", "kernel_size": 2}]},
-        {"name": "conv2", "layers": [_conv(6, 16, 5, name="conv2"), _RELU, {"type": "maxpool2d", "kernel_size": 2}]},
-        {"name": "classifier", "layers": [_FLATTEN, _linear(16 * size2 * size2, 120, "fc1"), _RELU,
-                                          _linear(120, 84, "fc2"), _RELU, _linear(84, n_classes, "fc3")]},
+        {"name": "conv2", "layers": [_conv(c1, c2, 5, name="conv2"), _RELU, {"type": "maxpool2d", "kernel_size": 2}]},
+        {"name": "classifier", "layers": [_FLATTEN, _linear(c2 * size2 * size2, h1, "fc1"), _RELU,
+                                          _linear(h1, h2, "fc2"), _RELU, _linear(h2, n_classes, "fc3")]},
     ]
     spec["branches"] = [
-        {"after_stage": 1, "layers": [_conv(6, 8, 3, padding=1), _RELU, {"type": "maxpool2d", "kernel_size": 2},
-                                      _FLATTEN, _linear(8 * size_branch * size_branch, n_classes)]},
+        {"after_stage": 1, "layers": [_conv(c1, cb, 3, padding=1), _RELU, {"type": "maxpool2d", "kernel_size": 2},
+                                      _FLATTEN, _linear(cb * size_branch * size_branch, n_classes)]},
     ]
     return spec
 
@@ -154,8 +161,8 @@ def b_alexnet_spec(*, n_classes: int = 10, in_channels: int = 1, image_size: int
 # -- B-ResNet --------------------------------------------------------------------
 
 
-def _gap_branch(channels: int, n_classes: int) -> list[dict[str, Any]]:
-    return [_conv(channels, channels, 3, padding=1, bias=False), _bn(channels), _RELU,
+def _gap_branch(channels: int, n_classes: int, *, stride: int = 1) -> list[dict[str, Any]]:
+    return [_conv(channels, channels, 3, stride=stride, padding=1, bias=False), _bn(channels), _RELU,
             {"type": "adaptiveavgpool2d", "output_size": 1}, _FLATTEN, _linear(channels, n_classes)]
 
 
@@ -166,7 +173,10 @@ def b_resnet_spec(*, n_classes: int = 10, in_channels: int = 3, image_size: int 
 
     The stem is a 3x3 convolution without max pooling, as usual for 32x32
     inputs; names are torchvision's (``conv1``, ``bn1``, ``layerL.B``, ``fc``).
-    Branches sit after the last block of layer1, layer2 and layer3.
+    Branches sit after the last block of layer1, layer2 and layer3, at
+    about 25/50/75% of the backbone's compute (every layer costs about the
+    same); their convolution has stride 2, so that a branch adds a quarter
+    of a full-resolution convolution, not a whole one, to its exit's cost.
     """
     if width < 1 or not blocks_per_layer or min(blocks_per_layer) < 1:
         raise SpecError(f"need width >= 1 and at least one block per layer, got {width}, {blocks_per_layer}")
@@ -186,7 +196,7 @@ def b_resnet_spec(*, n_classes: int = 10, in_channels: int = 3, image_size: int 
                                                      "out_channels": out_channels, "stride": stride}]})
             channels = out_channels
         if layer_index < len(blocks_per_layer) - 1:
-            branches.append({"after_stage": len(stages), "layers": _gap_branch(channels, n_classes)})
+            branches.append({"after_stage": len(stages), "layers": _gap_branch(channels, n_classes, stride=2)})
     stages[-1]["layers"] += [{"type": "adaptiveavgpool2d", "output_size": 1, "name": "avgpool"}, _FLATTEN,
                              _linear(channels, n_classes, "fc")]
     spec["stages"] = stages
@@ -207,7 +217,7 @@ def _make_divisible(value: float, divisor: int = 8) -> int:
 
 
 def b_mobilenetv2_spec(*, n_classes: int = 10, in_channels: int = 3, image_size: int = 32, width_mult: float = 1.0,
-                       exit_flop_fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
+                       depth_mult: float = 1.0, exit_flop_fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
                        class_names: list[str] | None = None, mean: list[float] | None = None,
                        std: list[float] | None = None) -> dict[str, Any]:
     """MobileNetV2 with side exits at fractions of its FLOPs (SPINN's placement).
@@ -216,7 +226,11 @@ def b_mobilenetv2_spec(*, n_classes: int = 10, in_channels: int = 3, image_size:
     and the first strided group keep stride 1 (the usual CIFAR adaptation),
     otherwise the strides are torchvision's. A branch goes after the first
     stage at which the cumulative multiply-accumulates reach each fraction.
+    ``depth_mult`` scales each group's number of blocks (rounded up, at
+    least one), as EfficientNet's depth coefficient does.
     """
+    if not 0 < width_mult <= 8 or not 0 < depth_mult <= 8:
+        raise SpecError(f"width_mult and depth_mult must be in (0, 8], got {width_mult}, {depth_mult}")
     small = image_size < 64
     input_channels = _make_divisible(32 * width_mult)
     last_channels = _make_divisible(1280 * max(1.0, width_mult))
@@ -227,7 +241,7 @@ def b_mobilenetv2_spec(*, n_classes: int = 10, in_channels: int = 3, image_size:
     first_strided_group = True
     for t, c, n, s in _MOBILENETV2_SETTING:
         out_channels = _make_divisible(c * width_mult)
-        for i in range(n):
+        for i in range(max(1, math.ceil(n * depth_mult))):
             stride = s if i == 0 else 1
             if small and s == 2 and i == 0 and first_strided_group:
                 stride, first_strided_group = 1, False
