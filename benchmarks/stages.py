@@ -3,8 +3,8 @@
 For each model (the shipped default, and an untrained B-MobileNetV2 at
 32x32) every stage is timed at batch 1, 8 and 32, eager torch
 (``torch.inference_mode``, one intra-op thread) and ONNX Runtime (one
-session per stage, one intra-op thread) interleaved repeat by repeat, so
-load on the machine hits both alike. Reported: the median per stage, the sum
+session per stage, one intra-op thread) interleaved repeat by repeat (which runs
+first alternates), so load on the machine and warm caches favour neither. Reported: the median per stage, the sum
 of stage medians, and the ratio ONNX Runtime / torch (below 1: ONNX Runtime
 is faster). Run: ``.venv/bin/python benchmarks/stages.py [--repeats 50]``.
 """
@@ -51,8 +51,15 @@ def bench(name: str, model_dir: Path, *, n_repeats: int, n_warmup: int = 5) -> l
             samples = {"torch": [[] for _ in range(served.n_stages)], "onnx": [[] for _ in range(served.n_stages)]}
             for repeat in range(n_warmup + n_repeats):
                 for i in range(served.n_stages):
-                    t_ms = _time_ms(lambda x, i=i: torch_net.run_stages(x, start=i, stop=i + 1), torch_inputs[i])
-                    o_ms = _time_ms(lambda x, i=i: served.run_stages(x, start=i, stop=i + 1), onnx_inputs[i])
+                    run_torch = lambda i=i: _time_ms(lambda x: torch_net.run_stages(x, start=i, stop=i + 1),  # noqa: E731
+                                                     torch_inputs[i])
+                    run_onnx = lambda i=i: _time_ms(lambda x: served.run_stages(x, start=i, stop=i + 1),  # noqa: E731
+                                                    onnx_inputs[i])
+                    # Alternate which runs first: the second of a pair finds the caches the first warmed.
+                    if repeat % 2:
+                        o_ms, t_ms = run_onnx(), run_torch()
+                    else:
+                        t_ms, o_ms = run_torch(), run_onnx()
                     if repeat >= n_warmup:
                         samples["torch"][i].append(t_ms)
                         samples["onnx"][i].append(o_ms)
