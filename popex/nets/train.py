@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from popex.decision.calibration import Calibration
 from popex.errors import ConfigError
-from popex.nets.early_exit import CONFIDENCE_METHODS, EarlyExitNet, exit_confidence
+from popex.nets.early_exit import CONFIDENCE_METHODS, EarlyExitNet
+from popex.runtime.calibrate import calibration_from_logits, fit_temperature
 
 __all__ = ["TrainConfig", "TrainResult", "train_early_exit", "exit_logits", "fit_temperature", "calibrate"]
 
@@ -147,40 +148,6 @@ def train_early_exit(
     return result
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T > 0 minimising the negative log-likelihood of softmax(logits / T).
-
-    A golden-section search on log T over [1/20, 20]: the NLL is unimodal in T
-    and one scalar does not need a gradient method.
-
-    >>> rng = np.random.default_rng(0)
-    >>> labels = rng.integers(0, 3, 500)
-    >>> logits = 8.0 * np.eye(3)[labels] + rng.normal(0, 3, (500, 3))  # overconfident logits
-    >>> fit_temperature(logits, labels) > 1.0
-    True
-    """
-    logits_t = torch.from_numpy(np.asarray(logits, dtype=np.float64))
-    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-
-    def nll(log_t: float) -> float:
-        return float(nn.functional.cross_entropy(logits_t / math.exp(log_t), labels_t))
-
-    low, high = math.log(1 / 20), math.log(20)
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = high - ratio * (high - low), low + ratio * (high - low)
-    f_a, f_b = nll(a), nll(b)
-    for _ in range(60):
-        if f_a < f_b:
-            high, b, f_b = b, a, f_a
-            a = high - ratio * (high - low)
-            f_a = nll(a)
-        else:
-            low, a, f_a = a, b, f_b
-            b = low + ratio * (high - low)
-            f_b = nll(b)
-    return math.exp((low + high) / 2)
-
-
 def calibrate(
     net: EarlyExitNet,
     inputs: np.ndarray,
@@ -207,22 +174,4 @@ def calibrate(
     """
     if method not in CONFIDENCE_METHODS:
         raise ConfigError(f"confidence method must be one of {CONFIDENCE_METHODS}, got {method!r}")
-    labels = np.asarray(labels, dtype=np.int64)
-    logits = exit_logits(net, inputs)
-    if temperature is None:
-        temperature = np.array([fit_temperature(lg, labels) for lg in logits], dtype=np.float32)
-    confidence, predicted = [], []
-    for lg, t in zip(logits, temperature):
-        conf, pred = exit_confidence(torch.from_numpy(lg), temperature=float(t), method=method)
-        confidence.append(conf.numpy())
-        predicted.append(pred.numpy())
-    confidence_arr = np.clip(np.stack(confidence, axis=1), 0.0, 1.0)
-    predicted_arr = np.stack(predicted, axis=1).astype(np.int64)
-    return Calibration(
-        confidence=confidence_arr,
-        predicted=predicted_arr,
-        correct=predicted_arr == labels[:, None],
-        labels=labels,
-        temperature=np.asarray(temperature, dtype=np.float32),
-        confidence_method=method,
-    )
+    return calibration_from_logits(exit_logits(net, inputs), labels, method=method, temperature=temperature)
