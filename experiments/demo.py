@@ -80,7 +80,8 @@ def _stream(session: requests.Session, edge_url: str, images: list[bytes], label
             deadline_ms: float, desc: str) -> list[dict[str, Any]]:
     records = []
     url = f"{edge_url}/api/v1/classify"
-    for index in tqdm(range(len(images)), desc=desc, leave=False, file=sys.stderr):
+    for index in tqdm(range(len(images)), desc=desc, leave=False, file=sys.stderr,
+                      disable=not sys.stderr.isatty()):  # no \r noise in a log file
         started = time.perf_counter()
         response = session.post(url, params={"policy": policy, "deadline_ms": deadline_ms}, data=images[index],
                                 headers={"Content-Type": "image/png"}, timeout=30.0)

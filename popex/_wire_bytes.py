@@ -18,6 +18,7 @@ import zlib
 import safetensors
 
 from popex._wire_errors import UnsupportedEncodingError, WireError
+from popex.checks import pickled_kind
 
 __all__ = [
     "CONTENT_ENCODINGS",
@@ -40,10 +41,9 @@ _MAX_HEADER_BYTES = 64 * 1024  # a real header is ~300 bytes; refuse to JSON-par
 
 
 def _describe_not_safetensors(data: bytes) -> str:
-    if data[:1] == b"\x80":
-        return "it looks like a Python pickle, which POPEX never reads; send a safetensors payload"
-    if data[:4] == b"PK\x03\x04":
-        return "it looks like a torch.save() zip (a pickle inside), which POPEX never reads"
+    kind = pickled_kind(data)
+    if kind is not None:
+        return f"it looks like {kind}, which POPEX never reads; send a safetensors payload"
     if data[:1] in (b"{", b"["):
         return "it looks like JSON; tensors travel as safetensors, never as JSON lists"
     return "it is not a valid safetensors payload"

@@ -16,6 +16,7 @@ from popex.errors import ConfigError
 __all__ = [
     "MAX_DEADLINE_MS",
     "OBJECTIVES",
+    "pickled_kind",
     "check_choice",
     "check_deadline_ms",
     "check_finite",
@@ -204,3 +205,19 @@ def check_objective(objective: object) -> str:
     'tail'
     """
     return check_choice(objective, name="objective", choices=OBJECTIVES)
+
+
+def pickled_kind(data: bytes) -> str | None:
+    """What pickled file ``data`` looks like ("a Python pickle", "a torch.save() zip ..."), or None.
+
+    Files from users and the network are named by kind when they are refused,
+    so the sender learns to convert them, never that POPEX tried to read them.
+
+    >>> pickled_kind(b"\\x80\\x04K."), pickled_kind(b"{}")
+    ('a Python pickle', None)
+    """
+    if data[:1] == b"\x80" or data[:2] in (b"(d", b"(l", b"}q"):
+        return "a Python pickle"
+    if data[:4] == b"PK\x03\x04":
+        return "a torch.save() zip (a pickle inside)"
+    return None

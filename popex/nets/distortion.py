@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,24 +154,6 @@ class DistortionClassifier:
         """Write spec.json + weights.safetensors; returns (and records) the model id."""
         self.model_id = save_model(self.net, directory)
         return self.model_id
-
-    def time_one_image_ms(self, *, n_repeats: int = 50, n_warmup: int = 5) -> float:
-        """Median time of :meth:`predict` on one 28x28-like gray image, ms: the edge's fixed per-image cost.
-
-        The latency model adds it to every strategy's latency (it runs before
-        the first stage whatever the split), so the planner can look decisions
-        up at ``deadline_ms - time_one_image_ms()``.
-        """
-        if n_repeats < 1 or n_warmup < 0:
-            raise ConfigError(f"need n_repeats >= 1 and n_warmup >= 0, got {n_repeats}, {n_warmup}")
-        image = np.random.default_rng(0).integers(0, 256, tuple(self.net.input_shape[1:]), dtype=np.uint8)
-        timings_ms = []
-        for i in range(n_warmup + n_repeats):
-            started = time.perf_counter()
-            self.predict(image, is_batch=False)
-            if i >= n_warmup:
-                timings_ms.append((time.perf_counter() - started) * 1000.0)
-        return float(np.median(timings_ms))
 
     def predict(self, images: np.ndarray, *, is_batch: bool | None = None, batch_size: int = 1024
                 ) -> DistortionPrediction:

@@ -23,7 +23,7 @@ from torch import nn
 from popex.errors import SpecError
 from popex.nets.spec import PRISTINE_HEAD, build_layer, validate_spec
 from popex.runtime.exits import exit_confidence as runtime_exit_confidence
-from popex.runtime.onnx_model import UnknownHeadError
+from popex.runtime.exit_chain import ExitChain, UnknownHeadError
 
 __all__ = ["EarlyExitNet", "UnknownHeadError", "exit_confidence", "CONFIDENCE_METHODS", "PRISTINE_HEAD"]
 
@@ -67,7 +67,7 @@ def _register(root: nn.Module, dotted_name: str, module: nn.Module, where: str) 
     node.add_module(parts[-1], module)
 
 
-class EarlyExitNet(nn.Module):
+class EarlyExitNet(ExitChain, nn.Module):
     """Stages 1..N and branches after stage k_b, built from a validated spec.
 
     Parameters
@@ -109,41 +109,6 @@ class EarlyExitNet(nn.Module):
         self.experts = nn.ModuleDict({name: _HeadSet(spec) for name in self.expert_names})
         self._dry_run()
 
-    @property
-    def head_names(self) -> tuple[str, ...]:
-        """Every selectable head set: ``"pristine"`` (the backbone's own) and then the experts."""
-        return (PRISTINE_HEAD, *self.expert_names)
-
-    def check_head(self, head: str | None) -> str | None:
-        """Normalise a head name: None for the pristine heads, else the expert's name.
-
-        Raises
-        ------
-        UnknownHeadError
-            If ``head`` is neither None, ``"pristine"`` nor one of ``expert_names``.
-        """
-        if head is None or head == PRISTINE_HEAD:
-            return None
-        if isinstance(head, str) and head in self.expert_names:
-            return head
-        raise UnknownHeadError(f"this model has no head set {str(head)[:40]!r}; it has {list(self.head_names)}")
-
-    @property
-    def n_stages(self) -> int:
-        return len(self._stages)
-
-    @property
-    def n_branches(self) -> int:
-        return len(self.branches)
-
-    @property
-    def n_exits(self) -> int:
-        return len(self.branches) + 1
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
     def run_stages(self, x: torch.Tensor, *, start: int = 0, stop: int | None = None,
                    head: str | None = None) -> torch.Tensor:
         """Run stages start+1..stop (a split index on each side: 0..N).
@@ -172,14 +137,7 @@ class EarlyExitNet(nn.Module):
 
     def forward(self, x: torch.Tensor, *, head: str | None = None) -> list[torch.Tensor]:
         """Logits of every exit of head set ``head``: branches in order, then the final exit."""
-        logits = []
-        start = 0
-        for b, after_stage in enumerate(self.branch_after_stage):
-            x = self.run_stages(x, start=start, stop=after_stage)
-            logits.append(self.run_branch(b, x, head=head))
-            start = after_stage
-        logits.append(self.run_stages(x, start=start, head=head))
-        return logits
+        return self.exits(x, head=head)
 
     def stage_output_shapes(self) -> list[tuple[int, ...]]:
         """Shape (without batch) of the tensor after each split 0..N."""

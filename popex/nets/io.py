@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from popex.checks import pickled_kind
 from popex.errors import SpecError, WeightsError
 from popex.nets.early_exit import EarlyExitNet
 from popex.nets.spec import canonical_spec_bytes, parse_spec_json
@@ -45,10 +46,9 @@ MAX_WEIGHTS_BYTES = 512 * 1024 * 1024
 
 
 def _describe_not_safetensors(data: bytes) -> str:
-    if data[:1] == b"\x80" or data[:2] in (b"(d", b"(l", b"}q"):
-        return "it looks like a Python pickle; POPEX never unpickles weights, convert them with safetensors"
-    if data[:4] == b"PK\x03\x04":
-        return "it looks like a torch.save() zip (pickle inside); POPEX never unpickles weights, save with safetensors"
+    kind = pickled_kind(data)
+    if kind is not None:
+        return f"it looks like {kind}; POPEX never unpickles weights, save them with safetensors"
     return "it is not a safetensors file"
 
 

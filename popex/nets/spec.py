@@ -36,6 +36,7 @@ from typing import Any
 
 
 from popex.errors import SpecError
+from popex.runtime.exit_chain import PRISTINE_HEAD
 from popex.nets.layers import LAYER_TYPES, build_layer, check_layer, check_spec_float, check_spec_int
 
 __all__ = [
@@ -56,7 +57,6 @@ MAX_LAYERS = 1_000
 MAX_INPUT_VALUES = 3 * 1024 * 1024
 MAX_CLASSES = 100_000
 MAX_EXPERTS = 8
-PRISTINE_HEAD = "pristine"  # the backbone's own head set; never listed under "experts"
 
 _EXPERT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 

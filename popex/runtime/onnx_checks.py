@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from popex.checks import pickled_kind
 from popex.runtime.onnx_model import OnnxModelError
 
 if TYPE_CHECKING:
@@ -32,10 +33,9 @@ MAX_ONNX_BYTES = 256 * 1024 * 1024
 
 
 def _describe_not_onnx(data: bytes) -> str:
-    if data[:1] == b"\x80" or data[:2] in (b"(d", b"(l", b"}q"):
-        return "it looks like a Python pickle; POPEX never unpickles, export the model to ONNX"
-    if data[:4] == b"PK\x03\x04":
-        return "it looks like a torch.save() zip (a pickle inside); export the model to ONNX (`popex export`)"
+    kind = pickled_kind(data)
+    if kind is not None:
+        return f"it looks like {kind}, which POPEX never unpickles; export the model to ONNX (`popex export`)"
     return "it is not an ONNX protobuf"
 
 

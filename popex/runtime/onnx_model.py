@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from popex.errors import PopexError, SpecError
+from popex.runtime.exit_chain import PRISTINE_HEAD, ExitChain, UnknownHeadError
 
 __all__ = [
     "ONNX_FORMAT",
@@ -46,19 +47,12 @@ __all__ = [
 
 ONNX_FORMAT = "popex-onnx/1"
 MANIFEST_FILE = "model.json"
-PRISTINE_HEAD = "pristine"
 
 
 class OnnxModelError(SpecError):
     """An ONNX model directory or one of its graphs is not acceptable."""
 
     code = "invalid_onnx"
-
-
-class UnknownHeadError(PopexError):
-    """A head set was asked for that the model does not have (e.g. a wire payload's ``head``)."""
-
-    code = "unknown_head"
 
 
 def canonical_manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
@@ -202,7 +196,7 @@ class _Graph:
         return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-class OnnxModel:
+class OnnxModel(ExitChain):
     """Stages 1..N and branches after stage k_b, each an ONNX Runtime session; numpy in, numpy out.
 
     The attribute names are those of :class:`popex.nets.early_exit.EarlyExitNet`,
@@ -228,41 +222,6 @@ class OnnxModel:
         self._experts = dict(experts)
         self._shapes: list[tuple[int, ...]] | None = None
 
-    @property
-    def head_names(self) -> tuple[str, ...]:
-        """Every selectable head set: ``"pristine"`` (the backbone's own) and then the experts."""
-        return (PRISTINE_HEAD, *self.expert_names)
-
-    def check_head(self, head: str | None) -> str | None:
-        """Normalise a head name: None for the pristine heads, else the expert's name.
-
-        Raises
-        ------
-        UnknownHeadError
-            If ``head`` is neither None, ``"pristine"`` nor one of ``expert_names``.
-        """
-        if head is None or head == PRISTINE_HEAD:
-            return None
-        if isinstance(head, str) and head in self.expert_names:
-            return head
-        raise UnknownHeadError(f"this model has no head set {str(head)[:40]!r}; it has {list(self.head_names)}")
-
-    @property
-    def n_stages(self) -> int:
-        return len(self._stages)
-
-    @property
-    def n_branches(self) -> int:
-        return len(self._branches)
-
-    @property
-    def n_exits(self) -> int:
-        return len(self._branches) + 1
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
     def run_stages(self, x: np.ndarray, *, start: int = 0, stop: int | None = None,
                    head: str | None = None) -> np.ndarray:
         """Run stages start+1..stop (a split index on each side: 0..N); ``head`` picks stage N's copy."""
@@ -283,14 +242,7 @@ class OnnxModel:
 
     def forward(self, x: np.ndarray, *, head: str | None = None) -> list[np.ndarray]:
         """Logits of every exit of head set ``head``: branches in order, then the final exit."""
-        logits = []
-        start = 0
-        for b, after_stage in enumerate(self.branch_after_stage):
-            x = self.run_stages(x, start=start, stop=after_stage)
-            logits.append(self.run_branch(b, x, head=head))
-            start = after_stage
-        logits.append(self.run_stages(x, start=start, head=head))
-        return logits
+        return self.exits(x, head=head)
 
     __call__ = forward
 
