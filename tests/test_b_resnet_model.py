@@ -55,6 +55,7 @@ def test_compute_figures_are_reproduced(model, card: dict) -> None:
     assert all(a < b for a, b in zip(card["exit_macs"], card["exit_macs"][1:]))
 
 
+@pytest.mark.slow  # a pass over the 10,000 test images
 def test_card_accuracy_is_reproduced(test_calibration, card: dict) -> None:
     """Per-exit accuracy recomputed here matches the card (exactly on the full test set) and MODEL_CARD.md."""
     recomputed = test_calibration.correct.mean(axis=0)
@@ -65,6 +66,7 @@ def test_card_accuracy_is_reproduced(test_calibration, card: dict) -> None:
         assert f"| {accuracy:.2%} |" in markdown
 
 
+@pytest.mark.slow  # a pass over the 10,000 test images
 def test_exits_trade_accuracy_for_compute(test_calibration, card: dict) -> None:
     """The first exit is at least 3 points below the final one, on the card and recomputed."""
     for accuracy in (card["test"]["exit_accuracy"], test_calibration.correct.mean(axis=0)):
