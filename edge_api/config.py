@@ -44,6 +44,7 @@ _ENV_KEYS = {
     "POPEX_EMULATE_LINK": "emulate_link",
     "POPEX_EMULATE_EDGE_SLOWDOWN": "emulate_edge_slowdown",
     "POPEX_LINK_IFACE": "shaping_interface",
+    "POPEX_DEFAULT_MODEL_DIR": "default_model_dir",
 }
 _MAX_MS = 60_000.0
 

@@ -85,6 +85,7 @@ def leaky_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("POPEX_CLOUD_STATE_DIR", str(tmp_path / "leaked-cloud-state"))
     monkeypatch.setenv("POPEX_EDGE_STATE_DIR", str(tmp_path / "leaked-edge-state"))
     monkeypatch.setenv("POPEX_CLOUD_URL", "http://leaked:9")
+    monkeypatch.setenv("POPEX_DEFAULT_MODEL_DIR", str(tmp_path / "leaked-model"))
     return {"edge": edge_values, "cloud": cloud_values}
 
 
@@ -108,6 +109,7 @@ def test_the_production_loader_honours_the_yaml_file_and_the_environment(leaky_e
             assert getattr(config, name) == value, name
     assert edge.token == cloud.token == "leaked-token-from-env" and edge.cloud_url == "http://leaked:9"
     assert cloud.state_dir == tmp_path / "leaked-cloud-state"
+    assert str(edge.default_model_dir) == str(tmp_path / "leaked-model")
     assert load_cloud_config({"max_body_bytes": 4096}).max_body_bytes == 4096  # overrides win
 
 
