@@ -3,8 +3,10 @@
 For each model (the shipped default, and an untrained B-MobileNetV2 at
 32x32) every stage is timed at batch 1, 8 and 32, eager torch
 (``torch.inference_mode``, one intra-op thread) and ONNX Runtime (one
-session per stage, one intra-op thread) interleaved repeat by repeat (which runs
-first alternates), so load on the machine and warm caches favour neither. Reported: the median per stage, the sum
+session per stage, one intra-op thread) each variant running the whole
+chain of stages as a request does, the variants alternating repeat by
+repeat (which goes first alternates too), so load on the machine and warm
+caches favour neither. Reported: the median per stage, the sum
 of stage medians, and the ratio ONNX Runtime / torch (below 1: ONNX Runtime
 is faster). Run: ``.venv/bin/python benchmarks/stages.py [--repeats 50]``.
 """
@@ -49,20 +51,19 @@ def bench(name: str, model_dir: Path, *, n_repeats: int, n_warmup: int = 5) -> l
                 torch_inputs.append(torch_net.run_stages(torch_inputs[-1], start=i, stop=i + 1))
                 onnx_inputs.append(served.run_stages(onnx_inputs[-1], start=i, stop=i + 1))
             samples = {"torch": [[] for _ in range(served.n_stages)], "onnx": [[] for _ in range(served.n_stages)]}
+            variants = {
+                "torch": lambda i, x: torch_net.run_stages(x, start=i, stop=i + 1),
+                "onnx": lambda i, x: served.run_stages(x, start=i, stop=i + 1),
+            }
+            inputs = {"torch": torch_inputs, "onnx": onnx_inputs}
             for repeat in range(n_warmup + n_repeats):
-                for i in range(served.n_stages):
-                    run_torch = lambda i=i: _time_ms(lambda x: torch_net.run_stages(x, start=i, stop=i + 1),  # noqa: E731
-                                                     torch_inputs[i])
-                    run_onnx = lambda i=i: _time_ms(lambda x: served.run_stages(x, start=i, stop=i + 1),  # noqa: E731
-                                                    onnx_inputs[i])
-                    # Alternate which runs first: the second of a pair finds the caches the first warmed.
-                    if repeat % 2:
-                        o_ms, t_ms = run_onnx(), run_torch()
-                    else:
-                        t_ms, o_ms = run_torch(), run_onnx()
-                    if repeat >= n_warmup:
-                        samples["torch"][i].append(t_ms)
-                        samples["onnx"][i].append(o_ms)
+                # Each variant runs the whole chain as a request does (stage 1, 2, ... N), timing every
+                # stage; which variant goes first alternates, so load drift and warm caches favour neither.
+                for variant in (("torch", "onnx") if repeat % 2 == 0 else ("onnx", "torch")):
+                    for i in range(served.n_stages):
+                        ms = _time_ms(lambda x, i=i, v=variant: variants[v](i, x), inputs[variant][i])
+                        if repeat >= n_warmup:
+                            samples[variant][i].append(ms)
         torch_ms = [statistics.median(s) for s in samples["torch"]]
         onnx_ms = [statistics.median(s) for s in samples["onnx"]]
         rows.append({"model": name, "batch": batch, "torch_stage_ms": torch_ms, "onnx_stage_ms": onnx_ms,
