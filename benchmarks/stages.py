@@ -14,6 +14,7 @@ is faster). Run: ``.venv/bin/python benchmarks/stages.py [--repeats 50]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -61,7 +62,7 @@ def bench(name: str, model_dir: Path, *, n_repeats: int, n_warmup: int = 5) -> l
                 # stage; which variant goes first alternates, so load drift and warm caches favour neither.
                 for variant in (("torch", "onnx") if repeat % 2 == 0 else ("onnx", "torch")):
                     for i in range(served.n_stages):
-                        ms = _time_ms(lambda x, i=i, v=variant: variants[v](i, x), inputs[variant][i])
+                        ms = _time_ms(functools.partial(variants[variant], i), inputs[variant][i])
                         if repeat >= n_warmup:
                             samples[variant][i].append(ms)
         torch_ms = [statistics.median(s) for s in samples["torch"]]

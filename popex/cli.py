@@ -161,7 +161,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from popex.runtime.profiler import load_profile
     from popex.decision import DecisionIndex, Link, Planner, load_calibration, sweep_exit_stats
-    from popex.nets.io import CALIBRATION_FILE
+    from popex.decision.calibration import CALIBRATION_FILE
 
     assumptions = []
     profile_path = Path(args.profile) if args.profile else Path(args.model) / "profile.json"

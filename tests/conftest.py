@@ -249,3 +249,17 @@ def lenet_files() -> dict[str, Any]:
     files = {"spec": json.dumps(spec).encode(), "weights": weights_bytes,
              "calibration": calibration_bytes(n_exits=net.n_exits)}
     return {"files": files, "model_id": compute_model_id(spec, weights_bytes)}
+
+
+def shipped_test_calibration(model: Any, model_dir: Path) -> Any:
+    """Confidence and correctness of every exit of a shipped model on the available test set (full, or the
+    shipped subset), at the temperatures of its calibration.npz: what its card's test figures are made of."""
+    from popex.data import default_test_set
+    from popex.data.preprocess import Preprocessing, preprocess
+    from popex.decision import load_calibration
+    from popex.nets.train import calibrate
+
+    test = default_test_set().dataset
+    inputs = preprocess(test.images, Preprocessing.from_spec_dict(model.spec), is_batch=True)
+    temperature = load_calibration(model_dir / "calibration.npz").temperature
+    return calibrate(model.net, inputs, test.labels, temperature=temperature)

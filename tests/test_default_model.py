@@ -8,11 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from popex.data import default_test_set
-from popex.data.preprocess import Preprocessing, preprocess
 from popex.decision import load_calibration, sweep_exit_stats
+from conftest import shipped_test_calibration
 from popex.nets import load_model
-from popex.nets.train import calibrate
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 
@@ -29,11 +27,7 @@ def card() -> dict:
 
 @pytest.fixture(scope="module")
 def test_calibration(model):
-    """Confidence and correctness of every exit on the available test set (full, or the shipped subset)."""
-    test = default_test_set().dataset
-    inputs = preprocess(test.images, Preprocessing.from_spec_dict(model.spec), is_batch=True)
-    temperature = load_calibration(MODEL_DIR / "calibration.npz").temperature
-    return calibrate(model.net, inputs, test.labels, temperature=temperature)
+    return shipped_test_calibration(model, MODEL_DIR)
 
 
 def test_card_describes_these_weights(model, card: dict) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from popex.checks import check_int
 from popex.cloud.store import ModelStore
+from popex.runtime.exits import exit_confidence
 from popex.runtime.model_files import LoadedModel
 from popex.runtime.profiler import time_stages
 from popex.wire import MAX_WIRE_BYTES, OffloadReply, OffloadRequest, WireError, decode_offload, decompress_payload
@@ -162,16 +163,15 @@ class CloudRunner:
             raise WireError(f"tensor shape {list(request.tensor.shape)} does not fit model "
                             f"{request.model_id[:12]} at split {request.split}: expected {list(expected)} "
                             "(a batch of exactly 1)")
-        logits = net.run_stages(request.tensor, start=request.split, head=head).astype(np.float64)[0]
+        logits = net.run_stages(request.tensor, start=request.split, head=head)
         if not np.isfinite(logits).all():
             raise WireError(f"model {request.model_id[:12]} produced NaN or infinite logits for this tensor")
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        label_index = int(probs.argmax())
+        confidence, label = exit_confidence(logits)  # the final exit at temperature 1
+        label_index = int(label[0])
         return CloudResult(
             label=label_index,
             class_name=net.class_names[label_index],
-            confidence=float(probs[label_index]),
+            confidence=float(confidence[0]),
             cloud_ms=(time.perf_counter() - start_s) * 1000.0,
         )
 

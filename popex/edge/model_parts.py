@@ -28,8 +28,8 @@ from popex.runtime.model_files import (
     WEIGHTS_FILE,
     LoadedModel,
     check_file_path,
+    form_files,
     load_model_dir,
-    onnx_form_files,
 )
 
 __all__ = [
@@ -126,15 +126,6 @@ def check_model_files(loaded: LoadedModel, model_files: Mapping[str, bytes]) -> 
                         f"calibration_<expert>.npz, {CLASSIFIER_DIR}/)")
 
 
-def _form_files(directory: Path) -> dict[str, bytes]:
-    if (directory / MANIFEST_FILE).is_file():
-        return onnx_form_files(directory)
-    missing = [name for name in (SPEC_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
-    if missing:
-        raise SpecError(f"model directory {str(directory)!r} has neither {MANIFEST_FILE} nor {missing[0]}")
-    return {name: (directory / name).read_bytes() for name in (SPEC_FILE, WEIGHTS_FILE)}
-
-
 def read_model_directory(directory: str | os.PathLike[str]) -> dict[str, bytes]:
     """The files of a model directory that a registration needs (either form), by relative path.
 
@@ -155,14 +146,14 @@ def read_model_directory(directory: str | os.PathLike[str]) -> dict[str, bytes]:
         If the model files or calibration.npz are missing.
     """
     directory = Path(directory)
-    files = _form_files(directory)
+    files = form_files(directory)
     if not (directory / CALIBRATION_FILE).is_file():
         raise SpecError(f"model directory {str(directory)!r} has no {CALIBRATION_FILE}")
     files[CALIBRATION_FILE] = (directory / CALIBRATION_FILE).read_bytes()
     for path in sorted(directory.glob("calibration_*.npz")):
         files[path.name] = path.read_bytes()
     if (directory / CLASSIFIER_DIR).is_dir():
-        for path, data in _form_files(directory / CLASSIFIER_DIR).items():
+        for path, data in form_files(directory / CLASSIFIER_DIR).items():
             files[f"{CLASSIFIER_DIR}/{path}"] = data
     return files
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,14 +31,15 @@ import torch
 from torch import nn
 
 from popex.errors import ExportError
+from popex.runtime.onnx_model import MANIFEST_FILE, ONNX_FORMAT, OnnxModelError, load_onnx_dir, manifest_files
 from popex.runtime.onnx_model import compute_onnx_model_id as runtime_model_id
 from popex.nets.io import atomic_write_bytes
 
 __all__ = ["FORMAT", "MODEL_JSON", "OPSET", "ExportResult", "compute_onnx_model_id", "referenced_files",
            "export", "export_model", "export_pieces"]
 
-FORMAT = "popex-onnx/1"
-MODEL_JSON = "model.json"
+FORMAT = ONNX_FORMAT
+MODEL_JSON = MANIFEST_FILE
 OPSET = 17
 RELATIVE_TOLERANCE = 1e-4
 N_RANDOM_INPUTS = 4
@@ -56,10 +58,7 @@ class ExportResult:
 
 def referenced_files(manifest: Mapping[str, Any]) -> list[str]:
     """Every graph path a model.json names (stages, branches, expert heads), sorted."""
-    paths = list(manifest["stages"]) + [b["file"] for b in manifest.get("branches", [])]
-    for heads in manifest.get("experts", {}).values():
-        paths += list(heads["branches"]) + [heads["final"]]
-    return sorted(paths)
+    return sorted(manifest_files(manifest))
 
 
 def compute_onnx_model_id(manifest: Mapping[str, Any], files: Mapping[str, bytes]) -> str:
@@ -141,36 +140,24 @@ def _torch_to_proto(module: nn.Module, example: torch.Tensor, *, output_names: S
     return proto, exporter, notes
 
 
-def _session(data: bytes):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as err:
-        raise ExportError(f"ONNX Runtime cannot load an exported graph: {str(err)[:300]}") from err
-
-
 def _run_chain(manifest: Mapping[str, Any], files: Mapping[str, bytes], x: np.ndarray) -> dict[str, np.ndarray]:
-    """Every exit's logits by chaining the exported graphs, as a tier would."""
-    sessions = {path: _session(files[path]) for path in referenced_files(manifest)}
-
-    def run(path: str, value: np.ndarray) -> np.ndarray:
-        return sessions[path].run(["output"], {"input": value})[0]
-
-    features = [x]
-    for path in manifest["stages"]:
-        features.append(run(path, features[-1]))
-    exits = {f"branch{b}": run(branch["file"], features[branch["after_stage"]])
-             for b, branch in enumerate(manifest["branches"])}
-    exits["final"] = features[-1]
-    for name, heads in manifest.get("experts", {}).items():
-        for b, (path, branch) in enumerate(zip(heads["branches"], manifest["branches"])):
-            exits[f"{name}/branch{b}"] = run(path, features[branch["after_stage"]])
-        exits[f"{name}/final"] = run(heads["final"], features[-2])
+    """Every exit's logits from the exported graphs, run by the tiers' own executor (checks and dry run included)."""
+    with tempfile.TemporaryDirectory(prefix="popex-export-check-") as scratch:
+        directory = Path(scratch)
+        for path in referenced_files(manifest):
+            (directory / path).parent.mkdir(parents=True, exist_ok=True)
+            (directory / path).write_bytes(files[path])
+        (directory / MODEL_JSON).write_text(json.dumps(manifest))
+        try:
+            net, _ = load_onnx_dir(directory)
+        except OnnxModelError as err:
+            raise ExportError(f"the exported graphs do not load as a model: {err}") from err
+    exits = {}
+    for head in (None, *net.expert_names):
+        prefix = "" if head is None else f"{head}/"
+        logits = net.forward(x, head=head)
+        exits.update({f"{prefix}branch{b}": value for b, value in enumerate(logits[:-1])})
+        exits[f"{prefix}final"] = logits[-1]
     return exits
 
 

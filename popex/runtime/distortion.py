@@ -17,6 +17,7 @@ import numpy as np
 from popex.data.distort import DISTORTION_KINDS
 from popex.data.spectrum import DistortionPrediction, spectrum_features
 from popex.errors import ConfigError, DataError
+from popex.runtime.exits import exit_confidence
 from popex.runtime.onnx_model import PRISTINE_HEAD, OnnxModel, OnnxModelError
 
 __all__ = ["CLASSIFIER_DIR", "OnnxDistortionClassifier", "HeadChoice", "choose_head"]
@@ -57,15 +58,11 @@ class OnnxDistortionClassifier:
             If the images are not uint8 images of a supported shape.
         """
         features = spectrum_features(images, self.net.spec, is_batch=is_batch)
-        chunks = []
-        for start in range(0, len(features), batch_size):
-            logits = self.net.run_stages(features[start:start + batch_size]).astype(np.float64)
-            logits -= logits.max(axis=1, keepdims=True)
-            probs = np.exp(logits)
-            chunks.append(probs / probs.sum(axis=1, keepdims=True))
-        probs = np.concatenate(chunks)
-        return DistortionPrediction(kinds=tuple(DISTORTION_KINDS[i] for i in probs.argmax(axis=1)),
-                                    confidences=probs.max(axis=1).astype(np.float32))
+        logits = np.concatenate([self.net.run_stages(features[start:start + batch_size])
+                                 for start in range(0, len(features), batch_size)])
+        confidences, predicted = exit_confidence(logits)
+        return DistortionPrediction(kinds=tuple(DISTORTION_KINDS[i] for i in predicted),
+                                    confidences=confidences.astype(np.float32))
 
     def time_one_image_ms(self, *, n_repeats: int = 50, n_warmup: int = 5) -> float:
         """Median time of :meth:`predict` on one image of the classifier's size, ms (the edge's fixed cost)."""

@@ -10,9 +10,9 @@ import math
 
 import numpy as np
 
-__all__ = ["CONFIDENCE_METHODS", "exit_confidence"]
+from popex.decision.calibration import CONFIDENCE_METHODS
 
-from popex.decision.calibration import CONFIDENCE_METHODS  # noqa: E402  one list for both sides
+__all__ = ["CONFIDENCE_METHODS", "exit_confidence"]
 
 
 def exit_confidence(logits: np.ndarray, *, temperature: float = 1.0,

@@ -37,8 +37,9 @@ from popex.runtime.onnx_model import (
     canonical_manifest_bytes,
     load_onnx_dir,
     manifest_files,
-    read_manifest,
+    check_file_path,
     compute_onnx_model_id,
+    read_manifest,
 )
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "convert_spec_files",
     "load_model_dir",
     "files_model_id",
+    "form_files",
     "check_file_path",
     "write_files",
     "model_form",
@@ -90,11 +92,6 @@ class LoadedModel:
     model_id: str
     form: str
     files: Mapping[str, bytes] = field(repr=False)
-
-    @property
-    def weights_bytes(self) -> bytes:
-        """The spec form's safetensors weights (empty for an ONNX model)."""
-        return self.files.get(WEIGHTS_FILE, b"")
 
 
 def spec_model_id(spec_bytes: bytes, weights_bytes: bytes) -> str:
@@ -228,6 +225,22 @@ def onnx_form_files(directory: Path) -> dict[str, bytes]:
     return files
 
 
+def form_files(directory: Path) -> dict[str, bytes]:
+    """The files of the model's own form in ``directory`` (model.json + graphs, or spec + weights), by path.
+
+    Raises
+    ------
+    SpecError, OnnxModelError
+        If neither form is complete.
+    """
+    if (directory / MANIFEST_FILE).is_file():
+        return onnx_form_files(directory)
+    missing = [name for name in (SPEC_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise SpecError(f"model directory {str(directory)!r} has neither {MANIFEST_FILE} nor {missing[0]}")
+    return {name: (directory / name).read_bytes() for name in (SPEC_FILE, WEIGHTS_FILE)}
+
+
 def load_model_dir(directory: str | os.PathLike[str], *, n_threads: int = 1,
                    export_to: str | os.PathLike[str] | None = None) -> LoadedModel:
     """Load a model directory in either form.
@@ -256,14 +269,10 @@ def load_model_dir(directory: str | os.PathLike[str], *, n_threads: int = 1,
         One message naming the file and the problem.
     """
     directory = Path(directory)
+    files = form_files(directory)
     if model_form(directory) == "onnx":
         net, model_id = load_onnx_dir(directory, n_threads=n_threads)
-        files = onnx_form_files(directory)
         return LoadedModel(net=net, spec=net.spec, model_id=model_id, form="onnx", files=files)
-    for name in (SPEC_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise SpecError(f"model directory {str(directory)!r} has neither {MANIFEST_FILE} nor {name}")
-    files = {name: (directory / name).read_bytes() for name in (SPEC_FILE, WEIGHTS_FILE)}
     model_id = spec_model_id(files[SPEC_FILE], files[WEIGHTS_FILE])
     onnx_dir = directory / ONNX_DIR
     if (onnx_dir / MANIFEST_FILE).is_file():
@@ -301,19 +310,6 @@ def files_model_id(files: Mapping[str, bytes]) -> str:
                         f"(multipart fields 'spec' and 'weights')")
     raise SpecError(f"a model is {MANIFEST_FILE} with its ONNX graphs, or {SPEC_FILE} + {WEIGHTS_FILE}; "
                     f"got {sorted(files)[:8]}")
-
-
-def check_file_path(path: str) -> str:
-    """A received file's relative path, refused when it could leave its directory.
-
-    >>> check_file_path("stages/1.onnx")
-    'stages/1.onnx'
-    """
-    parts = path.split("/")
-    if (not path or len(path) > 200 or path.startswith("/") or "\\" in path or "\0" in path
-            or any(part in ("", ".", "..") for part in parts) or len(parts) > 6):
-        raise SpecError(f"file path {path[:80]!r} must be a relative path inside the model directory")
-    return path
 
 
 def write_files(files: Mapping[str, bytes], directory: Path) -> None:

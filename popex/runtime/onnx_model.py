@@ -40,6 +40,7 @@ __all__ = [
     "OnnxModel",
     "canonical_manifest_bytes",
     "compute_onnx_model_id",
+    "check_file_path",
     "manifest_files",
     "read_manifest",
     "load_onnx_dir",
@@ -84,12 +85,26 @@ def compute_onnx_model_id(manifest: Mapping[str, Any], files: Mapping[str, bytes
     return digest.hexdigest()
 
 
+def check_file_path(path: str) -> str:
+    """A received file's relative path, refused when it could leave its directory.
+
+    >>> check_file_path("stages/1.onnx")
+    'stages/1.onnx'
+    """
+    parts = path.split("/")
+    if (not path or len(path) > 200 or path.startswith("/") or "\\" in path or "\0" in path
+            or any(part in ("", ".", "..") for part in parts) or len(parts) > 6):
+        raise SpecError(f"file path {path[:80]!r} must be a relative path inside the model directory")
+    return path
+
+
 def _check_relative_path(path: Any, where: str) -> str:
     if not isinstance(path, str) or not path:
         raise OnnxModelError(f"model.json: {where} must be a relative file path, got {path!r}")
-    parts = Path(path).parts
-    if Path(path).is_absolute() or ".." in parts or "\\" in path:
-        raise OnnxModelError(f"model.json: {where} {path!r} must stay inside the model directory")
+    try:
+        check_file_path(path)
+    except SpecError as err:
+        raise OnnxModelError(f"model.json: {where} {path[:80]!r} must stay inside the model directory") from err
     if not path.endswith(".onnx"):
         raise OnnxModelError(f"model.json: {where} {path!r} must be an .onnx file")
     return path
