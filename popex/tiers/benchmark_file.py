@@ -38,6 +38,7 @@ __all__ = [
     "BENCHMARK_FORMAT",
     "TIERS",
     "Block",
+    "BranchBenchmark",
     "ModelBenchmark",
     "SystemBenchmark",
     "BenchmarkSet",
@@ -51,7 +52,9 @@ __all__ = [
 BENCHMARK_FORMAT = "popex-benchmark/1"
 _TOP_KEYS = {"format", "tier", "system", "models"}
 _TOP_OPTIONAL = {"note", "host"}
-_MODEL_OPTIONAL = {"input_bytes", "whole_model_ms", "n_repeats", "additivity_error"}
+_MODEL_OPTIONAL = {"input_bytes", "whole_model_ms", "n_repeats", "additivity_error", "branches"}
+_BRANCH_KEYS = {"after_block", "time_ms"}
+_BRANCH_OPTIONAL = {"flops", "params"}
 _BLOCK_KEYS = {"input_layer", "output_layer", "time_ms", "output_bytes"}
 _BLOCK_OPTIONAL = {"flops", "params", "name"}
 #: Largest benchmark file read (a few hundred models of a few hundred blocks is well below).
@@ -104,6 +107,16 @@ class Block:
 
 
 @dataclass(frozen=True)
+class BranchBenchmark:
+    """A side exit of an early-exit model (POPEX's extension): the block it follows (0-based) and its time."""
+
+    after_block: int
+    time_ms: float
+    flops: int | None = None
+    params: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelBenchmark:
     """A model's blocks on one system, in execution order, and the bytes of its input if recorded."""
 
@@ -112,6 +125,7 @@ class ModelBenchmark:
     whole_model_ms: float | None = None
     n_repeats: int | None = None
     additivity_error: float | None = None
+    branches: tuple[BranchBenchmark, ...] = ()
 
     @property
     def layout(self) -> tuple[tuple[int, int], ...]:
@@ -160,6 +174,23 @@ def _parse_model(entry: Any, *, source: str, where: str) -> ModelBenchmark:
             raise _fail(source, f"{where}.blocks[{i}]", f"layer ranges are not contiguous: block {i - 1} ends at "
                                                         f"layer {blocks[i - 1].output_layer}, block {i} starts at "
                                                         f"{block.input_layer} (expected {blocks[i - 1].output_layer + 1})")
+    raw_branches = entry.get("branches", [])
+    if not isinstance(raw_branches, list):
+        raise _fail(source, f"{where}.branches", "must be a list")
+    branches = []
+    for i, raw in enumerate(raw_branches):
+        here = f"{where}.branches[{i}]"
+        raw = _keys(raw, _BRANCH_KEYS, _BRANCH_OPTIONAL, source=source, where=here)
+        after = _count(raw["after_block"], source=source, where=f"{here}.after_block")
+        if after >= len(blocks) - 1:
+            raise _fail(source, f"{here}.after_block", f"must be a block before the last (0..{len(blocks) - 2}), "
+                                                       f"got {after}")
+        branches.append(BranchBenchmark(after_block=after, time_ms=_time_ms(raw["time_ms"], source=source,
+                                                                            where=f"{here}.time_ms"),
+                                        flops=_count(raw.get("flops"), source=source, where=f"{here}.flops",
+                                                     nullable=True),
+                                        params=_count(raw.get("params"), source=source, where=f"{here}.params",
+                                                      nullable=True)))
     whole = entry.get("whole_model_ms")
     error = entry.get("additivity_error")
     n_repeats = entry.get("n_repeats")
@@ -168,7 +199,8 @@ def _parse_model(entry: Any, *, source: str, where: str) -> ModelBenchmark:
         input_bytes=_count(entry.get("input_bytes"), source=source, where=f"{where}.input_bytes", nullable=True),
         whole_model_ms=None if whole is None else _time_ms(whole, source=source, where=f"{where}.whole_model_ms"),
         n_repeats=_count(n_repeats, source=source, where=f"{where}.n_repeats", nullable=True),
-        additivity_error=None if error is None else _additivity(error, source=source, where=where))
+        additivity_error=None if error is None else _additivity(error, source=source, where=where),
+        branches=tuple(branches))
 
 
 def _additivity(value: Any, *, source: str, where: str) -> float:
@@ -294,6 +326,9 @@ def benchmark_to_dict(bench: SystemBenchmark) -> dict[str, Any]:
         entry["blocks"] = [{"input_layer": b.input_layer, "output_layer": b.output_layer, "time_ms": b.time_ms,
                             "output_bytes": b.output_bytes, "flops": b.flops, "params": b.params,
                             **({"name": b.name} if b.name is not None else {})} for b in model.blocks]
+        if model.branches:
+            entry["branches"] = [{"after_block": b.after_block, "time_ms": b.time_ms, "flops": b.flops,
+                                  "params": b.params} for b in model.branches]
         models[name] = entry
     top: dict[str, Any] = {"format": BENCHMARK_FORMAT, "tier": bench.tier, "system": bench.system}
     top.update({key: getattr(bench, key) for key in ("note", "host") if getattr(bench, key) is not None})
