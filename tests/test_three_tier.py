@@ -105,3 +105,51 @@ def test_the_three_lane_graph_and_dijkstra_agree_with_brute_force_over_all_cuts(
         # every input -> output path is one cut: as many paths as cuts
         import networkx as nx
         assert sum(1 for _ in nx.all_simple_paths(graph, "input", "output")) == len(table.x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_cases(), st.floats(0, 400), st.sampled_from(["mean", "tail"]))
+def test_policies_use_only_their_cuts_and_adaptive_is_at_least_as_accurate(case, deadline_ms, objective):
+    from popex.decision.three_tier_policies import THREE_TIER_POLICIES, choose_three_tier
+
+    calibration, positions, profile, hops, grid = case
+    stats = sweep_exit_stats(calibration, branch_after_stage=positions, thresholds=grid)
+    table = three_tier_table(stats, profile, device_edge=hops["de"], edge_cloud=hops["ec"], device_cloud=hops["dc"])
+    n = profile.n_stages
+    rules = {"device-only": lambda x, y: x == y == n, "edge-only": lambda x, y: x == 0 and y == n,
+             "cloud-only": lambda x, y: x == y == 0, "device-cloud": lambda x, y: x == y,
+             "edge-cloud": lambda x, y: x == 0, "three-tier": lambda x, y: True}
+    assert set(rules) == set(THREE_TIER_POLICIES)
+    latency = table.latency_ms(objective)
+    choices = {}
+    for policy, rule in rules.items():
+        choice = choose_three_tier(table, policy=policy, deadline_ms=deadline_ms, objective=objective)
+        choices[policy] = choice
+        assert rule(choice.x, choice.y)
+        pairs = [(c, k) for c in range(len(table.accuracy)) for k, (x, y) in enumerate(zip(table.x, table.y))
+                 if rule(int(x), int(y))]
+        feasible = [(c, k) for c, k in pairs if latency[c, k] <= deadline_ms]
+        if feasible:  # brute force: the most accurate feasible row
+            assert choice.feasible and choice.accuracy == max(table.accuracy[c] for c, _ in feasible)
+        else:
+            assert not choice.feasible
+            assert latency[choice.config, choice.cut] == pytest.approx(min(latency[c, k] for c, k in pairs))
+    for policy, choice in choices.items():
+        if choice.feasible:
+            assert choices["three-tier"].feasible and choices["three-tier"].accuracy >= choice.accuracy
+
+
+def test_an_unknown_policy_is_named():
+    from popex.decision.three_tier_policies import policy_cuts
+    from popex.errors import ConfigError
+
+    calibration = Calibration(confidence=np.ones((2, 1), dtype=np.float32), predicted=np.zeros((2, 1), dtype=int),
+                              correct=np.ones((2, 1), dtype=bool), labels=np.zeros(2, dtype=int),
+                              temperature=np.ones(1, dtype=np.float32))
+    profile = ThreeTierProfile(stage_ms=np.ones((3, 1)), branch_ms=np.ones((3, 0)), branch_after_stage=(),
+                               split_bytes=np.ones(2))
+    hop = Hop(Link(uplink_mbps=1.0, rtt_ms=1.0))
+    table = three_tier_table(sweep_exit_stats(calibration, branch_after_stage=[]), profile, device_edge=hop,
+                             edge_cloud=hop, device_cloud=hop)
+    with pytest.raises(ConfigError, match="unknown three-tier policy 'fog'; one of device-only"):
+        policy_cuts(table, "fog")

@@ -25,6 +25,7 @@ from popex.decision.calibration import CALIBRATION_FILE, load_calibration
 from popex.decision.latency import Link
 from popex.decision.sweep import sweep_exit_stats
 from popex.decision.three_tier import Hop, ThreeTierProfile, three_tier_table
+from popex.decision.three_tier_policies import choose_three_tier
 from popex.errors import BenchmarkError
 from popex.tiers.benchmark_file import BenchmarkSet, SystemBenchmark
 from popex.tiers.network import Network
@@ -122,8 +123,8 @@ def predict_with_exits(bench: BenchmarkSet, network: Network, query: Query, *, m
 
     stats = sweep_exit_stats(calibration, branch_after_stage=positions)
     split_bytes = [reference.input_bytes or 0] + [b.output_bytes for b in reference.blocks]
-    best = None  # (latency (C, cuts) masked, table, triple)
-    results = []
+    chosen, plain = [], []  # per triple: the three-tier policy's choice, with exits and without
+    n_strategies = 0
     for d in devices:
         for e in candidates("edge", query.edge):
             for c in candidates("cloud", query.cloud):
@@ -136,35 +137,33 @@ def predict_with_exits(bench: BenchmarkSet, network: Network, query: Query, *, m
                                          edge_cloud=hops["ec"] or _UNUSED_LINK,
                                          device_cloud=hops["dc"] or _UNUSED_LINK)
                 edge_used, cloud_used = table.x < table.y, table.y < n_stages
-                possible = ((~edge_used | (e is not None)) & (~cloud_used | (c is not None))
+                # each configuration once: without an edge (cloud) only in the triple whose edge (cloud) is None
+                possible = ((edge_used == (e is not None)) & (cloud_used == (c is not None))
                             & (~edge_used | (hops["de"] is not None))
                             & (~(edge_used & cloud_used) | (hops["ec"] is not None))
                             & (~(~edge_used & cloud_used) | (hops["dc"] is not None)))
-                if e is not None:
-                    possible &= edge_used  # a configuration without an edge is counted once, with e = None
-                if c is not None:
-                    possible &= cloud_used
-                results.append((np.where(possible[None, :], table.latency_ms(objective), np.inf), table, (d, e, c)))
-    latency = np.stack([r[0] for r in results])  # (T, C, cuts)
-    if not np.isfinite(latency).any():
+                if not possible.any():
+                    continue
+                n_strategies += int(possible.sum()) * len(table.accuracy)
+                off = np.all(np.isnan(table.thresholds), axis=1)
+                for found, rows in ((chosen, None), (plain, off)):
+                    choice = choose_three_tier(table, policy="three-tier", deadline_ms=deadline_ms,
+                                               objective=objective, allowed=possible, configs=rows)
+                    found.append((choice, table, (d, e, c)))
+    if not chosen:
         raise BenchmarkError(f"{network.source} carries no configuration of model {query.model!r}")
-    per_config = latency.min(axis=(0, 2))
-    table0 = results[0][1]
-    feasible = per_config <= deadline_ms
-    if feasible.any():
-        accuracy = np.where(feasible, table0.accuracy, -np.inf)
-        ties = np.flatnonzero(accuracy == accuracy.max())
-        config = int(ties[np.argmin(per_config[ties])])
-    else:
-        config = int(np.argmin(per_config))
-    off = int(np.flatnonzero(np.all(np.isnan(table0.thresholds), axis=1))[0])
 
-    def where(config_index: int) -> dict[str, Any]:
-        triple, cut = np.unravel_index(int(np.argmin(latency[:, config_index, :])), latency[:, config_index, :].shape)
-        return _row(results[triple][1], (config_index, int(cut)), results[triple][2], objective, deadline_ms)
+    def best(found: list) -> dict[str, Any]:
+        def rank(item) -> tuple:  # the same rule across triples as within one: feasible, accurate, fast
+            choice = item[0]
+            latency = choice.expected_latency_ms if objective == "mean" else choice.worst_latency_ms
+            return (not choice.feasible, -choice.accuracy if choice.feasible else 0.0, latency)
 
-    return {"deadline_ms": deadline_ms, "objective": objective, "n_strategies": int(np.isfinite(latency).sum()),
-            "chosen": where(config), "no_exit": where(off)}
+        choice, table, triple = min(found, key=rank)
+        return _row(table, (choice.config, choice.cut), triple, objective, deadline_ms)
+
+    return {"deadline_ms": deadline_ms, "objective": objective, "n_strategies": n_strategies,
+            "chosen": best(chosen), "no_exit": best(plain)}
 
 
 def _describe(row: dict[str, Any]) -> str:
