@@ -18,7 +18,7 @@ from cloud_api.auth import CONFIG_KEY, require_token
 from cloud_api.config import CloudConfig
 from popex.checks import check_int
 from popex.cloud.runner import MAX_PROFILE_N_REPEATS, CloudRunner
-from popex.errors import ConfigError
+from popex.errors import ConfigError, UnknownModelError
 
 __all__ = ["RUNNER_KEY", "bp", "get_runner", "init_routes"]
 
@@ -89,6 +89,15 @@ def get_model(model_id: str) -> ResponseReturnValue:
     """Whether a model is registered (404 if not), so the edge can skip an upload."""
     loaded = get_runner().get(model_id)
     return jsonify(_model_info(loaded.model_id, loaded.net.n_stages))
+
+
+@bp.delete("/models/<model_id>")
+@require_token
+def delete_model(model_id: str) -> ResponseReturnValue:
+    """Remove a model (the edge's ``DELETE /api/v1/models/<id>``); 404 if it is not here."""
+    if not get_runner().remove(model_id):
+        raise UnknownModelError(f"model {model_id[:80]!r} is not registered on this cloud")
+    return jsonify({"model_id": model_id, "deleted": True})
 
 
 @bp.post("/models/<model_id>/profile")

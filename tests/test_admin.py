@@ -16,14 +16,15 @@ from popex.testbed.netns import EMULATED_RATE_MBPS, HarnessUnavailable, shaped_l
 from popex.link.shaping import Shaping, ShapingError
 from popex.link.emulation import LinkEmulator
 
-TOKEN = "admin-test-token-0123"
+TOKEN = "shared-test-token-0123"
+ADMIN_TOKEN = "admin-test-token-0123"
 URL = "/api/v1/admin/link"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def _app(tmp_path, link: LinkEmulator | None, **config):
-    values = {"token": TOKEN, "state_dir": str(tmp_path / "state"), "default_model_dir": str(tmp_path / "none"),
-              "start_background": False, **config}
+    values = {"token": TOKEN, "admin_token": ADMIN_TOKEN, "state_dir": str(tmp_path / "state"),
+              "default_model_dir": str(tmp_path / "none"), "start_background": False, **config}
     return create_app(values, cloud_client=FakeCloud(link=link))
 
 
@@ -60,7 +61,8 @@ class _FakeTc:
 
 
 @pytest.mark.parametrize("method", ["get", "put"])
-@pytest.mark.parametrize("header", [None, "Bearer wrong-token-000000", f"Basic {TOKEN}", TOKEN, "Bearer "])
+@pytest.mark.parametrize("header", [None, "Bearer wrong-token-000000", f"Basic {ADMIN_TOKEN}", ADMIN_TOKEN,
+                                    "Bearer ", f"Bearer {TOKEN}"])
 def test_without_the_token_it_is_a_401_and_nothing_changes(emulated, method, header):
     app, link = emulated
     headers = {} if header is None else {"Authorization": header}

@@ -278,7 +278,8 @@ def lenet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 def _register(services: Services, files: dict[str, bytes]) -> requests.Response:
     multipart = {name: (filename, files[name], "application/octet-stream")
                  for name, filename in zip(("spec", "weights", "calibration"), _MODEL_FILES)}
-    return requests.post(services.edge.url + "/api/v1/models", files=multipart, timeout=HTTP_TIMEOUT_S)
+    return requests.post(services.edge.url + "/api/v1/models", files=multipart, headers=services.edge.admin_headers(),
+                         timeout=HTTP_TIMEOUT_S)
 
 
 def test_model_registered_through_rest_becomes_classifiable(services: Services,
@@ -320,6 +321,16 @@ def test_model_registered_through_rest_becomes_classifiable(services: Services,
     again = _register(services, lenet_files)
     assert again.status_code == 200, again.text
     assert again.json()["model_id"] == model_id
+
+    # deleted with the admin token: gone on the edge and on the cloud
+    deleted = requests.delete(f"{services.edge.url}/api/v1/models/{model_id}", headers=services.edge.admin_headers(),
+                              timeout=HTTP_TIMEOUT_S)
+    assert deleted.status_code == 200 and deleted.json() == {"model_id": model_id, "deleted": True,
+                                                             "cloud": "deleted"}, deleted.text
+    _assert_error(requests.get(f"{services.edge.url}/api/v1/models/{model_id}", timeout=HTTP_TIMEOUT_S), 404)
+    _assert_error(services.classify(_good_png(), model=model_id), 404)
+    _assert_error(requests.get(f"{services.cloud.url}/api/v1/models/{model_id}", timeout=HTTP_TIMEOUT_S,
+                               headers={"Authorization": f"Bearer {services.token}"}), 404)
 
 
 # -- 3. bad input against the real processes -----------------------------------------------------
@@ -408,6 +419,15 @@ BAD_CASES = {
         s, _lenet_with(f, spec=_spec_with_unknown_layer(f))), 400),
     "weights-as-pickle": BadCase("edge", lambda s, f: _register(s, _lenet_with(
         f, weights=pickle.dumps({"conv1.weight": np.zeros((6, 1, 5, 5), np.float32)}))), 400),
+    "edge-model-upload-without-token": BadCase("edge", lambda s, f: requests.post(
+        s.edge.url + "/api/v1/models", files={"spec": ("spec.json", f["spec"])}, timeout=HTTP_TIMEOUT_S), 401),
+    "edge-model-upload-with-the-cloud-token": BadCase("edge", lambda s, f: requests.post(
+        s.edge.url + "/api/v1/models", files={"spec": ("spec.json", f["spec"])},
+        headers={"Authorization": f"Bearer {s.token}"}, timeout=HTTP_TIMEOUT_S), 401),
+    "edge-delete-without-token": BadCase("edge", lambda s, _f: requests.delete(
+        s.edge.url + "/api/v1/models/" + s.default_model_id, timeout=HTTP_TIMEOUT_S), 401),
+    "edge-admin-link-without-token": BadCase("edge", lambda s, _f: requests.put(
+        s.edge.url + "/api/v1/admin/link", json={"uplink_mbps": 1.0, "rtt_ms": 1.0}, timeout=HTTP_TIMEOUT_S), 401),
     "unknown-model-strategies": BadCase("edge", lambda s, _f: requests.get(
         s.edge.url + "/api/v1/models/" + "0" * 64 + "/strategies", timeout=HTTP_TIMEOUT_S), 404),
     "cloud-tensor-wrong-shape": BadCase("cloud", lambda s, _f: s.cloud_infer(
