@@ -21,6 +21,7 @@ from edge_api.config import EdgeConfig, load_config
 from edge_api.dashboard import bp as dashboard_bp
 from api_common.config import resolve_config
 from api_common.errors import init_errors
+from api_common.json_io import init_json
 from api_common.logs import init_logging, init_request_logging
 from api_common.metrics import init_metrics
 from edge_api.models import bp as models_bp
@@ -62,7 +63,7 @@ def create_app(config: EdgeConfig | Mapping[str, Any] | None = None, *, cloud_cl
     app = Flask(__name__)
     # The largest body any route takes; each route lowers it for itself.
     app.config["MAX_CONTENT_LENGTH"] = max(config.max_image_bytes, config.max_model_bytes)
-    app.json.sort_keys = False
+    init_json(app)
     node = EdgeNode.from_config(config, cloud_client=cloud_client)
     app.extensions[NODE_KEY] = node
     init_errors(app, service_name="edge")
