@@ -50,6 +50,9 @@ CLOUD_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "type": "object", "properties": {"files": _BINARY, "spec": _BINARY, "weights": _BINARY}}}}},
         "responses": {"200": json_body("Model", "Known"), "201": json_body("Model", "Registered")}},
     ("cloud_api.get_model", "GET"): {"security": _BEARER, "responses": {"200": json_body("Model")}},
+    ("cloud_api.delete_model", "DELETE"): {"security": _BEARER, "responses": {"200": json_body(
+        {"type": "object", "required": ["model_id", "deleted"],
+         "properties": {"model_id": {"type": "string"}, "deleted": {"type": "boolean"}}})}},
     ("cloud_api.profile_model", "POST"): {
         "security": _BEARER,
         "requestBody": {"required": False, "content": {"application/json": {"schema": {
