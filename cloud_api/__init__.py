@@ -22,6 +22,7 @@ from api_common.metrics import init_metrics
 from cloud_api.openapi_doc import init_cloud_openapi
 from cloud_api.readiness import init_readiness
 from cloud_api.telemetry import init_telemetry
+from cloud_api.benchmark import bp as cloud_benchmark_bp
 from cloud_api.routes import RUNNER_KEY, init_routes
 from popex.cloud.runner import CloudRunner
 
@@ -67,6 +68,7 @@ def create_app(config: CloudConfig | Mapping[str, Any] | None = None) -> Flask:
     init_request_logging(app)
     init_runner(app, config)
     init_routes(app)
+    app.register_blueprint(cloud_benchmark_bp)  # popex.tiers: GET .../benchmark
     init_readiness(app)
     init_telemetry(app, init_metrics(app, service="cloud"))
     init_cloud_openapi(app)

@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Flask
 
+from cloud_api.benchmark import OPERATIONS as BENCHMARK_OPERATIONS
 from api_common.openapi import init_openapi, json_body
 
 __all__ = ["CLOUD_OPERATIONS", "CLOUD_SCHEMAS", "init_cloud_openapi"]
@@ -68,6 +69,7 @@ CLOUD_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("metrics", "GET"): {"responses": {"200": {"description": "Prometheus text format",
                                                "content": {"text/plain": {"schema": {"type": "string"}}}}}},
     ("openapi", "GET"): {"responses": {"200": json_body({"type": "object"}, "This document")}},
+    **BENCHMARK_OPERATIONS,  # popex.tiers (its route module holds its entry)
 }
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Flask
 
+from edge_api.benchmark import OPERATIONS as BENCHMARK_OPERATIONS
 from api_common.openapi import init_openapi, json_body
 
 __all__ = ["EDGE_OPERATIONS", "EDGE_SCHEMAS", "init_edge_openapi"]
@@ -138,6 +139,7 @@ EDGE_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("openapi", "GET"): {"responses": {"200": json_body({"type": "object"}, "This document")}},
     ("dashboard.index", "GET"): {"responses": {"200": {"description": "The dashboard (HTML)",
                                                        "content": {"text/html": {"schema": _STRING}}}}},
+    **BENCHMARK_OPERATIONS,  # popex.tiers (its route module holds its entry)
 }
 
 

@@ -291,6 +291,10 @@ _SUBCOMMANDS: dict[str, _Subcommand] = {
                              "popex.runtime.calibrate:add_calibrate_parser"),
     "export": _Subcommand("export a spec model directory to ONNX (popex-onnx/1), checked by ORT",
                           "popex.nets.export_spec:add_export_parser"),
+    "predict": _Subcommand("Scission-style prediction: the fastest device/edge/cloud configurations from benchmark files",
+                           "popex.tiers.predict_cli:add_predict_parser"),
+    "benchmark": _Subcommand("benchmark a model's stages on this machine into a popex-benchmark/1 file (+ per-block plot)",
+                             "popex.tiers.benchmark_cli:add_benchmark_parser"),
     "experiment": _Subcommand("run one experiment: CSV + PNG in results/, a section of docs/results.md",
                               "experiments.cli:add_experiment_parser"),
 }
