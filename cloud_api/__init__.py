@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 def init_runner(app: Flask, config: CloudConfig) -> CloudRunner:
     """Attach a :class:`CloudRunner` on ``config.state_dir`` (it loads the stored models)."""
-    runner = CloudRunner(config.state_dir, n_threads=config.n_threads)
+    runner = CloudRunner(config.state_dir, n_threads=config.n_threads, max_batch_size=config.max_batch_size,
+                         batch_max_wait_ms=config.batch_max_wait_ms)
     app.extensions[RUNNER_KEY] = runner
     log.info("cloud runner on %s with %d stored models", config.state_dir, runner.n_models)
     return runner

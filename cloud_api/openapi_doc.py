@@ -44,6 +44,13 @@ CLOUD_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                         "schema": {"type": "string", "enum": ["deflate"]}}],
         "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": _BINARY}}},
         "responses": {"200": json_body("OffloadReply")}},
+    ("cloud_api.infer_batch", "POST"): {
+        "security": _BEARER,
+        "parameters": [{"name": "Content-Encoding", "in": "header", "required": False,
+                        "schema": {"type": "string", "enum": ["deflate"]}}],
+        "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": _BINARY}}},
+        "responses": {"200": json_body({"type": "object", "required": ["results"], "properties": {
+            "results": {"type": "array", "items": {"$ref": "#/components/schemas/OffloadReply"}}}})}},
     ("cloud_api.put_model", "PUT"): {
         "security": _BEARER,
         # "files" parts (repeated, named by their paths), or the spec form's two fields
