@@ -276,6 +276,7 @@ _SUBCOMMANDS: dict[str, _Subcommand] = {
                              "popex.runtime.calibrate:add_calibrate_parser"),
     "export": _Subcommand("export a spec model directory to ONNX (popex-onnx/1), checked by ORT",
                           "popex.nets.export_spec:add_export_parser"),
+    "ratelimit": _Subcommand("token-bucket offloads: simulate, train, metric", "popex.ratelimit.cli:add_ratelimit_parser"),
     "experiment": _Subcommand("run one experiment: CSV + PNG in results/, a section of docs/results.md",
                               "experiments.cli:add_experiment_parser"),
 }
