@@ -295,6 +295,7 @@ _SUBCOMMANDS: dict[str, _Subcommand] = {
                            "popex.tiers.predict_cli:add_predict_parser"),
     "benchmark": _Subcommand("benchmark a model's stages on this machine into a popex-benchmark/1 file (+ per-block plot)",
                              "popex.tiers.benchmark_cli:add_benchmark_parser"),
+    "ratelimit": _Subcommand("token-bucket offloads: simulate, train, metric", "popex.ratelimit.cli:add_ratelimit_parser"),
     "experiment": _Subcommand("run one experiment: CSV + PNG in results/, a section of docs/results.md",
                               "experiments.cli:add_experiment_parser"),
 }
