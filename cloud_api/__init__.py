@@ -16,6 +16,7 @@ from cloud_api.auth import CONFIG_KEY
 from cloud_api.config import CloudConfig, load_config
 from api_common.config import resolve_config
 from api_common.errors import init_errors
+from api_common.json_io import init_json
 from api_common.logs import init_logging, init_request_logging
 from api_common.metrics import init_metrics
 from cloud_api.openapi_doc import init_cloud_openapi
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 def init_runner(app: Flask, config: CloudConfig) -> CloudRunner:
     """Attach a :class:`CloudRunner` on ``config.state_dir`` (it loads the stored models)."""
-    runner = CloudRunner(config.state_dir, n_threads=config.n_threads)
+    runner = CloudRunner(config.state_dir, n_threads=config.n_threads, max_batch_size=config.max_batch_size,
+                         batch_max_wait_ms=config.batch_max_wait_ms)
     app.extensions[RUNNER_KEY] = runner
     log.info("cloud runner on %s with %d stored models", config.state_dir, runner.n_models)
     return runner
@@ -61,7 +63,7 @@ def create_app(config: CloudConfig | Mapping[str, Any] | None = None) -> Flask:
     init_logging(level=config.log_level, log_format=config.log_format)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    app.json.sort_keys = False
+    init_json(app)
     app.extensions[CONFIG_KEY] = config
     init_errors(app, service_name="cloud")
     init_request_logging(app)
