@@ -60,12 +60,17 @@ def _cases(draw):
     return calibration, positions, profile, hops, grid
 
 
+def _table(case):
+    calibration, positions, profile, hops, grid = case
+    stats = sweep_exit_stats(calibration, branch_after_stage=positions, thresholds=grid)
+    return three_tier_table(stats, profile, device_edge=hops["de"], edge_cloud=hops["ec"], device_cloud=hops["dc"])
+
+
 @settings(max_examples=60, deadline=None)
 @given(_cases())
 def test_every_row_equals_a_per_sample_simulation(case):
     calibration, positions, profile, hops, grid = case
-    stats = sweep_exit_stats(calibration, branch_after_stage=positions, thresholds=grid)
-    table = three_tier_table(stats, profile, device_edge=hops["de"], edge_cloud=hops["ec"], device_cloud=hops["dc"])
+    table = _table(case)
     assert len(table.x) == (profile.n_stages + 1) * (profile.n_stages + 2) // 2
     for config in range(len(table.accuracy)):
         for cut, (x, y) in enumerate(zip(table.x.tolist(), table.y.tolist())):
@@ -91,8 +96,7 @@ def test_the_three_lane_graph_and_dijkstra_agree_with_brute_force_over_all_cuts(
     from popex.decision.three_tier_graph import build_three_tier_graph, shortest_cuts
 
     calibration, positions, profile, hops, grid = case
-    stats = sweep_exit_stats(calibration, branch_after_stage=positions, thresholds=grid)
-    table = three_tier_table(stats, profile, device_edge=hops["de"], edge_cloud=hops["ec"], device_cloud=hops["dc"])
+    table = _table(case)
     for config in range(len(table.accuracy)):
         graph = build_three_tier_graph(profile, device_edge=hops["de"], edge_cloud=hops["ec"], device_cloud=hops["dc"],
                                        exit_probs=table.exit_probs[config],
@@ -113,8 +117,7 @@ def test_policies_use_only_their_cuts_and_adaptive_is_at_least_as_accurate(case,
     from popex.decision.three_tier_policies import THREE_TIER_POLICIES, choose_three_tier
 
     calibration, positions, profile, hops, grid = case
-    stats = sweep_exit_stats(calibration, branch_after_stage=positions, thresholds=grid)
-    table = three_tier_table(stats, profile, device_edge=hops["de"], edge_cloud=hops["ec"], device_cloud=hops["dc"])
+    table = _table(case)
     n = profile.n_stages
     rules = {"device-only": lambda x, y: x == y == n, "edge-only": lambda x, y: x == 0 and y == n,
              "cloud-only": lambda x, y: x == y == 0, "device-cloud": lambda x, y: x == y,
