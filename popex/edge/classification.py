@@ -75,6 +75,9 @@ class Classification:
         such as "blur" or "noise".
     expert_confidence : float or None
         The distortion classifier's confidence in its choice; None when it did not run.
+    rate_limited : bool
+        True when the strategy would offload but the token bucket or its policy
+        refused (popex.ratelimit.live): answered at the best local exit, not a fallback.
     """
 
     label: int
@@ -95,6 +98,7 @@ class Classification:
     policy: str = "adaptive"
     expert: str = PRISTINE_HEAD
     expert_confidence: float | None = None
+    rate_limited: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body of ``POST /api/v1/classify`` (``expert_confidence`` only when the classifier ran).
@@ -121,6 +125,7 @@ class Classification:
             "request_id": self.request_id,
             "policy": self.policy,
             "expert": self.expert,
+            "rate_limited": self.rate_limited,
         }
         if self.expert_confidence is not None:
             body["expert_confidence"] = self.expert_confidence
