@@ -28,6 +28,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,9 +47,8 @@ _RESOLVE_BAND = 0.10
 _EWMA_WEIGHT = 0.05
 
 
-@dataclass(frozen=True)
-class LiveDecision:
-    """One consultation: granted or not, the metric and the tokens left."""
+class LiveDecision(NamedTuple):
+    """One consultation: granted or not, the metric and the tokens left (a tuple: a request makes one)."""
 
     granted: bool
     metric: float
@@ -59,6 +59,13 @@ class LiveDecision:
 class _ModelTables:
     tables: tuple[KernelTable, ...]
     metric_tr: np.ndarray
+
+    def lookup(self, branch: int, confidence: float) -> float:
+        """The table at ``confidence``, in plain Python (a request's one value: numpy would cost more)."""
+        table = self.tables[branch]
+        values = table.values_list
+        index = int((confidence - table.low) / (table.high - table.low) * len(values))
+        return values[min(len(values) - 1, max(0, index))]
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,7 @@ class RateLimiter:
         tables = self._tables.get(key)
         if tables is None or branch is None or branch >= len(tables.tables):
             return float("inf")
-        return float(tables.tables[branch](confidence))
+        return tables.lookup(branch, confidence)
 
     def consult(self, model_id: str, calibration: object, branch: int | None, confidence: float, *,
                 gate: tuple[tuple[int, float], ...] = ()) -> LiveDecision:
@@ -177,7 +184,7 @@ class RateLimiter:
                 self._n_refused += 1
             tokens = self._bucket.tokens
         if thresholds is None or self._moved(thresholds):
-            self._wake.set()
+            self._wake.set()  # the limiter's thread re-solves; this request used what was there
         return LiveDecision(granted=granted, metric=metric, tokens=tokens)
 
     def _wants(self, metric: float, thresholds: _Thresholds | None) -> bool:
