@@ -62,3 +62,23 @@ def test_the_learned_policy_is_at_least_as_good_as_the_mdp_on_location_reset(tmp
     assert report.policies["learned"].max_excess <= 0.0
     with pytest.raises(Exception, match="trained for bucket"):
         LearnedPolicy.load(tmp_path / "weights", params=integerise(0.5, 2))
+
+
+def test_the_rate_limit_experiment_writes_csv_png_and_its_docs_section(tmp_path):
+    from experiments.rate_limit import RateLimitConfig, run_rate_limit
+
+    docs = tmp_path / "results.md"
+    points, info = run_rate_limit(RateLimitConfig.quick_config(), out_root=tmp_path / "results", docs_path=docs,
+                                  progress=False)
+    assert {p.dataset for p in points} == {"default-model", "synthetic"}
+    assert {(p.sequence, p.arrivals) for p in points} == {("iid", "periodic"), ("locreset", "periodic"),
+                                                          ("iid", "mmpp"), ("locreset", "mmpp")}
+    for path in info.files:
+        assert path.is_file() and path.stat().st_size > 0
+    text = docs.read_text()
+    assert "## rate-limit" in text and "lower-bound" in text
+    for p in points:
+        if p.policy == "mdp":  # short sequences: only what holds on any sequence, offloading never hurts here
+            weak = next(q for q in points if (q.dataset, q.sequence, q.arrivals, q.sweep, q.rate, q.depth, q.policy)
+                        == (p.dataset, p.sequence, p.arrivals, p.sweep, p.rate, p.depth, "weak"))
+            assert p.loss <= weak.loss + 1e-9, (p, weak)
