@@ -158,9 +158,9 @@ def test_bad_tensors_are_400(client, registered):
     _assert_still_works(client, registered)
 
 
-def test_unknown_model_is_404(client, registered):
+def test_unknown_model_is_404_and_an_offload_for_it_409(client, registered):
     payload = encode_offload(torch.ones(1, 6, 14, 14), model_id="f" * 64, split=1, request_id="r")
-    _error(client.post("/api/v1/infer", headers=AUTH, data=payload), 404, "unknown_model")
+    _error(client.post("/api/v1/infer", headers=AUTH, data=payload), 409, "unknown_model")  # the edge pushes it
     _error(client.get(f"/api/v1/models/{'f' * 64}", headers=AUTH), 404, "unknown_model")
     _error(client.get("/api/v1/models/..", headers=AUTH), 404, "unknown_model")
     assert client.get("/api/v1/models/..%2F..%2Fetc", headers=AUTH).status_code == 404
@@ -184,6 +184,18 @@ def test_put_is_idempotent_and_get_reports(client, registered):
     response = _put(client, model_id, registered["spec_bytes"], registered["weights_bytes"])
     assert response.status_code == 200 and response.json == {"model_id": model_id, "n_stages": 3}
     assert client.get(f"/api/v1/models/{model_id}", headers=AUTH).json == {"model_id": model_id, "n_stages": 3}
+
+
+def test_delete_needs_the_token_and_removes_the_model_and_its_files(client, registered):
+    model_id = registered["model_id"]
+    directory = Path(client.application.extensions["popex_cloud_config"].state_dir) / "models" / model_id
+    assert directory.is_dir()
+    _error(client.delete(f"/api/v1/models/{model_id}"), 401, "unauthorized")
+    assert client.delete(f"/api/v1/models/{model_id}", headers=AUTH).json == {"model_id": model_id, "deleted": True}
+    assert not directory.exists() and not list(directory.parent.iterdir())  # nothing set aside is left either
+    _error(client.get(f"/api/v1/models/{model_id}", headers=AUTH), 404, "unknown_model")
+    _error(client.delete(f"/api/v1/models/{model_id}", headers=AUTH), 404, "unknown_model")
+    _error(client.delete("/api/v1/models/..", headers=AUTH), 404, "unknown_model")
 
 
 def _put_own(client, spec_bytes, weights_bytes):

@@ -1,8 +1,8 @@
 """The edge's port to the next tier: what the edge calls on "the cloud", and nothing more.
 
-The request pipeline offloads through it (``infer``), the preparation of a
+The request pipeline offloads through it (``infer``, ``infer_batch``), the preparation of a
 model pushes and profiles through it (``has_model``, ``put_model``,
-``profile``, ``health``), the uplink monitor probes through it (``probe``,
+``profile``, ``health``), a deletion removes it (``delete_model``), the uplink monitor probes through it (``probe``,
 and ``link`` tells whether the link is emulated in the client), and the
 factory that built it closes it. Two implementations ship:
 :class:`~popex.edge.cloud_client.CloudClient` (HTTP to ``cloud_api``) and
@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from popex.edge.cloud_client import API_PREFIX, CloudClient
 from popex.edge.cloud_types import (
+    CloudBatchInference,
     CloudError,
     CloudInference,
     CloudRejected,
@@ -39,6 +40,7 @@ __all__ = [
     "CloudTimeout",
     "CloudRejected",
     "CloudInference",
+    "CloudBatchInference",
     "ProbeResult",
     "RegisteredModel",
     "CloudPort",
@@ -86,6 +88,30 @@ class CloudPort(Protocol):
         ------
         CloudTimeout, CloudUnavailable, CloudRejected
             The budget ran out; the cloud is unreachable or failed; it refused the payload.
+        """
+        ...
+
+    def infer_batch(self, payload: bytes, *, request_ids: tuple[str, ...], timeout_s: float,
+                    content_encoding: str | None = None) -> CloudBatchInference:
+        """Finish a batched offload (one payload, ``request_ids`` in its metadata): one answer per sample.
+
+        Parameters
+        ----------
+        payload : bytes
+        request_ids : tuple of str
+            The payload's ids in batch order; the replies echo them.
+        timeout_s : float
+            The tightest budget in the batch, s.
+        content_encoding : str, optional
+
+        Returns
+        -------
+        CloudBatchInference
+
+        Raises
+        ------
+        CloudTimeout, CloudUnavailable, CloudRejected
+            As :meth:`infer`; the whole batch falls back.
         """
         ...
 
@@ -156,6 +182,27 @@ class CloudPort(Protocol):
         ------
         CloudTimeout, CloudUnavailable, CloudRejected
             Rejected: the cloud found the files or the id wrong.
+        """
+        ...
+
+    def delete_model(self, model_id: str, *, timeout_s: float) -> bool:
+        """Remove model ``model_id`` from the cloud (``DELETE /api/v1/models/<id>`` on the edge).
+
+        Parameters
+        ----------
+        model_id : str
+        timeout_s : float
+            Timeout of this control call, s.
+
+        Returns
+        -------
+        bool
+            False when the cloud did not hold it.
+
+        Raises
+        ------
+        CloudTimeout, CloudUnavailable, CloudRejected
+            The cloud could not answer; the edge has removed the model anyway.
         """
         ...
 
