@@ -126,6 +126,8 @@ class EdgeConfig(Settings):
         Precision of offloaded tensors.
     wire_compression : {"deflate", "none"}
         Deflate offload payloads on the HTTP hop (when that shrinks them).
+    offload_rate_per_s, offload_bucket_depth, offload_policy : float or None, float, {"mdp", "baseline"}
+        Token bucket on offloads (None: off) and its policy (popex.ratelimit.live).
     max_image_bytes : int
         Largest classify request body (413 above it).
     max_image_pixels : int
@@ -186,6 +188,9 @@ class EdgeConfig(Settings):
         "cloud_timeout_s": Number(low=0.0, high=3600.0, low_open=True),
         "wire_dtype": OneOf(WIRE_DTYPES),
         "wire_compression": OneOf(WIRE_COMPRESSIONS),
+        "offload_rate_per_s": Nullable(Number(low=0.0, high=1e9, low_open=True)),
+        "offload_bucket_depth": Number(low=1.0, high=1e6),
+        "offload_policy": OneOf(("mdp", "baseline")),
         "max_image_bytes": Integer(1024, 2**30),
         "max_image_pixels": Integer(1, 2**31),
         "max_model_bytes": Integer(1024, 2**31),
@@ -225,6 +230,9 @@ class EdgeConfig(Settings):
     cloud_timeout_s: float = 30.0
     wire_dtype: str = "float32"
     wire_compression: str = "deflate"
+    offload_rate_per_s: float | None = None
+    offload_bucket_depth: float = 10.0
+    offload_policy: str = "mdp"
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 4096 * 4096
     max_model_bytes: int = 256 * 2**20

@@ -59,6 +59,7 @@ EXPERIMENTS: dict[str, ExperimentEntry] = {
         "experiments.threshold_sweep", "ThresholdSweepConfig", "run_threshold_sweep",
         "offloading probability and accuracy vs exit threshold 0.7-0.9 (calibration and test images)",
         uses_services=False),
+    "rate-limit": ExperimentEntry("experiments.rate_limit", "RateLimitConfig", "run_rate_limit", "loss vs token rate and bucket depth per policy (iid/correlated, periodic/bursty)", uses_services=False),
     "prediction-error": ExperimentEntry(
         "experiments.prediction_error", "PredictionErrorConfig", "run_prediction_error",
         "measured vs predicted mean latency per strategy on the shaped link"),

@@ -347,7 +347,7 @@ def test_each_request_is_counted_once(force_plan, setup):
     with pytest.raises(DataError):
         runner.classify(b"not an image")
     assert runner.counts() == {"n_requests": 4, "n_edge_branch": 1, "n_edge_final": 0, "n_cloud": 1,
-                               "n_fallback": 1, "n_rejected": 1}
+                               "n_fallback": 1, "n_rejected": 1, "n_rate_limited": 0}
 
 
 def test_models_are_resolved_by_id_name_or_default(setup):

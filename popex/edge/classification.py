@@ -75,6 +75,9 @@ class Classification:
         such as "blur" or "noise".
     expert_confidence : float or None
         The distortion classifier's confidence in its choice; None when it did not run.
+    rate_limited : bool
+        True when the strategy would offload but the token bucket or its policy
+        refused (popex.ratelimit.live): answered at the best local exit, not a fallback.
     """
 
     label: int
@@ -95,12 +98,15 @@ class Classification:
     policy: str = "adaptive"
     expert: str = PRISTINE_HEAD
     expert_confidence: float | None = None
+    rate_limited: bool = False
 
     @property
     def outcome(self) -> str:
-        """How it was answered, as the edge counts it: "fallback", "cloud", "edge_final" or "edge_branch"."""
+        """How it was answered, as the edge counts it: "fallback", "rate_limited", "cloud", "edge_final" or "edge_branch"."""
         if self.fallback:
             return "fallback"
+        if self.rate_limited:
+            return "rate_limited"
         if self.where == "cloud":
             return "cloud"
         return "edge_final" if self.exit == "final" else "edge_branch"
@@ -130,6 +136,7 @@ class Classification:
             "request_id": self.request_id,
             "policy": self.policy,
             "expert": self.expert,
+            "rate_limited": self.rate_limited,
         }
         if self.expert_confidence is not None:
             body["expert_confidence"] = self.expert_confidence

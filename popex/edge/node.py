@@ -146,6 +146,11 @@ class EdgeNode:
             profiles=load_link_profiles(), interface=interface, emulator=getattr(client, "link", None),
             dst_ip=resolve_cloud_ipv4(config.cloud_url) if interface is not None else None,
         )
+        if getattr(config, "offload_rate_per_s", None) is not None:
+            from popex.ratelimit.live import RateLimiter
+
+            runner.rate_limiter = RateLimiter(rate_per_s=config.offload_rate_per_s, depth=config.offload_bucket_depth,
+                                              policy=config.offload_policy)
         node = cls(config=config, client=client, registry=registry, plans=plans, monitor=monitor, planner=planner,
                    preparation=preparation, runner=runner, views=views, link_controller=link_controller)
         node._open()
@@ -161,10 +166,14 @@ class EdgeNode:
         """
         self.planner.start()
         self.monitor.start()
+        if self.runner.rate_limiter is not None:
+            self.runner.rate_limiter.start()
 
     def close(self) -> None:
         """Stop the uplink monitor, the planner and the preparation worker; close the cloud client."""
         self.monitor.stop()
+        if self.runner.rate_limiter is not None:
+            self.runner.rate_limiter.close()
         self.planner.close()
         self.preparation.close()
         close = getattr(self.client, "close", None)

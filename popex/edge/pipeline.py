@@ -47,6 +47,7 @@ from popex.edge.cloud_port import CloudError, CloudRejected
 from popex.edge.compute import EdgeCompute
 from popex.edge.fallback import fallback_exit
 from popex.edge.model_push import ModelPusher
+from popex.edge.rate_limit import refused_offload
 from popex.edge.plans import ModelPlan
 from popex.edge.strategy import Strategy
 from popex.edge.store import StoredModel, UnknownModelError
@@ -58,7 +59,7 @@ from popex.wire import WIRE_COMPRESSIONS, compress_payload, encode_offload
 
 __all__ = ["EdgeRunner"]
 
-_COUNT_KEYS = ("n_requests", "n_edge_branch", "n_edge_final", "n_cloud", "n_fallback", "n_rejected")
+_COUNT_KEYS = ("n_requests", "n_edge_branch", "n_edge_final", "n_cloud", "n_fallback", "n_rejected", "n_rate_limited")
 
 
 def _public_name(err: Exception) -> str:
@@ -130,6 +131,8 @@ class EdgeRunner:
         self.on_cloud_rejected = on_cloud_rejected
         #: The model a request without a name gets (set when the default model directory is registered).
         self.default_model_id: str | None = None
+        #: The offload token bucket (popex.ratelimit.live.RateLimiter), None when offloads are not rate-limited.
+        self.rate_limiter: Any = None
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self.pusher = ModelPusher(client=client)  # a replica without the model: push, retry once
@@ -363,6 +366,11 @@ class EdgeRunner:
         if strategy.split == net.n_stages:
             confidence, label = self.compute.final(model, h, head=run.head)
             return self._answer(model, strategy, run, request_id, label=label, confidence=confidence, exit_="final")
+        local = None if self.rate_limiter is None else refused_offload(self.rate_limiter, self.compute, model, plan,
+                                                                       strategy, run)
+        if local is not None:
+            return self._answer(model, strategy, run, request_id, label=local.label, confidence=local.confidence,
+                                exit_=local.exit, rate_limited=True)
         return self._offload(model, plan, strategy, run, request_id, h)
 
     def _offload(self, model: StoredModel, plan: ModelPlan, strategy: Strategy, run: RequestRun, request_id: str,
@@ -411,7 +419,8 @@ class EdgeRunner:
 
     def _answer(self, model: StoredModel, strategy: Strategy, run: RequestRun, request_id: str, *, label: int,
                 confidence: float, exit_: int | str, where: str = "edge", class_name: str | None = None,
-                fallback: bool = False, fallback_reason: str | None = None) -> Classification:
+                fallback: bool = False, fallback_reason: str | None = None,
+                rate_limited: bool = False) -> Classification:
         total_ms = run.elapsed_ms()
         edge_ms = max(0.0, total_ms - run.transfer_ms - run.cloud_ms)
         return Classification(
@@ -434,4 +443,5 @@ class EdgeRunner:
             policy=strategy.policy,
             expert=PRISTINE_HEAD if run.head is None else run.head,
             expert_confidence=run.expert_confidence,
+            rate_limited=rate_limited,
         )

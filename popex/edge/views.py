@@ -182,6 +182,7 @@ class EdgeViews:
             "wire_compression": runner.wire_compression,
             "wire_ratio": planner.wire_ratio.current_ms,
             "requests": runner.counts(),
+            "rate_limit": None if runner.rate_limiter is None else runner.rate_limiter.status(),
         }
 
     # -- private ------------------------------------------------------------------

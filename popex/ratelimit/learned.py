@@ -193,8 +193,18 @@ def train_learned_policy(data: MetricData, params: BucketParams, *, schedule: Tr
     """
     if len(data.metric_tr) < N_HISTORY:
         raise DataError(f"the train split needs at least {N_HISTORY} images, it has {len(data.metric_tr)}")
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide MLP gains nothing from more threads, and loses much on shared cores
+    try:
+        return _train(data, params, schedule=schedule, location_reset=location_reset, discount=discount,
+                      progress=progress)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _train(data: MetricData, params: BucketParams, *, schedule: TrainSchedule, location_reset: LocationReset,
+           discount: float, progress: bool) -> tuple[LearnedPolicy, list[dict[str, float]]]:
     torch.manual_seed(schedule.seed)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     rng = np.random.default_rng(schedule.seed)
     solution = solve_mdp(params, data.metric_tr, discount=discount)
     base = discount * (transition_matrix(params, {1: 1.0}) @ solution.values)

@@ -155,6 +155,15 @@ class KernelTable:
         values.flags.writeable = False
         return cls(low=low, high=high, values=values, bandwidth=best[1])
 
+    @property
+    def values_list(self) -> list[float]:
+        """``values`` as a list (cached): one scalar lookup without numpy."""
+        cached = self.__dict__.get("_values_list")
+        if cached is None:
+            cached = self.values.tolist()
+            object.__setattr__(self, "_values_list", cached)
+        return cached
+
     def __call__(self, feature: np.ndarray | float) -> np.ndarray:
         """E[R | feature], looked up in the table (no interpolation: the bins are fine)."""
         n_bins = len(self.values)

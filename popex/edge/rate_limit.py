@@ -1,0 +1,52 @@
+"""The edge's hook into the offload token bucket: consult it, or answer at the best local exit.
+
+A request whose strategy would offload asks the
+:class:`popex.ratelimit.live.RateLimiter` with the metric of its most
+confident evaluated branch; refused, it is answered by the same local choice
+as a fallback (:func:`popex.edge.fallback.fallback_exit`) but marked
+``rate_limited``. The bucket, the policy and their background work live in
+:mod:`popex.ratelimit.live`; this module only joins them to a request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from popex.edge.budget import RequestRun
+from popex.edge.compute import EdgeCompute
+from popex.edge.fallback import LocalExit, fallback_exit
+from popex.edge.plans import ModelPlan
+from popex.edge.store import StoredModel
+from popex.edge.strategy import Strategy
+
+__all__ = ["refused_offload"]
+
+
+def refused_offload(limiter: Any, compute: EdgeCompute, model: StoredModel, plan: ModelPlan, strategy: Strategy,
+                    run: RequestRun) -> LocalExit | None:
+    """The local answer of a request the bucket refuses, or None when it may offload (its token spent).
+
+    Parameters
+    ----------
+    limiter : RateLimiter
+    compute : EdgeCompute
+    model : StoredModel
+    plan : ModelPlan
+    strategy : Strategy
+        The request's: its split (stages already run) and active branches.
+    run : RequestRun
+        Its evaluated branches give the metric.
+
+    Returns
+    -------
+    LocalExit or None
+    """
+    if run.evaluated:
+        branch, confidence, _ = max(run.evaluated, key=lambda item: item[1])
+    else:
+        branch, confidence = None, 0.0
+    gate = tuple((b, float(strategy.thresholds[b])) for b in strategy.active_branches)
+    decision = limiter.consult(model.model_id, model.calibration_of(run.head), branch, float(confidence), gate=gate)
+    if decision.granted:
+        return None
+    return fallback_exit(compute, model, plan, strategy.split, run)

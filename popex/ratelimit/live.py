@@ -1,0 +1,255 @@
+"""The live edge's rate limiter: the token bucket in real time, the MDP thresholds for the measured arrivals.
+
+Time is cut into slots of 1/(100 r) s, so the bucket of r tokens/s and depth
+b is the exact integer bucket ``integerise(0.01, b)`` of
+:mod:`popex.ratelimit.bucket`, the one the simulator runs (q = 1, p = 100).
+A request whose strategy would offload *consults* the limiter with the
+metric of its best local exit; it may offload iff a token is there and the
+policy says so at the current level:
+
+- ``mdp``: the thresholds of :func:`popex.ratelimit.mdp.solve_mdp` for
+  r_arrival = r x (measured mean time between consultations), b tokens,
+  periodic arrivals; the level is mapped onto that MDP's levels;
+- ``baseline``: the (1 - r_arrival) quantile of the training metrics.
+
+The metric of a request is E[R | confidence] of its most confident evaluated
+branch (R = final correct - branch correct on the calibration, top-1 cost;
+a :class:`popex.ratelimit.metric.KernelTable` per branch): the confidence is
+what a running edge has, the calibration's logits are not kept. The
+policies are fitted on the calibration samples the request's strategy would
+offload (no active branch reached its threshold): those are the arrivals. Fitting the
+tables and solving the MDP happen on the limiter's own thread (``start``),
+never on a request: it re-solves when the measured rate moves by more than
+10%. Until a model's tables are ready its requests take any token there is.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from popex.checks import check_choice, check_finite
+from popex.ratelimit.bucket import TokenBucket, integerise
+from popex.ratelimit.mdp import solve_mdp
+from popex.ratelimit.metric import KernelTable
+from popex.ratelimit.policies import baseline_threshold
+
+__all__ = ["LIVE_POLICIES", "LiveDecision", "RateLimiter"]
+
+LIVE_POLICIES = ("mdp", "baseline")
+#: Slots per token: the live bucket's p.
+_UNITS_PER_TOKEN = 100
+_RESOLVE_BAND = 0.10
+_EWMA_WEIGHT = 0.05
+
+
+class LiveDecision(NamedTuple):
+    """One consultation: granted or not, the metric and the tokens left (a tuple: a request makes one)."""
+
+    granted: bool
+    metric: float
+    tokens: float
+
+
+@dataclass(frozen=True)
+class _ModelTables:
+    tables: tuple[KernelTable, ...]
+    metric_tr: np.ndarray
+
+    def lookup(self, branch: int, confidence: float) -> float:
+        """The table at ``confidence``, in plain Python (a request's one value: numpy would cost more)."""
+        table = self.tables[branch]
+        values = table.values_list
+        index = int((confidence - table.low) / (table.high - table.low) * len(values))
+        return values[min(len(values) - 1, max(0, index))]
+
+
+@dataclass(frozen=True)
+class _Thresholds:
+    rate_per_arrival: float
+    mdp_p: int
+    values: tuple[float, ...]  # per MDP level (mdp) or one value (baseline)
+
+
+def _fit_tables(calibration: object, gate: tuple[tuple[int, float], ...]) -> _ModelTables:
+    """Per-branch tables, and the metrics of the calibration samples the strategy ``gate`` would offload."""
+    correct = np.asarray(calibration.correct, dtype=np.float64)
+    confidence = np.asarray(calibration.confidence, dtype=np.float64)
+    tables = tuple(KernelTable.fit(confidence[:, b], correct[:, -1] - correct[:, b])
+                   for b in range(correct.shape[1] - 1))
+    if not gate:
+        return _ModelTables(tables=tables, metric_tr=np.zeros(1))
+    branches = [b for b, _ in gate]
+    reaches = np.all([confidence[:, b] < t for b, t in gate], axis=0)  # no active branch let it exit
+    if not np.any(reaches):
+        reaches = np.ones(len(confidence), dtype=bool)
+    best = np.asarray(branches)[np.argmax(confidence[reaches][:, branches], axis=1)]
+    metric_tr = np.array([tables[b](c) for b, c in zip(best, confidence[reaches, best])], dtype=np.float64)
+    return _ModelTables(tables=tables, metric_tr=metric_tr)
+
+
+class RateLimiter:
+    """The edge's bucket of ``rate_per_s`` tokens/s and ``depth`` tokens, with a policy.
+
+    Parameters
+    ----------
+    rate_per_s : float
+        r > 0 offloads per second.
+    depth : float
+        b >= 1 tokens.
+    policy : {"mdp", "baseline"}
+    clock : callable, optional
+        Seconds, monotonic (default ``time.monotonic``); tests pass their own.
+
+    Raises
+    ------
+    ConfigError
+        On r <= 0, b < 1 or an unknown policy.
+    """
+
+    def __init__(self, *, rate_per_s: float, depth: float, policy: str = "mdp", clock=time.monotonic) -> None:
+        self.rate_per_s = check_finite(rate_per_s, name="offload_rate_per_s", low=0.0, low_open=True)
+        self.depth = check_finite(depth, name="offload_bucket_depth", low=1.0)
+        self.policy = check_choice(policy, name="offload_policy", choices=LIVE_POLICIES)
+        self.params = integerise(1.0 / _UNITS_PER_TOKEN, self.depth)
+        self._slot_s = self.params.rate / self.rate_per_s
+        self._clock = clock
+        self._bucket = TokenBucket(self.params)
+        self._lock = threading.Lock()
+        self._last_s = clock()
+        self._last_arrival_s: float | None = None
+        self._mean_gap_s: float | None = None
+        self._tables: dict[str, _ModelTables] = {}
+        self._thresholds: dict[str, _Thresholds] = {}
+        self._calibrations: dict[str, object] = {}
+        self._n_granted = self._n_refused = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- request path -------------------------------------------------------------
+
+    def metric(self, key: object, branch: int | None, confidence: float) -> float:
+        """E[R | confidence] at ``branch`` (+inf when the tables are not ready or no branch ran)."""
+        tables = self._tables.get(key)
+        if tables is None or branch is None or branch >= len(tables.tables):
+            return float("inf")
+        return tables.lookup(branch, confidence)
+
+    def consult(self, model_id: str, calibration: object, branch: int | None, confidence: float, *,
+                gate: tuple[tuple[int, float], ...] = ()) -> LiveDecision:
+        """One request would offload: may it? Spends the token when granted.
+
+        Parameters
+        ----------
+        model_id : str
+        calibration : Calibration
+            The model's (the limiter's thread fits its tables from it once per gate).
+        branch : int or None
+            The most confident evaluated branch, None if none ran.
+        confidence : float
+            Its confidence.
+        gate : tuple of (branch, threshold)
+            The strategy's active branches and thresholds: which samples reach the bucket.
+
+        Returns
+        -------
+        LiveDecision
+        """
+        key = (model_id, tuple(gate))
+        if key not in self._calibrations:
+            self._calibrations[key] = calibration
+            self._wake.set()
+        metric = self.metric(key, branch, confidence)
+        thresholds = self._thresholds.get(key)
+        with self._lock:
+            now = self._clock()
+            n_slots = int((now - self._last_s) / self._slot_s)
+            self._bucket.advance(n_slots)
+            self._last_s += n_slots * self._slot_s
+            if self._last_arrival_s is not None:
+                gap = now - self._last_arrival_s
+                self._mean_gap_s = gap if self._mean_gap_s is None else (
+                    (1 - _EWMA_WEIGHT) * self._mean_gap_s + _EWMA_WEIGHT * gap)
+            self._last_arrival_s = now
+            wants = self._wants(metric, thresholds)
+            granted = wants and self._bucket.try_take()
+            if granted:
+                self._n_granted += 1
+            else:
+                self._n_refused += 1
+            tokens = self._bucket.tokens
+        if thresholds is None or self._moved(thresholds):
+            self._wake.set()  # the limiter's thread re-solves; this request used what was there
+        return LiveDecision(granted=granted, metric=metric, tokens=tokens)
+
+    def _wants(self, metric: float, thresholds: _Thresholds | None) -> bool:
+        if thresholds is None:
+            return True
+        if self.policy == "baseline":
+            return metric >= thresholds.values[0]
+        level = min(len(thresholds.values) - 1, self._bucket.level * thresholds.mdp_p // self.params.p)
+        return metric > thresholds.values[level]
+
+    def _moved(self, thresholds: _Thresholds) -> bool:
+        rate = self._rate_per_arrival()
+        return rate is not None and abs(rate - thresholds.rate_per_arrival) > _RESOLVE_BAND * thresholds.rate_per_arrival
+
+    def _rate_per_arrival(self) -> float | None:
+        gap = self._mean_gap_s
+        return None if gap is None or gap <= 0 else self.rate_per_s * gap
+
+    # -- background -----------------------------------------------------------------
+
+    def resolve(self) -> None:
+        """Fit missing tables and (re-)solve thresholds for the measured rate (the limiter thread's work)."""
+        rate = self._rate_per_arrival()
+        for key, calibration in list(self._calibrations.items()):
+            if key not in self._tables:
+                self._tables[key] = _fit_tables(calibration, key[1])
+            current = self._thresholds.get(key)
+            if rate is None or (current is not None and not self._moved(current)):
+                continue
+            metric_tr = self._tables[key].metric_tr
+            if self.policy == "baseline":
+                new = _Thresholds(rate, 1, (baseline_threshold(metric_tr, rate, 1.0),))
+            else:
+                params = integerise(min(rate, 1e6), self.depth)
+                solution = solve_mdp(params, metric_tr)
+                new = _Thresholds(rate, params.p, tuple(float(t) for t in solution.thresholds))
+            self._thresholds[key] = new  # one reference swap: a request reads old or new, whole
+
+    def start(self) -> None:
+        """Start the limiter's thread (fits tables, re-solves)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="popex-rate-limit", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self.resolve()
+
+    def status(self) -> dict[str, object]:
+        """The ``rate_limit`` block of ``/api/v1/status``."""
+        with self._lock:
+            tokens, granted, refused = self._bucket.tokens, self._n_granted, self._n_refused
+        rate = self._rate_per_arrival()
+        return {"offload_rate_per_s": self.rate_per_s, "offload_bucket_depth": self.depth, "policy": self.policy,
+                "tokens": tokens, "n_granted": granted, "n_refused": refused,
+                "refused_fraction": refused / (granted + refused) if granted + refused else 0.0,
+                "tokens_per_arrival": rate,
+                "thresholds_ready": sorted({model_id for model_id, _ in self._thresholds})}

@@ -1,0 +1,84 @@
+"""The live edge under a token bucket: in-process app over the FakeCloud, a clock the test drives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_api import get_node
+from popex.data.images import encode_png
+from popex.data.subset import load_fashion_mnist, SHIPPED_SUBSET_ROOT
+from popex.errors import ConfigError
+from popex.ratelimit.live import RateLimiter
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.fixture(scope="module")
+def images() -> list[tuple[bytes, int]]:
+    dataset = load_fashion_mnist(SHIPPED_SUBSET_ROOT, split="test")
+    return [(encode_png(dataset.images[i]), int(dataset.labels[i])) for i in range(120)]
+
+
+@pytest.fixture
+def config(config):
+    return {**config, "offload_rate_per_s": 5.0, "offload_bucket_depth": 2.0}
+
+
+def test_the_bucket_is_off_by_default(make_app, make_config, tmp_path):
+    app = make_app(make_config(tmp_path / "plain"))
+    assert get_node(app).runner.rate_limiter is None
+    assert app.test_client().get("/api/v1/status").get_json()["rate_limit"] is None
+
+
+def test_a_bad_rate_or_policy_is_refused_at_the_config(make_config, tmp_path):
+    from edge_api.config import EdgeConfig
+
+    for key, value in [("offload_rate_per_s", 0.0), ("offload_bucket_depth", 0.5), ("offload_policy", "greedy")]:
+        with pytest.raises(ConfigError, match=key):
+            EdgeConfig.from_mapping(make_config(tmp_path / "bad", **{key: value}))
+
+
+@pytest.mark.parametrize("policy", ["mdp", "baseline"])
+def test_offloads_never_exceed_r_t_plus_b_and_every_request_is_answered(app, client, model_actions, images, policy):
+    runner = get_node(app).runner
+    model_id = runner.default_model_id
+    model_actions.force(model_id, split=2, thresholds=(1.01, 1.01))  # branches run, none exits: all would offload
+    clock = _Clock()
+    limiter = RateLimiter(rate_per_s=5.0, depth=2.0, policy=policy, clock=clock)
+    runner.rate_limiter = limiter
+    answers = []
+    for i, (png, _) in enumerate(images):
+        clock.now_s = i / 15.0  # 15 requests/s against 5 tokens/s: 3x the token rate
+        if i == 10:
+            limiter.resolve()  # what the limiter's thread does: tables and thresholds for the measured rate
+        response = client.post("/api/v1/classify", data=png, content_type="image/png")
+        assert response.status_code == 200
+        answers.append(response.get_json())
+        n_offloads = sum(a["where"] == "cloud" for a in answers)
+        assert n_offloads <= 5.0 * clock.now_s + 2.0
+    limited = [a for a in answers if a["rate_limited"]]
+    assert limited and all(a["where"] == "edge" and not a["fallback"] for a in limited)
+    status = client.get("/api/v1/status").get_json()
+    assert status["rate_limit"]["n_granted"] == sum(a["where"] == "cloud" for a in answers)
+    assert status["rate_limit"]["n_refused"] == len(limited)
+    assert status["requests"]["n_rate_limited"] == len(limited)
+    assert status["rate_limit"]["policy"] == policy
+    assert status["rate_limit"]["tokens_per_arrival"] == pytest.approx(5.0 / 15.0, rel=0.05)
+    assert model_id in status["rate_limit"]["thresholds_ready"]
+
+
+def test_the_limiter_maps_its_level_onto_the_mdp_thresholds():
+    clock = _Clock()
+    limiter = RateLimiter(rate_per_s=1.0, depth=3.0, clock=clock)
+    assert (limiter.params.q, limiter.params.p, limiter.params.m) == (1, 100, 300)
+    assert [limiter.consult("m", None, None, 0.0).granted for _ in range(4)] == [True, True, True, False]
+    clock.now_s = 1.0  # one second refills one token
+    assert limiter.consult("m", None, None, 0.0).granted and not limiter.consult("m", None, None, 0.0).granted
+    assert np.isinf(limiter.metric("m", None, 0.5))
