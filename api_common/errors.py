@@ -2,7 +2,9 @@
 
 The mapping itself is :func:`popex.errors.error_status_and_body`, shared with
 the other service; anything it does not know is a bug: logged with its
-traceback, answered with a 500 that reveals nothing.
+traceback, answered with a 500 that reveals nothing. ``RecursionError`` and
+``MemoryError`` are the input's fault wherever they escape a check: 400 and
+413, never a 500.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def error_response(status: int, code: str, message: str) -> ResponseReturnValue:
 def _handle(err: Exception, *, service_name: str) -> ResponseReturnValue:
     if isinstance(err, HTTPException) and (err.code is None or err.code < 400):
         return err  # routing redirects (308) are not errors
+    if isinstance(err, RecursionError):  # input nested past what a parser or a check could walk
+        return error_response(400, "too_deep", "the input nests too deeply to be processed")
+    if isinstance(err, MemoryError):  # input that declares more than this service holds for one request
+        log.warning("refused a request that needed more memory than available")
+        return error_response(413, "too_large", "the input needs more memory than this service gives a request")
     answer = error_status_and_body(err)
     if answer is None:
         log.exception("unexpected error while handling a request")

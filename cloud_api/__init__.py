@@ -16,11 +16,13 @@ from cloud_api.auth import CONFIG_KEY
 from cloud_api.config import CloudConfig, load_config
 from api_common.config import resolve_config
 from api_common.errors import init_errors
+from api_common.json_io import init_json
 from api_common.logs import init_logging, init_request_logging
 from api_common.metrics import init_metrics
 from cloud_api.openapi_doc import init_cloud_openapi
 from cloud_api.readiness import init_readiness
 from cloud_api.telemetry import init_telemetry
+from cloud_api.benchmark import bp as cloud_benchmark_bp
 from cloud_api.routes import RUNNER_KEY, init_routes
 from popex.cloud.runner import CloudRunner
 
@@ -61,12 +63,13 @@ def create_app(config: CloudConfig | Mapping[str, Any] | None = None) -> Flask:
     init_logging(level=config.log_level, log_format=config.log_format)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    app.json.sort_keys = False
+    init_json(app)
     app.extensions[CONFIG_KEY] = config
     init_errors(app, service_name="cloud")
     init_request_logging(app)
     init_runner(app, config)
     init_routes(app)
+    app.register_blueprint(cloud_benchmark_bp)  # popex.tiers: GET .../benchmark
     init_readiness(app)
     init_telemetry(app, init_metrics(app, service="cloud"))
     init_cloud_openapi(app)

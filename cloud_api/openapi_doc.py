@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Flask
 
+from cloud_api.benchmark import OPERATIONS as BENCHMARK_OPERATIONS
 from api_common.openapi import init_openapi, json_body
 
 __all__ = ["CLOUD_OPERATIONS", "CLOUD_SCHEMAS", "init_cloud_openapi"]
@@ -57,6 +58,9 @@ CLOUD_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "type": "object", "properties": {"files": _BINARY, "spec": _BINARY, "weights": _BINARY}}}}},
         "responses": {"200": json_body("Model", "Known"), "201": json_body("Model", "Registered")}},
     ("cloud_api.get_model", "GET"): {"security": _BEARER, "responses": {"200": json_body("Model")}},
+    ("cloud_api.delete_model", "DELETE"): {"security": _BEARER, "responses": {"200": json_body(
+        {"type": "object", "required": ["model_id", "deleted"],
+         "properties": {"model_id": {"type": "string"}, "deleted": {"type": "boolean"}}})}},
     ("cloud_api.profile_model", "POST"): {
         "security": _BEARER,
         "requestBody": {"required": False, "content": {"application/json": {"schema": {
@@ -72,6 +76,7 @@ CLOUD_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("metrics", "GET"): {"responses": {"200": {"description": "Prometheus text format",
                                                "content": {"text/plain": {"schema": {"type": "string"}}}}}},
     ("openapi", "GET"): {"responses": {"200": json_body({"type": "object"}, "This document")}},
+    **BENCHMARK_OPERATIONS,  # popex.tiers (its route module holds its entry)
 }
 
 

@@ -5,7 +5,6 @@ Every route under ``/api/v1`` requires the shared token; ``/healthz`` does not.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -18,12 +17,14 @@ from cloud_api.auth import CONFIG_KEY, require_token
 from cloud_api.config import CloudConfig
 from popex.checks import check_int
 from popex.cloud.runner import MAX_PROFILE_N_REPEATS, CloudRunner
-from popex.errors import ConfigError
+from popex.errors import ConfigError, DataError, UnknownModelError
+from popex.untrusted import loads_json
 
 __all__ = ["RUNNER_KEY", "bp", "get_runner", "init_routes"]
 
 RUNNER_KEY = "popex_cloud_runner"  # app.extensions key of the CloudRunner
 _CHUNK_BYTES = 256 * 1024
+_MAX_OPTIONS_BYTES = 4096
 
 bp = Blueprint("cloud_api", __name__, url_prefix="/api/v1")
 
@@ -46,9 +47,9 @@ def _profile_n_repeats() -> int:
     if not body.strip():
         return _config().profile_n_repeats
     try:
-        options = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise BadRequest(f"the body must be JSON like {{\"n_repeats\": 30}}: {err}") from err
+        options = loads_json(body, name='the body (JSON like {"n_repeats": 30})', max_bytes=_MAX_OPTIONS_BYTES)
+    except DataError as err:
+        raise BadRequest(str(err)) from err
     if not isinstance(options, dict) or set(options) - {"n_repeats"}:
         raise BadRequest('the body must be a JSON object with at most the key "n_repeats"')
     try:
@@ -100,6 +101,15 @@ def get_model(model_id: str) -> ResponseReturnValue:
     """Whether a model is registered (404 if not), so the edge can skip an upload."""
     loaded = get_runner().get(model_id)
     return jsonify(_model_info(loaded.model_id, loaded.net.n_stages))
+
+
+@bp.delete("/models/<model_id>")
+@require_token
+def delete_model(model_id: str) -> ResponseReturnValue:
+    """Remove a model (the edge's ``DELETE /api/v1/models/<id>``); 404 if it is not here."""
+    if not get_runner().remove(model_id):
+        raise UnknownModelError(f"model {model_id[:80]!r} is not registered on this cloud")
+    return jsonify({"model_id": model_id, "deleted": True})
 
 
 @bp.post("/models/<model_id>/profile")

@@ -15,12 +15,15 @@ from typing import Any
 from flask import Flask
 
 from edge_api.admin import bp as admin_bp
+from edge_api.auth import check_write_access
+from edge_api.benchmark import bp as benchmark_bp
 from edge_api.classify import bp as classify_bp
 from edge_api.classify_batch import bp as classify_batch_bp
 from edge_api.config import EdgeConfig, load_config
 from edge_api.dashboard import bp as dashboard_bp
 from api_common.config import resolve_config
 from api_common.errors import init_errors
+from api_common.json_io import init_json
 from api_common.logs import init_logging, init_request_logging
 from api_common.metrics import init_metrics
 from edge_api.models import bp as models_bp
@@ -53,14 +56,16 @@ def create_app(config: EdgeConfig | Mapping[str, Any] | None = None, *, cloud_cl
     Raises
     ------
     popex.errors.ConfigError
-        If the configuration is invalid, e.g. there is no real token.
+        If the configuration is invalid, e.g. there is no real token, or writes would be open
+        (no admin token and no ``allow_open_writes``; :func:`edge_api.auth.check_write_access`).
     """
     config = resolve_config(config, config_class=EdgeConfig, load=load_config)
+    check_write_access(config)
     init_logging(level=config.log_level, log_format=config.log_format)
     app = Flask(__name__)
     # The largest body any route takes; each route lowers it for itself.
     app.config["MAX_CONTENT_LENGTH"] = max(config.max_image_bytes, config.max_model_bytes)
-    app.json.sort_keys = False
+    init_json(app)
     node = EdgeNode.from_config(config, cloud_client=cloud_client)
     app.extensions[NODE_KEY] = node
     init_errors(app, service_name="edge")
@@ -69,6 +74,7 @@ def create_app(config: EdgeConfig | Mapping[str, Any] | None = None, *, cloud_cl
     app.register_blueprint(classify_bp)
     app.register_blueprint(classify_batch_bp)
     app.register_blueprint(models_bp)
+    app.register_blueprint(benchmark_bp)  # popex.tiers: GET .../benchmark
     app.register_blueprint(admin_bp)
     init_status(app)
     init_readiness(app)

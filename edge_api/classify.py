@@ -8,6 +8,7 @@ from flask import Blueprint, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest, UnsupportedMediaType
 
+from edge_api.auth import require_client
 from edge_api.node import get_node
 from edge_api.telemetry import CLASSIFICATION_KEY
 from popex.checks import MAX_DEADLINE_MS, check_deadline_ms
@@ -75,6 +76,7 @@ def _image_bytes() -> bytes:
 
 
 @bp.post("/classify")
+@require_client
 def classify() -> ResponseReturnValue:
     """Classify an image (multipart file 'image' or raw body) under deadline_ms, policy, distortion_aware."""
     image_bytes = _image_bytes()

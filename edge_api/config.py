@@ -6,7 +6,8 @@ documents every key and shows each default as a comment); its
 :func:`popex.settings.check_settings`. Production layers, later ones
 winning: defaults, the YAML file (``$POPEX_EDGE_CONFIG`` or
 ``configs/edge.yaml`` in the checkout), the environment (``POPEX_TOKEN``,
-``POPEX_CLOUD_URL``, ``POPEX_EDGE_STATE_DIR``, ``POPEX_EMULATE_LINK``,
+``POPEX_ADMIN_TOKEN``, ``POPEX_CLIENT_TOKEN``, ``POPEX_CLOUD_URL``,
+``POPEX_EDGE_STATE_DIR``, ``POPEX_EMULATE_LINK``,
 ``POPEX_EMULATE_EDGE_SLOWDOWN``, ``POPEX_LINK_IFACE``), then the overrides
 (:func:`load_config`). A test config replaces all of them
 (:meth:`EdgeConfig.from_mapping`). Nothing below the factory reads the
@@ -30,7 +31,7 @@ from popex.errors import ConfigError
 from popex.link.emulation import parse_link
 from popex.link.shaping import IFACE_PATTERN
 from popex.runtime.batcher import MAX_BATCH_SIZE, MAX_BATCH_WAIT_MS
-from popex.settings import Settings, load_settings, yaml_layer
+from popex.settings import Settings, load_settings, settings_repr, yaml_layer
 from api_common.logs import LOG_FORMATS, LOG_LEVELS
 from popex.wire import WIRE_COMPRESSIONS, WIRE_DTYPES
 
@@ -40,6 +41,8 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "edge.ya
 MIN_TOKEN_CHARS = 8
 _ENV_KEYS = {
     "POPEX_TOKEN": "token",
+    "POPEX_ADMIN_TOKEN": "admin_token",
+    "POPEX_CLIENT_TOKEN": "client_token",
     "POPEX_CLOUD_URL": "cloud_url",
     "POPEX_EDGE_STATE_DIR": "state_dir",
     "POPEX_EMULATE_LINK": "emulate_link",
@@ -48,6 +51,7 @@ _ENV_KEYS = {
     "POPEX_DEFAULT_MODEL_DIR": "default_model_dir",
 }
 _MAX_MS = 60_000.0
+_SECRETS = ("token", "admin_token", "client_token")
 
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -69,6 +73,13 @@ class EdgeConfig(Settings):
     ----------
     token : str
         Shared secret sent to the cloud as ``Authorization: Bearer``; required.
+    admin_token : str or None
+        What every write on the edge needs (register, delete, admin routes);
+        None is refused at start unless ``allow_open_writes``.
+    allow_open_writes : bool
+        Start without an admin token: anyone who reaches the port may write.
+    client_token : str or None
+        When set, classify and the read routes need it (or the admin token).
     cloud_url : str
         ``http://host:port`` of the cloud service.
     state_dir : Path
@@ -151,6 +162,9 @@ class EdgeConfig(Settings):
     _constraints: ClassVar[Mapping[str, Rule]] = {
         "token": Secret(MIN_TOKEN_CHARS, "the edge refuses to start without a token: set POPEX_TOKEN to the secret "
                                          f"shared with the cloud (at least {MIN_TOKEN_CHARS} characters)"),
+        "admin_token": Nullable(Secret(MIN_TOKEN_CHARS, "admin_token is empty")),
+        "allow_open_writes": Flag(),
+        "client_token": Nullable(Secret(MIN_TOKEN_CHARS, "client_token is empty")),
         "cloud_url": HttpUrl(),
         "state_dir": DirectoryPath(),
         "default_model_dir": Nullable(DirectoryPath()),
@@ -187,6 +201,9 @@ class EdgeConfig(Settings):
     }
 
     token: str
+    admin_token: str | None = None
+    allow_open_writes: bool = False
+    client_token: str | None = None
     cloud_url: str = "http://127.0.0.1:8001"
     state_dir: Path = Path("state/edge")
     default_model_dir: Path | None = Path("models/default")
@@ -221,6 +238,9 @@ class EdgeConfig(Settings):
     log_level: str = "INFO"
     log_format: str = "text"
 
+    def __repr__(self) -> str:  # never print a secret
+        return settings_repr(self, hidden=_SECRETS)
+
 
 def load_config(overrides: Mapping[str, Any] | None = None, *,
                 environ: Mapping[str, str] | None = None) -> EdgeConfig:
@@ -235,7 +255,7 @@ def load_config(overrides: Mapping[str, Any] | None = None, *,
         Keys of :class:`EdgeConfig`; they win over everything else.
     environ : mapping, optional
         The environment (default ``os.environ``). ``POPEX_EDGE_CONFIG`` names
-        the YAML file; ``POPEX_TOKEN``, ``POPEX_CLOUD_URL``,
+        the YAML file; ``POPEX_TOKEN``, ``POPEX_ADMIN_TOKEN``, ``POPEX_CLIENT_TOKEN``, ``POPEX_CLOUD_URL``,
         ``POPEX_EDGE_STATE_DIR``, ``POPEX_EMULATE_LINK``,
         ``POPEX_EMULATE_EDGE_SLOWDOWN`` and ``POPEX_LINK_IFACE`` set those keys.
 

@@ -1,4 +1,5 @@
-"""``/api/v1/models``: register models and look at their plans."""
+"""``/api/v1/models``: register and delete models (admin token), look at them and their plans (client token,
+when the edge has one; :mod:`edge_api.auth`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest
 
 from api_common.uploads import uploaded_model_files
+from edge_api.auth import require_admin, require_client
 from edge_api.node import get_node
 
 __all__ = ["bp"]
@@ -32,6 +34,7 @@ def _float_arg(name: str) -> float | None:
 
 
 @bp.post("")
+@require_admin
 def register_model() -> ResponseReturnValue:
     """Register a model in either form, with its calibrations (202 new, 200 known).
 
@@ -52,18 +55,28 @@ def register_model() -> ResponseReturnValue:
 
 
 @bp.get("")
+@require_client
 def list_models() -> ResponseReturnValue:
     """Every registered model: id, name, state."""
     return jsonify({"models": get_node().views.list_models()})
 
 
+@bp.delete("/<model_id>")
+@require_admin
+def delete_model(model_id: str) -> ResponseReturnValue:
+    """Remove a model from the edge and the cloud (404 if the edge does not hold it)."""
+    return jsonify(get_node().preparation.remove(model_id))
+
+
 @bp.get("/<model_id>")
+@require_client
 def describe_model(model_id: str) -> ResponseReturnValue:
     """One model: state, classes, profile, current decision, expert heads and distortion classifier."""
     return jsonify(get_node().views.describe(model_id))
 
 
 @bp.get("/<model_id>/strategies")
+@require_client
 def strategies(model_id: str) -> ResponseReturnValue:
     """The current strategy table (JSON rows, or ``?format=csv``; ``?head=`` an expert's) and the chosen row."""
     output_format = request.args.get("format", "json")

@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Flask
 
+from edge_api.benchmark import OPERATIONS as BENCHMARK_OPERATIONS
 from api_common.openapi import init_openapi, json_body
 
 __all__ = ["EDGE_OPERATIONS", "EDGE_SCHEMAS", "init_edge_openapi"]
@@ -17,7 +18,8 @@ __all__ = ["EDGE_OPERATIONS", "EDGE_SCHEMAS", "init_edge_openapi"]
 _NUMBER = {"type": "number"}
 _NULLABLE_NUMBER = {"type": "number", "nullable": True}
 _STRING = {"type": "string"}
-_BEARER = [{"bearer": []}]
+_BEARER = [{"bearer": []}]  # the admin token
+_MAYBE_BEARER = [{}, {"bearer": []}]  # the client token, when the edge has one (edge_api.auth)
 _THRESHOLDS = {"type": "array", "items": {"type": "number", "nullable": True}}
 
 
@@ -90,6 +92,7 @@ _REGISTERED = _object(["model_id", "state"], model_id=_STRING, state=_STRING)
 
 EDGE_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("classify.classify", "POST"): {
+        "security": _MAYBE_BEARER,
         "parameters": [
             _query("deadline_ms", {"type": "number", "minimum": 0}, "Latency requirement, ms (default: config)"),
             _query("model", _STRING, "Model id or unique name (default: the default model)"),
@@ -114,15 +117,21 @@ EDGE_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "responses": {"200": json_body({"type": "object", "required": ["results"], "properties": {
             "results": {"type": "array", "items": {"$ref": "#/components/schemas/Classification"}}}})}},
     ("models.register_model", "POST"): {
+        "security": _BEARER,
         "requestBody": _MODEL_FILES,
         "responses": {"200": json_body(_REGISTERED, "Already registered"),
                       "202": json_body(_REGISTERED, "Registered; preparing in the background")},
     },
     ("models.list_models", "GET"): {
+        "security": _MAYBE_BEARER,
         "responses": {"200": json_body(_object(["models"], models={"type": "array", "items": {
             "$ref": "#/components/schemas/ModelSummary"}}))}},
-    ("models.describe_model", "GET"): {"responses": {"200": json_body("ModelView")}},
+    ("models.describe_model", "GET"): {"security": _MAYBE_BEARER, "responses": {"200": json_body("ModelView")}},
+    ("models.delete_model", "DELETE"): {"security": _BEARER, "responses": {"200": json_body(_object(
+        ["model_id", "deleted", "cloud"], model_id=_STRING, deleted={"type": "boolean"},
+        cloud={"type": "string", "enum": ["deleted", "absent", "unreachable"]}, cloud_error=_STRING))}},
     ("models.strategies", "GET"): {
+        "security": _MAYBE_BEARER,
         "parameters": [_query("format", {"type": "string", "enum": ["json", "csv"]}, "json (default) or csv"),
                        _query("deadline_ms", _NUMBER, "Requirement of the chosen row, ms"),
                        _query("objective", {"type": "string", "enum": ["mean", "tail"]}, "mean or tail"),
@@ -134,15 +143,16 @@ EDGE_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("admin.get_link", "GET"): {"security": _BEARER, "responses": {"200": json_body("Link")}},
     ("admin.put_link", "PUT"): {"security": _BEARER, "requestBody": _LINK_BODY,
                                 "responses": {"200": json_body("Link")}},
-    ("status.status", "GET"): {"responses": {"200": json_body("Status")}},
+    ("status.status", "GET"): {"security": _MAYBE_BEARER, "responses": {"200": json_body("Status")}},
     ("healthz", "GET"): {"responses": {"200": json_body("Health")}},
     ("readyz", "GET"): {"responses": {"200": json_body("Readiness"), "503": json_body("Readiness", "Not ready")}},
     ("metrics", "GET"): {"responses": {"200": {"description": "Prometheus text format",
                                                "content": {"text/plain": {"schema": _STRING}}}}},
-    ("telemetry.recent_requests", "GET"): {"responses": {"200": json_body("RecentRequests")}},
+    ("telemetry.recent_requests", "GET"): {"security": _MAYBE_BEARER, "responses": {"200": json_body("RecentRequests")}},
     ("openapi", "GET"): {"responses": {"200": json_body({"type": "object"}, "This document")}},
     ("dashboard.index", "GET"): {"responses": {"200": {"description": "The dashboard (HTML)",
                                                        "content": {"text/html": {"schema": _STRING}}}}},
+    **BENCHMARK_OPERATIONS,  # popex.tiers (its route module holds its entry)
 }
 
 

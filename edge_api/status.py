@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Flask, jsonify
 from flask.typing import ResponseReturnValue
 
+from edge_api.auth import require_client
 from edge_api.node import get_node
 
 __all__ = ["bp", "init_status"]
@@ -13,6 +14,7 @@ bp = Blueprint("status", __name__, url_prefix="/api/v1")
 
 
 @bp.get("/status")
+@require_client
 def status() -> ResponseReturnValue:
     """Uplink estimate, cloud health, models and their current strategies."""
     return jsonify(get_node().views.status())

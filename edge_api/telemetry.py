@@ -27,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from api_common.metrics import LATENCY_BUCKETS_S, ServiceMetrics
+from edge_api.auth import require_client
 from edge_api.node import get_node
 from popex.errors import PopexError
 
@@ -241,6 +242,7 @@ def _after_classify(response: Response) -> Response:
 
 
 @bp.get("/requests")
+@require_client
 def recent_requests() -> ResponseReturnValue:
     """The most recent answered classify requests (at most 200), oldest first."""
     return jsonify({"requests": _get_telemetry().recent()})

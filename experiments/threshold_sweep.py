@@ -281,9 +281,9 @@ def run_threshold_sweep(config: ThresholdSweepConfig, *, out_root: Path = DEFAUL
     measured: list[MeasuredPoint] = []
     with start_cloud(token=token, state_dir=work_dir / "cloud", log_path=work_dir / "cloud.log") as cloud:
         cloud.wait_ready()
-        with _edge_runtime({"token": token, "cloud_url": cloud.url, "state_dir": str(work_dir / "edge"),
-                            "default_model_dir": str(config.model_dir), "start_background": False,
-                            "profile_n_repeats": 5}) as (app, runner):
+        with _edge_runtime({"token": token, "admin_token": secrets.token_hex(16), "cloud_url": cloud.url,
+                            "state_dir": str(work_dir / "edge"), "default_model_dir": str(config.model_dir),
+                            "start_background": False, "profile_n_repeats": 5}) as (app, runner):
             model_id = runner.default_model_id
             deadline_s = time.monotonic() + _READY_TIMEOUT_S
             while runner.registry.get(model_id).state != "ready":

@@ -12,13 +12,13 @@ bomb" body cannot make the cloud allocate more than the payload limit.
 
 from __future__ import annotations
 
-import json
 import zlib
 
 import safetensors
 
 from popex._wire_errors import UnsupportedEncodingError, WireError
 from popex.checks import pickled_kind
+from popex.untrusted import loads_json
 
 __all__ = [
     "CONTENT_ENCODINGS",
@@ -143,9 +143,10 @@ def read_header(data: bytes) -> dict:
         raise WireError(f"cannot read the payload: {_describe_not_safetensors(data)} "
                         f"(header length field says {n_header_bytes} bytes)")
     try:
-        header = json.loads(data[8:8 + n_header_bytes])
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise WireError(f"cannot read the payload: {_describe_not_safetensors(data)}") from err
+        header = loads_json(data[8:8 + n_header_bytes], name="the payload's header", max_bytes=_MAX_HEADER_BYTES,
+                            error=WireError)
+    except WireError as err:
+        raise WireError(f"cannot read the payload: {_describe_not_safetensors(data)} ({err})") from err
     if not isinstance(header, dict):
         raise WireError("cannot read the payload: its safetensors header is not a JSON object")
     return header

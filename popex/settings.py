@@ -172,7 +172,8 @@ def settings_repr(config: object, *, hidden: Sequence[str] = ("token",)) -> str:
     str
     """
     def shown(name: str) -> str:
-        return "'***'" if name in hidden else repr(getattr(config, name))
+        value = getattr(config, name)
+        return "'***'" if name in hidden and value is not None else repr(value)
 
     fields_shown = ", ".join(f"{field.name}={shown(field.name)}" for field in fields(config))  # type: ignore[arg-type]
     return f"{type(config).__name__}({fields_shown})"

@@ -411,9 +411,10 @@ def decode_offload(data: bytes, *, max_bytes: int = MAX_WIRE_BYTES) -> OffloadRe
     values = np.frombuffer(view["data"], dtype=_NUMPY_DTYPES[wire_dtype]).reshape(shape)
     x = values.astype(np.float32)  # a copy: writable and native-endian
     if scale is not None:
-        x *= np.float32(scale)
-    elif not np.isfinite(x).all():
-        raise WireError("tensor holds NaN or infinity")
+        with np.errstate(over="ignore"):  # a huge scale overflows to inf, refused just below
+            x *= np.float32(scale)
+    if not np.isfinite(x).all():  # int8 too: q * scale overflows float32 for a scale near 1e38
+        raise WireError("tensor holds NaN or infinity" + (f" once dequantised (scale {scale:g})" if scale else ""))
     return OffloadRequest(
         tensor=x,
         model_id=_check_id(metadata["model_id"], "model_id"),

@@ -1,4 +1,10 @@
-"""Shared fixtures: one token, one whole edge config, the edge app over a FakeCloud, and model actions.
+"""Shared fixtures: the tokens, one whole edge config, the edge app over a FakeCloud, and model actions.
+
+Every test edge has an admin token (``ADMIN_TOKEN``), and every test client
+of a test edge app (``app.test_client()``, the ``client`` fixture) sends it,
+as an operator's tools would: tests that register models need nothing more.
+A test of refusals takes :func:`anonymous_client` (no token at all) or sends
+its own ``Authorization`` header, which wins over the default one.
 
 The config is the whole config (``EdgeConfig.from_mapping``): neither
 ``configs/edge.yaml`` nor the environment (``POPEX_EDGE_CONFIG``,
@@ -32,6 +38,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flask.testing import FlaskClient
 
 from edge_api import close_app, create_app, get_node
 from edge_api.config import EdgeConfig
@@ -42,6 +49,8 @@ from popex.nets import EarlyExitNet, compute_model_id, weights_to_bytes, zoo_spe
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO / "models" / "default"
 TEST_TOKEN = "test-token-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 READY_TIMEOUT_S = 120.0  # the longest a test waits for a model's preparation (two busy cores)
 _CLASSIFIER_DIR = "distortion-classifier"
 
@@ -110,15 +119,31 @@ class ModelActions:
 
 
 def edge_config(token: str, state_dir: str | Path, **changes: Any) -> dict[str, Any]:
-    """A whole edge config mapping: no background thread, quick profiles, an unreachable cloud URL."""
-    return {"token": token, "state_dir": str(state_dir), "default_model_dir": str(DEFAULT_MODEL_DIR),
-            "start_background": False, "profile_n_repeats": 2, "cloud_url": "http://127.0.0.1:9", **changes}
+    """A whole edge config mapping: the admin token, no background thread, quick profiles, an unreachable cloud."""
+    return {"token": token, "admin_token": ADMIN_TOKEN, "state_dir": str(state_dir),
+            "default_model_dir": str(DEFAULT_MODEL_DIR), "start_background": False, "profile_n_repeats": 2,
+            "cloud_url": "http://127.0.0.1:9", **changes}
+
+
+class AdminClient(FlaskClient):
+    """A Flask test client that sends the admin token unless a request sends its own ``Authorization``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.environ_base["HTTP_AUTHORIZATION"] = ADMIN_HEADERS["Authorization"]
+
+
+def anonymous_client(app: Any) -> FlaskClient:
+    """A test client of ``app`` that sends no token at all (what anyone on the network can do)."""
+    return FlaskClient(app, app.response_class, use_cookies=True)
 
 
 @contextlib.contextmanager
 def running_edge(config: Mapping[str, Any], cloud: Any) -> Iterator[Any]:
-    """The edge app of the whole ``config`` (no YAML, no environment) over ``cloud``, closed on exit."""
+    """The edge app of the whole ``config`` (no YAML, no environment) over ``cloud``, closed on exit; its test
+    clients carry the admin token (:class:`AdminClient`)."""
     app = create_app(EdgeConfig.from_mapping(config), cloud_client=cloud)
+    app.test_client_class = AdminClient
     try:
         yield app
     finally:
@@ -169,6 +194,12 @@ def force_strategy(monkeypatch: pytest.MonkeyPatch, plan: Any, branch_after_stag
 def token() -> str:
     """The shared secret of every test edge and cloud."""
     return TEST_TOKEN
+
+
+@pytest.fixture(scope="session")
+def admin_token() -> str:
+    """The admin token of every test edge (its writes need it)."""
+    return ADMIN_TOKEN
 
 
 @pytest.fixture

@@ -16,14 +16,15 @@ from popex.testbed.netns import EMULATED_RATE_MBPS, HarnessUnavailable, shaped_l
 from popex.link.shaping import Shaping, ShapingError
 from popex.link.emulation import LinkEmulator
 
-TOKEN = "admin-test-token-0123"
+TOKEN = "shared-test-token-0123"
+ADMIN_TOKEN = "admin-test-token-0123"
 URL = "/api/v1/admin/link"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def _app(tmp_path, link: LinkEmulator | None, **config):
-    values = {"token": TOKEN, "state_dir": str(tmp_path / "state"), "default_model_dir": str(tmp_path / "none"),
-              "start_background": False, **config}
+    values = {"token": TOKEN, "admin_token": ADMIN_TOKEN, "state_dir": str(tmp_path / "state"),
+              "default_model_dir": str(tmp_path / "none"), "start_background": False, **config}
     return create_app(values, cloud_client=FakeCloud(link=link))
 
 
@@ -60,7 +61,8 @@ class _FakeTc:
 
 
 @pytest.mark.parametrize("method", ["get", "put"])
-@pytest.mark.parametrize("header", [None, "Bearer wrong-token-000000", f"Basic {TOKEN}", TOKEN, "Bearer "])
+@pytest.mark.parametrize("header", [None, "Bearer wrong-token-000000", f"Basic {ADMIN_TOKEN}", ADMIN_TOKEN,
+                                    "Bearer ", f"Bearer {TOKEN}"])
 def test_without_the_token_it_is_a_401_and_nothing_changes(emulated, method, header):
     app, link = emulated
     headers = {} if header is None else {"Authorization": header}
@@ -98,9 +100,9 @@ def test_put_a_profile_applies_its_numbers(emulated):
 
 
 BAD_BODIES = [
-    ('{"uplink_mbps": NaN, "rtt_ms": 10}', "uplink_mbps"),
-    ('{"uplink_mbps": Infinity, "rtt_ms": 10}', "uplink_mbps"),
-    ('{"uplink_mbps": 5, "rtt_ms": -Infinity}', "rtt_ms"),
+    ('{"uplink_mbps": NaN, "rtt_ms": 10}', "NaN is not JSON"),  # refused by the parser (api_common.json_io)
+    ('{"uplink_mbps": Infinity, "rtt_ms": 10}', "Infinity is not JSON"),
+    ('{"uplink_mbps": 5, "rtt_ms": -Infinity}', "-Infinity is not JSON"),
     ('{"uplink_mbps": 1e400, "rtt_ms": 10}', "uplink_mbps"),
     ('{"uplink_mbps": 0, "rtt_ms": 10}', "uplink_mbps"),
     ('{"uplink_mbps": -3, "rtt_ms": 10}', "uplink_mbps"),
@@ -121,7 +123,8 @@ BAD_BODIES = [
     ("{}", "expected the keys"),
     ("[5, 10]", "JSON object"),
     ('"lte"', "JSON object"),
-    ("{not json", "JSON object"),
+    ("{not json", "not valid JSON"),
+    ("[" * 2000 + "]" * 2000, "2000 levels deep"),
 ]
 
 

@@ -1,5 +1,6 @@
 """Calibration arrays: validation, save/load round trip, hostile files."""
 
+import io
 import pickle
 import zipfile
 
@@ -95,9 +96,19 @@ def test_object_array_is_rejected(tmp_path):
     raw["confidence"] = raw["confidence"].astype(object)
     path = tmp_path / "object.npz"
     _write_npz(path, **raw, confidence_method=np.array("max_softmax"))
-    with pytest.raises(CalibrationError, match="object") as info:
+    with pytest.raises(CalibrationError, match="holds Python objects"):
+        load_calibration(path)  # refused from its header, before numpy would unpickle or allocate
+
+
+def test_a_header_declaring_more_than_the_member_holds_is_refused_before_allocation(tmp_path):
+    """An .npy member declaring (2**40, 3) float64 (24 TiB) in 100 bytes: a CalibrationError, not a MemoryError."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (2**40, 3)})
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("confidence.npy", header.getvalue() + bytes(48))
+    with pytest.raises(CalibrationError, match=r"declares shape \(1099511627776, 3\).*holds 48 bytes"):
         load_calibration(path)
-    assert info.value.__cause__ is not None
 
 
 @pytest.mark.parametrize("missing", ["confidence", "labels", "confidence_method"])

@@ -186,6 +186,18 @@ def test_put_is_idempotent_and_get_reports(client, registered):
     assert client.get(f"/api/v1/models/{model_id}", headers=AUTH).json == {"model_id": model_id, "n_stages": 3}
 
 
+def test_delete_needs_the_token_and_removes_the_model_and_its_files(client, registered):
+    model_id = registered["model_id"]
+    directory = Path(client.application.extensions["popex_cloud_config"].state_dir) / "models" / model_id
+    assert directory.is_dir()
+    _error(client.delete(f"/api/v1/models/{model_id}"), 401, "unauthorized")
+    assert client.delete(f"/api/v1/models/{model_id}", headers=AUTH).json == {"model_id": model_id, "deleted": True}
+    assert not directory.exists() and not list(directory.parent.iterdir())  # nothing set aside is left either
+    _error(client.get(f"/api/v1/models/{model_id}", headers=AUTH), 404, "unknown_model")
+    _error(client.delete(f"/api/v1/models/{model_id}", headers=AUTH), 404, "unknown_model")
+    _error(client.delete("/api/v1/models/..", headers=AUTH), 404, "unknown_model")
+
+
 def _put_own(client, spec_bytes, weights_bytes):
     """PUT under the id the content hashes to, so the content itself is what is judged."""
     return _put(client, spec_model_id(spec_bytes, weights_bytes), spec_bytes, weights_bytes)

@@ -17,6 +17,7 @@ Every wait is bounded; nothing asserts on latency (the machine is shared).
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import pickle
@@ -26,6 +27,7 @@ import signal
 import struct
 import threading
 import time
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,7 +280,8 @@ def lenet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 def _register(services: Services, files: dict[str, bytes]) -> requests.Response:
     multipart = {name: (filename, files[name], "application/octet-stream")
                  for name, filename in zip(("spec", "weights", "calibration"), _MODEL_FILES)}
-    return requests.post(services.edge.url + "/api/v1/models", files=multipart, timeout=HTTP_TIMEOUT_S)
+    return requests.post(services.edge.url + "/api/v1/models", files=multipart, headers=services.edge.admin_headers(),
+                         timeout=HTTP_TIMEOUT_S)
 
 
 def test_model_registered_through_rest_becomes_classifiable(services: Services,
@@ -321,6 +324,16 @@ def test_model_registered_through_rest_becomes_classifiable(services: Services,
     assert again.status_code == 200, again.text
     assert again.json()["model_id"] == model_id
 
+    # deleted with the admin token: gone on the edge and on the cloud
+    deleted = requests.delete(f"{services.edge.url}/api/v1/models/{model_id}", headers=services.edge.admin_headers(),
+                              timeout=HTTP_TIMEOUT_S)
+    assert deleted.status_code == 200 and deleted.json() == {"model_id": model_id, "deleted": True,
+                                                             "cloud": "deleted"}, deleted.text
+    _assert_error(requests.get(f"{services.edge.url}/api/v1/models/{model_id}", timeout=HTTP_TIMEOUT_S), 404)
+    _assert_error(services.classify(_good_png(), model=model_id), 404)
+    _assert_error(requests.get(f"{services.cloud.url}/api/v1/models/{model_id}", timeout=HTTP_TIMEOUT_S,
+                               headers={"Authorization": f"Bearer {services.token}"}), 404)
+
 
 # -- 3. bad input against the real processes -----------------------------------------------------
 
@@ -346,6 +359,16 @@ def _truncated_jpeg() -> bytes:
     assert ok
     data = encoded.tobytes()
     return data[: len(data) // 2]
+
+
+def _npz_declaring(shape: tuple[int, ...]) -> bytes:
+    """An .npz whose 'confidence' member declares ``shape`` float64 and holds 48 bytes of data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("confidence.npy", header.getvalue() + bytes(48))
+    return buffer.getvalue()
 
 
 def _lenet_with(lenet_files: dict[str, bytes], **changes: bytes) -> dict[str, bytes]:
@@ -408,6 +431,22 @@ BAD_CASES = {
         s, _lenet_with(f, spec=_spec_with_unknown_layer(f))), 400),
     "weights-as-pickle": BadCase("edge", lambda s, f: _register(s, _lenet_with(
         f, weights=pickle.dumps({"conv1.weight": np.zeros((6, 1, 5, 5), np.float32)}))), 400),
+    "edge-model-upload-without-token": BadCase("edge", lambda s, f: requests.post(
+        s.edge.url + "/api/v1/models", files={"spec": ("spec.json", f["spec"])}, timeout=HTTP_TIMEOUT_S), 401),
+    "edge-model-upload-with-the-cloud-token": BadCase("edge", lambda s, f: requests.post(
+        s.edge.url + "/api/v1/models", files={"spec": ("spec.json", f["spec"])},
+        headers={"Authorization": f"Bearer {s.token}"}, timeout=HTTP_TIMEOUT_S), 401),
+    "edge-delete-without-token": BadCase("edge", lambda s, _f: requests.delete(
+        s.edge.url + "/api/v1/models/" + s.default_model_id, timeout=HTTP_TIMEOUT_S), 401),
+    "edge-admin-link-without-token": BadCase("edge", lambda s, _f: requests.put(
+        s.edge.url + "/api/v1/admin/link", json={"uplink_mbps": 1.0, "rtt_ms": 1.0}, timeout=HTTP_TIMEOUT_S), 401),
+    "edge-admin-link-nested-json": BadCase("edge", lambda s, _f: requests.put(
+        s.edge.url + "/api/v1/admin/link", data=b"[" * 2000 + b"]" * 2000, timeout=HTTP_TIMEOUT_S,
+        headers={**s.edge.admin_headers(), "Content-Type": "application/json"}), 400),
+    "spec-nested-100000-deep": BadCase("edge", lambda s, f: _register(s, _lenet_with(
+        f, spec=b'{"stages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")), 400),
+    "calibration-declaring-2^40x3": BadCase("edge", lambda s, f: _register(s, _lenet_with(
+        f, calibration=_npz_declaring((2**40, 3)))), 400),
     "unknown-model-strategies": BadCase("edge", lambda s, _f: requests.get(
         s.edge.url + "/api/v1/models/" + "0" * 64 + "/strategies", timeout=HTTP_TIMEOUT_S), 404),
     "cloud-tensor-wrong-shape": BadCase("cloud", lambda s, _f: s.cloud_infer(
@@ -425,6 +464,10 @@ BAD_CASES = {
     "cloud-without-token": BadCase("cloud", lambda s, _f: s.cloud_infer(_good_cloud_payload(s), token=None), 401),
     "cloud-wrong-token": BadCase("cloud", lambda s, _f: s.cloud_infer(
         _good_cloud_payload(s), token=secrets.token_hex(16)), 401),
+    "cloud-profile-nested-json": BadCase("cloud", lambda s, _f: requests.post(
+        f"{s.cloud.url}/api/v1/models/{s.default_model_id}/profile", data=b"[" * 2000 + b"]" * 2000,
+        headers={"Authorization": f"Bearer {s.token}", "Content-Type": "application/json"},
+        timeout=HTTP_TIMEOUT_S), 400),
     "cloud-model-upload-without-token": BadCase("cloud", lambda s, f: requests.put(
         s.cloud.url + "/api/v1/models/" + "0" * 64, timeout=HTTP_TIMEOUT_S,
         files={"spec": ("spec.json", f["spec"]), "weights": ("weights.safetensors", f["weights"])}), 401),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -212,7 +213,8 @@ def test_edge_status_reports_the_shaped_uplink(tmp_path):
     config_path.write_text(f"probe_interval_s: 0.5\nprobe_n_bytes: {PROBE_N_BYTES}\n"
                            f"default_model_dir: {tmp_path / 'no-model'}\n")
     # Only what this test sets: a developer's POPEX_* settings must not reach the services.
-    env = service_environ({"POPEX_TOKEN": TOKEN, "POPEX_EDGE_CONFIG": str(config_path),
+    env = service_environ({"POPEX_TOKEN": TOKEN, "POPEX_ADMIN_TOKEN": secrets.token_hex(16),
+                           "POPEX_EDGE_CONFIG": str(config_path),
                            "POPEX_CLOUD_CONFIG": str(REPO_ROOT / "configs" / "cloud.yaml")})
     deadline_s = time.monotonic() + 80
     with _Skipping(uplink_mbps=uplink_mbps, rtt_ms=rtt_ms) as link, \

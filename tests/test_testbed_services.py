@@ -70,7 +70,9 @@ def test_launched_services_get_the_testbeds_config_not_the_callers(captured, tmp
     assert {k: v for k, v in cloud_env.items() if k.startswith("POPEX_")} == {
         "POPEX_TOKEN": "testbed-token", "POPEX_CLOUD_CONFIG": str(tmp_path / "cloud.yaml")}
     assert {k: v for k, v in edge_env.items() if k.startswith("POPEX_")} == {
-        "POPEX_TOKEN": "testbed-token", "POPEX_EDGE_CONFIG": str(tmp_path / "edge.yaml")}
+        "POPEX_TOKEN": "testbed-token", "POPEX_ADMIN_TOKEN": edge.admin_token,
+        "POPEX_EDGE_CONFIG": str(tmp_path / "edge.yaml")}
+    assert len(edge.admin_token) == 32 and edge.admin_token != "testbed-token"  # a fresh one of its own
     assert yaml.safe_load(Path(tmp_path / "cloud.yaml").read_text())["profile_n_repeats"] == 5
     assert yaml.safe_load(Path(tmp_path / "edge.yaml").read_text())["probe_interval_s"] == 0.5
     assert "--emulate-link" not in captured[1]["argv"]

@@ -136,6 +136,20 @@ class CloudRunner:
         """
         return self.store.has(model_id)
 
+    def remove(self, model_id: str) -> bool:
+        """Forget a model and delete its files: :meth:`popex.cloud.store.ModelStore.remove`.
+
+        Parameters
+        ----------
+        model_id : str
+
+        Returns
+        -------
+        bool
+            False if it was not registered.
+        """
+        return self.store.remove(model_id)
+
     def register(self, model_id: str, files: Mapping[str, bytes]) -> LoadedModel:
         """Check, store and load a model uploaded by the edge: :meth:`popex.cloud.store.ModelStore.register`.
 

@@ -146,6 +146,33 @@ class ModelStore:
                                     "upload it with PUT /api/v1/models/<model_id>")
         return loaded
 
+    def remove(self, model_id: str) -> bool:
+        """Forget a model and delete its directory (renamed aside first, so no reader sees half of it).
+
+        Parameters
+        ----------
+        model_id : str
+
+        Returns
+        -------
+        bool
+            False if it was not registered.
+        """
+        if not isinstance(model_id, str) or not _MODEL_ID_RE.fullmatch(model_id):
+            return False
+        final = self._models_dir / model_id
+        with self._store_lock:
+            with self._lock:
+                known = self._models.pop(model_id, None) is not None
+                self._shapes.pop(model_id, None)
+            if not final.is_dir():
+                return known
+            doomed = Path(tempfile.mkdtemp(dir=self._models_dir, prefix=f".deleted-{model_id[:12]}."))
+            os.replace(final, doomed / model_id)
+            shutil.rmtree(doomed, ignore_errors=True)
+        log.info("removed model %s", model_id)
+        return True
+
     def has(self, model_id: str) -> bool:
         """Whether model ``model_id`` is registered.
 

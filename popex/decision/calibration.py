@@ -11,10 +11,12 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from os import PathLike
+from pathlib import Path
 
 import numpy as np
 
 from popex.errors import CalibrationError, ConfigError
+from popex.untrusted import check_npz_headers
 
 __all__ = [
     "CONFIDENCE_METHODS",
@@ -231,7 +233,9 @@ def save_calibration(calibration: Calibration, path: str | PathLike[str]) -> Non
 def load_calibration(path: str | PathLike[str]) -> Calibration:
     """Read and validate a calibration ``.npz`` written by :func:`save_calibration`.
 
-    The archive is opened with ``np.load(path, allow_pickle=False)`` only.
+    The archive is opened with ``np.load(path, allow_pickle=False)`` only,
+    after :func:`popex.untrusted.check_npz_headers` has checked what each
+    member declares.
 
     Parameters
     ----------
@@ -250,6 +254,10 @@ def load_calibration(path: str | PathLike[str]) -> Calibration:
         If the file is missing, not an ``.npz`` archive, holds pickled or
         object arrays, misses a key, or fails :class:`Calibration` checks.
     """
+    if not Path(path).is_file():
+        raise CalibrationError(f"calibration file not found: {path}")
+    # Every member's header first: np.load would allocate whatever a header declares.
+    check_npz_headers(path, what=f"calibration file {path}")
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError as err:

@@ -363,6 +363,32 @@ class CloudClient:
             raise
         return True
 
+    def delete_model(self, model_id: str, *, timeout_s: float) -> bool:
+        """Remove model ``model_id`` from the cloud.
+
+        Parameters
+        ----------
+        model_id : str
+        timeout_s : float
+
+        Returns
+        -------
+        bool
+            False when the cloud did not have it (a 404 is an answer, not an error).
+
+        Raises
+        ------
+        CloudTimeout, CloudUnavailable, CloudRejected
+        """
+        deadline_s = time.perf_counter() + _check_timeout_s(timeout_s)
+        try:
+            self._send("DELETE", self._model_url(model_id), deadline_s=deadline_s)
+        except CloudRejected as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
     def profile(self, model_id: str, *, n_repeats: int, timeout_s: float) -> list[float]:
         """Median cloud time of each stage in ms (``t^c_i`` of DESIGN.md §3), measured on the cloud now.
 

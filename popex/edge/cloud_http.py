@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import http.client
-import json
 import socket
 import threading
 import time
@@ -23,6 +22,8 @@ from typing import Any, Callable, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from popex.edge.cloud_types import CloudRejected, CloudTimeout, CloudUnavailable
+from popex.errors import PopexError
+from popex.untrusted import loads_json
 
 __all__ = [
     "ConnectionFailed",
@@ -35,6 +36,7 @@ __all__ = [
     "json_body",
 ]
 
+_MAX_REPLY_BYTES = 1 * 2**20  # the cloud answers a few hundred bytes of JSON
 _MIN_RETRY_BUDGET_S = 0.001  # below this a retry could not even connect
 F = TypeVar("F", bound=Callable[..., Any])
 R = TypeVar("R", bound="HTTPReply")
@@ -44,7 +46,7 @@ def _rejected(response: HTTPReply) -> CloudRejected:
     try:
         error = response.json()["error"]
         code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, PopexError):
         code, message = "http_error", response.text[:200]
     return CloudRejected(response.status_code, code, message)
 
@@ -57,6 +59,7 @@ class HTTPReply(Protocol):
     """What the checks read of a reply: a ``requests.Response`` or a :class:`Reply`."""
 
     status_code: int
+    content: bytes
 
     @property
     def text(self) -> str:
@@ -88,10 +91,10 @@ class Reply:
 
         Raises
         ------
-        ValueError
-            If the body is not JSON.
+        DataError
+            If the body is not JSON, or nests too deep (:func:`popex.untrusted.loads_json`).
         """
-        return json.loads(self.content)
+        return loads_json(self.content, name="the cloud's answer", max_bytes=_MAX_REPLY_BYTES)
 
     @property
     def text(self) -> str:
@@ -300,8 +303,8 @@ def json_body(response: HTTPReply, keys: tuple[str, ...]) -> dict[str, Any]:
         If the body is not a JSON object with those keys.
     """
     try:
-        body = response.json()
-    except ValueError as err:
+        body = loads_json(response.content, name="the cloud's answer", max_bytes=_MAX_REPLY_BYTES)
+    except PopexError as err:
         raise CloudUnavailable(f"cloud answered {response.status_code} with a body that is not JSON") from err
     if not isinstance(body, dict) or any(key not in body for key in keys):
         raise CloudUnavailable(f"cloud answered {response.status_code} without the keys {list(keys)}")

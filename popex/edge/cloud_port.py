@@ -2,7 +2,7 @@
 
 The request pipeline offloads through it (``infer``, ``infer_batch``), the preparation of a
 model pushes and profiles through it (``has_model``, ``put_model``,
-``profile``, ``health``), the uplink monitor probes through it (``probe``,
+``profile``, ``health``), a deletion removes it (``delete_model``), the uplink monitor probes through it (``probe``,
 and ``link`` tells whether the link is emulated in the client), and the
 factory that built it closes it. Two implementations ship:
 :class:`~popex.edge.cloud_client.CloudClient` (HTTP to ``cloud_api``) and
@@ -182,6 +182,27 @@ class CloudPort(Protocol):
         ------
         CloudTimeout, CloudUnavailable, CloudRejected
             Rejected: the cloud found the files or the id wrong.
+        """
+        ...
+
+    def delete_model(self, model_id: str, *, timeout_s: float) -> bool:
+        """Remove model ``model_id`` from the cloud (``DELETE /api/v1/models/<id>`` on the edge).
+
+        Parameters
+        ----------
+        model_id : str
+        timeout_s : float
+            Timeout of this control call, s.
+
+        Returns
+        -------
+        bool
+            False when the cloud did not hold it.
+
+        Raises
+        ------
+        CloudTimeout, CloudUnavailable, CloudRejected
+            The cloud could not answer; the edge has removed the model anyway.
         """
         ...
 

@@ -39,7 +39,7 @@ from popex.wire import OffloadReply, OffloadRequest, decode_offload, decompress_
 __all__ = ["PORT_METHODS", "SCRIPTED_STAGE_MS", "Offload", "FakeCloud"]
 
 #: The port's calls, the names :meth:`FakeCloud.fail` and ``calls`` use.
-PORT_METHODS = ("infer", "infer_batch", "probe", "has_model", "put_model", "profile", "health")
+PORT_METHODS = ("infer", "infer_batch", "probe", "has_model", "put_model", "delete_model", "profile", "health")
 #: The scripted cloud time of each stage, ms (a cloud faster than any edge).
 SCRIPTED_STAGE_MS = 0.05
 _GATED = ("has_model", "put_model", "profile")  # the preparation's calls; offloads are never held
@@ -391,6 +391,34 @@ class FakeCloud:
             self.models.add(model_id)
             self._n_stages[model_id] = n_stages
         return RegisteredModel(model_id=model_id, n_stages=n_stages, created=created)
+
+    def delete_model(self, model_id: str, *, timeout_s: float) -> bool:
+        """Forget the model (the real cloud half deletes its files).
+
+        Parameters
+        ----------
+        model_id : str
+        timeout_s : float
+
+        Returns
+        -------
+        bool
+            False if it was not here.
+
+        Raises
+        ------
+        CloudUnavailable, CloudError
+            While ``down``; as set by :meth:`fail`.
+        """
+        self._enter("delete_model", timeout_s)
+        self._raise_failure("delete_model")
+        held = self._holds(model_id)
+        if self.runner is not None:
+            self.runner.remove(model_id)
+        with self._lock:
+            self.models.discard(model_id)
+            self._n_stages.pop(model_id, None)
+        return held
 
     def profile(self, model_id: str, *, n_repeats: int, timeout_s: float) -> list[float]:
         """The scripted stage times, or the real cloud half's measurement.

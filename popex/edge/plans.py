@@ -393,6 +393,15 @@ class PlanBook:
             self._plans[model_id] = plan
             return plan
 
+    def remove(self, model_id: str) -> bool:
+        """Drop the plan of ``model_id`` (a deleted model); False if it had none.
+
+        >>> PlanBook(link=Link(uplink_mbps=1.0, rtt_ms=1.0), headroom_fraction=0.0).remove("m")
+        False
+        """
+        with self._lock:
+            return self._plans.pop(model_id, None) is not None
+
     def set_link(self, link: Link) -> None:
         """Re-plan every model for a new link estimate (the background planner's job).
 

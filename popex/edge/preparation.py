@@ -233,6 +233,40 @@ class ModelPreparation:
                 self._submit("prepare", model_id, self.prepare)
         return model_id
 
+    def remove(self, model_id: str) -> dict[str, Any]:
+        """Delete a model on the edge (store and plan), then on the cloud.
+
+        The edge's copy goes first, so the model is gone for requests even
+        when the cloud cannot be reached; a job still running on it fails
+        quietly (it no longer finds the model).
+
+        Parameters
+        ----------
+        model_id : str
+
+        Returns
+        -------
+        dict
+            ``model_id``, ``deleted`` (True) and ``cloud``: "deleted", "absent"
+            (the cloud did not hold it) or "unreachable" (with the cloud's error).
+
+        Raises
+        ------
+        UnknownModelError
+            If no model with that id is registered here.
+        """
+        self.registry.remove(model_id)
+        self.plans.remove(model_id)
+        self._last_sync_s.pop(model_id, None)
+        answer: dict[str, Any] = {"model_id": model_id, "deleted": True}
+        try:
+            held = self.client.delete_model(model_id, timeout_s=self.cloud_timeout_s)
+            answer["cloud"] = "deleted" if held else "absent"
+        except CloudError as err:
+            _log.warning("model %s removed here, not on the cloud: %s", model_id[:12], err)
+            answer.update(cloud="unreachable", cloud_error=str(err))
+        return answer
+
     def prepare(self, model_id: str) -> StoredModel:
         """Push, profile both sides, measure O and re-plan, synchronously (the worker's job).
 

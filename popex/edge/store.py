@@ -280,6 +280,34 @@ class ModelRegistry:
         """
         return self.add(read_model_directory(directory)).model_id
 
+    def remove(self, model_id: str) -> StoredModel:
+        """Forget a model and delete its directory (renamed aside first, so a crash leaves no half model).
+
+        Parameters
+        ----------
+        model_id : str
+
+        Returns
+        -------
+        StoredModel
+            The removed record (requests already holding it finish with it).
+
+        Raises
+        ------
+        UnknownModelError
+            If no model with that id is registered.
+        """
+        model = self.get(model_id)
+        with self._lock:
+            if self._models.pop(model_id, None) is None:
+                raise UnknownModelError(f"no model {model_id!r} is registered on this edge")
+            doomed = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self._models_dir))
+            if model.directory.exists():
+                os.rename(model.directory, doomed / model_id)
+        shutil.rmtree(doomed, ignore_errors=True)
+        _log.info("model %s removed", model_id[:12])
+        return model
+
     def set_state(
         self,
         model_id: str,

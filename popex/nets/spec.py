@@ -36,6 +36,7 @@ from typing import Any
 
 
 from popex.errors import SpecError
+from popex.untrusted import MAX_DOCUMENT_BYTES, loads_json
 from popex.runtime.exit_chain import PRISTINE_HEAD
 from popex.nets.layers import LAYER_TYPES, build_layer, check_layer, check_spec_float, check_spec_int
 
@@ -218,8 +219,5 @@ def parse_spec_json(data: bytes | str) -> dict[str, Any]:
     SpecError
         If the bytes are not UTF-8 JSON or the spec is invalid.
     """
-    try:
-        spec = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SpecError(f"spec is not valid JSON: {err}") from err
+    spec = loads_json(data, name="spec", max_bytes=MAX_DOCUMENT_BYTES, error=SpecError)
     return validate_spec(spec)

@@ -17,7 +17,6 @@ A model arrives in one of two forms (DESIGN.md §2):
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from popex.errors import SpecError, WeightsError
+from popex.untrusted import MAX_DOCUMENT_BYTES, loads_json
 from popex.runtime.onnx_model import (
     MANIFEST_FILE,
     OnnxModel,
@@ -102,10 +102,7 @@ def spec_model_id(spec_bytes: bytes, weights_bytes: bytes) -> str:
     SpecError
         If the spec is not a JSON object.
     """
-    try:
-        spec = json.loads(spec_bytes)
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise SpecError(f"spec is not valid JSON: {err}") from err
+    spec = loads_json(spec_bytes, name="spec", max_bytes=MAX_DOCUMENT_BYTES, error=SpecError)
     if not isinstance(spec, dict):
         raise SpecError("spec must be a JSON object")
     digest = hashlib.sha256()

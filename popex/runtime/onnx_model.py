@@ -30,6 +30,7 @@ import numpy as np
 
 from popex.errors import PopexError, SpecError
 from popex.runtime.exit_chain import PRISTINE_HEAD, ExitChain, UnknownHeadError
+from popex.untrusted import MAX_DOCUMENT_BYTES, loads_json
 
 __all__ = [
     "ONNX_FORMAT",
@@ -135,10 +136,7 @@ def read_manifest(data: bytes) -> dict[str, Any]:
     """
     from popex.data.preprocess import Preprocessing  # numpy/cv2 only
 
-    try:
-        manifest = json.loads(data)
-    except (ValueError, RecursionError) as err:
-        raise OnnxModelError(f"model.json is not JSON: {err}") from err
+    manifest = loads_json(data, name="model.json", max_bytes=MAX_DOCUMENT_BYTES, error=OnnxModelError)
     if not isinstance(manifest, dict):
         raise OnnxModelError("model.json must hold a JSON object")
     if manifest.get("format") != ONNX_FORMAT:

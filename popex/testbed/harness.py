@@ -299,7 +299,7 @@ class Testbed:
         with self._session_lock:
             response = self._session.put(self.edge_url + _ADMIN_PATH, json={"uplink_mbps": uplink_mbps,
                                                                              "rtt_ms": rtt_ms},
-                                         headers={"Authorization": f"Bearer {self.token}"},
+                                         headers=self._edge.admin_headers(),
                                          timeout=_HTTP_TIMEOUT_S)
         if response.status_code != 200:
             raise ServiceError(f"PUT {_ADMIN_PATH} answered {response.status_code}: {response.text[:300]}")

@@ -17,6 +17,7 @@ depend on who runs it.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -50,12 +51,13 @@ _ENV_PREFIX = "POPEX_"
 
 
 def _start(name: str, argv: Sequence[str], env: Mapping[str, str], url: str, log_path: Path,
-           prefix: Sequence[str] = ()) -> ServiceProcess:
+           prefix: Sequence[str] = (), admin_token: str | None = None) -> ServiceProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")
     process = subprocess.Popen([*prefix, *argv], cwd=REPO_ROOT, env=service_environ(env), stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    return ServiceProcess(name=name, url=url, process=process, log_path=log_path, _log=log)
+    return ServiceProcess(name=name, url=url, process=process, log_path=log_path, admin_token=admin_token,
+                          _log=log)
 
 
 class ServiceError(RuntimeError):
@@ -64,13 +66,30 @@ class ServiceError(RuntimeError):
 
 @dataclass
 class ServiceProcess:
-    """One service started by a run_*.sh script, with its log on disk."""
+    """One service started by a run_*.sh script, with its log on disk.
+
+    ``admin_token`` is the edge's (None for the cloud): :meth:`admin_headers`
+    is what a write on the edge sends.
+    """
 
     name: str
     url: str
     process: subprocess.Popen
     log_path: Path
+    admin_token: str | None = field(repr=False, default=None)
     _log: Any = field(repr=False, default=None)
+
+    def admin_headers(self) -> dict[str, str]:
+        """``{"Authorization": "Bearer <admin token>"}`` for the edge's writes.
+
+        Raises
+        ------
+        ServiceError
+            If the service has no admin token (the cloud).
+        """
+        if self.admin_token is None:
+            raise ServiceError(f"the {self.name} service has no admin token")
+        return {"Authorization": f"Bearer {self.admin_token}"}
 
     def log_tail(self, n_lines: int = 30) -> str:
         try:
@@ -234,7 +253,8 @@ def start_cloud(*, token: str, state_dir: Path, log_path: Path, host: str = "127
 
 def start_edge(*, token: str, cloud_url: str, state_dir: Path, log_path: Path, host: str = "127.0.0.1",
                port: int | None = None, emulate_link: str | None = None, edge_slowdown: float = 1.0,
-               config: Mapping[str, Any] | None = None, n_threads: int = 4) -> ServiceProcess:
+               config: Mapping[str, Any] | None = None, n_threads: int = 4,
+               admin_token: str | None = None) -> ServiceProcess:
     """Start ``run_edge.sh`` with ``configs/edge.yaml`` overlaid by ``config``; call ``wait_ready()``.
 
     The config is written next to the log as YAML and passed as
@@ -261,6 +281,9 @@ def start_edge(*, token: str, cloud_url: str, state_dir: Path, log_path: Path, h
         Keys of ``configs/edge.yaml`` to change.
     n_threads : int
         gunicorn request threads.
+    admin_token : str, optional
+        ``POPEX_ADMIN_TOKEN``; default: a fresh random one. Either way it is
+        the returned process's ``admin_token``.
 
     Returns
     -------
@@ -273,11 +296,12 @@ def start_edge(*, token: str, cloud_url: str, state_dir: Path, log_path: Path, h
         On an unknown config key.
     """
     port = free_port(host) if port is None else port
+    admin_token = secrets.token_hex(16) if admin_token is None else admin_token
     config_path = write_service_config(_EDGE_DEFAULTS, config, log_path.with_suffix(".yaml"))
     argv = [str(REPO_ROOT / "run_edge.sh"), "--host", host, "--port", str(port), "--cloud-url", cloud_url,
             "--state-dir", str(state_dir), "--threads", str(n_threads),
             "--emulate-edge-slowdown", f"{edge_slowdown:g}"]
     if emulate_link:
         argv += ["--emulate-link", emulate_link]
-    env = {"POPEX_TOKEN": token, "POPEX_EDGE_CONFIG": str(config_path)}
-    return _start("edge", argv, env, f"http://{host}:{port}", log_path)
+    env = {"POPEX_TOKEN": token, "POPEX_ADMIN_TOKEN": admin_token, "POPEX_EDGE_CONFIG": str(config_path)}
+    return _start("edge", argv, env, f"http://{host}:{port}", log_path, admin_token=admin_token)
