@@ -69,7 +69,8 @@ def _wait_ready(edge_url: str, timeout_s: float = 300.0) -> str:
     raise AssertionError(f"the default model was not ready after {timeout_s:.0f} s")
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed: apt-get install -y nginx-light (Debian; scripts/bootstrap.sh does it as root)")
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed: apt-get install -y nginx-light "
+                                          "(Debian; scripts/bootstrap.sh does it as root)")
 def test_a_killed_replica_and_one_that_never_saw_the_model_lose_no_request(tmp_path):
     token = secrets.token_hex(16)
     started = []
