@@ -296,6 +296,8 @@ _SUBCOMMANDS: dict[str, _Subcommand] = {
     "benchmark": _Subcommand("benchmark a model's stages on this machine into a popex-benchmark/1 file (+ per-block plot)",
                              "popex.tiers.benchmark_cli:add_benchmark_parser"),
     "ratelimit": _Subcommand("token-bucket offloads: simulate, train, metric", "popex.ratelimit.cli:add_ratelimit_parser"),
+    "device": _Subcommand("the device tier: classify images through the edge, answering locally when it is late or down",
+                          "popex.device.cli:add_device_parser"),
     "experiment": _Subcommand("run one experiment: CSV + PNG in results/, a section of docs/results.md",
                               "experiments.cli:add_experiment_parser"),
 }

@@ -147,7 +147,7 @@ def stale_references(root: Path) -> list[str]:
     return sorted(set(problems))
 
 
-NUMPYDOC_ROOTS = ("popex/edge", "popex/cloud", "popex/wire.py", "popex/decision")
+NUMPYDOC_ROOTS = ("popex/edge", "popex/cloud", "popex/wire.py", "popex/decision", "popex/tiers", "popex/device")
 
 
 def _returns_something(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:

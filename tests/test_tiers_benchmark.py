@@ -124,3 +124,22 @@ def test_the_cloud_measures_and_serves_a_benchmark_behind_its_token(tmp_path, le
     spec = json.loads(lenet_files["files"]["spec"])
     assert len(bench.models[model_id].blocks) == len(spec["stages"])
     assert bench.models[model_id].blocks[-1].output_bytes == 4 * len(spec["class_names"])
+
+
+@pytest.mark.slow
+def test_predict_with_early_exits_answers_the_most_accurate_plan_beside_the_no_exit_one(lenet, benchmarked, capsys):
+    net_csv = write_network(benchmarked / "net-exits.csv", [("pi emu-1", "vm", 1, 100)])
+    base = ["predict", str(benchmarked), str(net_csv), "lenet", "--popex-model", str(lenet["dir"]), "--no-plot"]
+    assert cli.main(base + ["--deadline-ms", "1000", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)["early_exit"]
+    chosen, no_exit = answer["chosen"], answer["no_exit"]
+    assert chosen["feasible"] and no_exit["feasible"]
+    assert chosen["accuracy"] >= no_exit["accuracy"]
+    assert all(t is None for t in no_exit["thresholds"])
+    assert chosen["systems"]["cloud"] is None and answer["n_strategies"] > 0  # no cloud benchmarked
+    assert cli.main(base + ["--deadline-ms", "0", "--objective", "tail"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("with early exits: ") and "MISSES 0 ms, tail" in lines[-2]
+    assert lines[-1].startswith("no exits: thresholds off")
+    assert cli.main(base) == 2  # no --deadline-ms
+    assert "--popex-model needs --deadline-ms" in capsys.readouterr().err

@@ -70,14 +70,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     network = load_network_csv(args.network_csv)
     query = build_query(args)
     results = predict(bench, network, query)
+    exits = None
+    if args.popex_model:
+        from popex.tiers.exits import predict_with_exits
+
+        if args.deadline_ms is None:
+            raise BenchmarkError("--popex-model needs --deadline-ms (the latency requirement)")
+        exits = predict_with_exits(bench, network, query, model_dir=args.popex_model, deadline_ms=args.deadline_ms,
+                                   objective=args.objective)
     if args.json:
         body = {"model": args.model, "results": [c.to_dict() for c in results]}
+        if exits is not None:
+            body["early_exit"] = exits
         print(json.dumps(body))
     elif not results:
         print(NO_RESULTS)
     else:
         for rank, config in enumerate(results, start=1):
             print(format_line(rank, config))
+    if exits is not None and not args.json:
+        from popex.tiers.exits import format_exit_answer
+
+        print(format_exit_answer(exits))
     if results and not args.no_plot:
         from popex.tiers.plots import plot_configuration
 
@@ -114,5 +128,10 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", help="PNG of the best configuration (default results/predict/MODEL-best.png)")
     p.add_argument("--no-plot", action="store_true", help="draw nothing")
+    p.add_argument("--popex-model", help="POPEX model directory (calibration.npz): also plan early exits on every "
+                                          "tier (DESIGN §3) for --deadline-ms")
+    p.add_argument("--deadline-ms", type=float, help="latency requirement of --popex-model's answer")
+    p.add_argument("--objective", choices=("mean", "tail"), default="mean",
+                   help="--popex-model: meet the requirement on average (mean) or for every sample (tail)")
     p.set_defaults(run=_cmd_predict)
     return p
