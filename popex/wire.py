@@ -428,8 +428,7 @@ def decode_offload(data: bytes, *, max_bytes: int = MAX_WIRE_BYTES) -> OffloadRe
 
 
 def replies_from_dict(body: object, *, request_ids: tuple[str, ...]) -> list[OffloadReply]:
-    """The cloud's answer to a batch, ``{"results": [...]}``: one checked :class:`OffloadReply` per id, in order
-    (WireError for anything else).
+    """The cloud's answer to a batch, ``{"results": [...]}``: one checked :class:`OffloadReply` per id (else WireError).
 
     Parameters
     ----------

@@ -52,3 +52,12 @@ if [ ! -f "$fm_root/t10k-images-idx3-ubyte.gz" ] && [ "$(id -u)" = 0 ] && comman
         echo "[bootstrap] could not install dataset-fashion-mnist; using the shipped test subset"
     fi
 fi
+# nginx (Debian's) for tests/test_scale_out.py: two cloud replicas behind a real balancer on loopback.
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+        && [ -z "${POPEX_NO_APT:-}" ]; then
+    echo "[bootstrap] installing Debian's nginx-light for the scale-out test (set POPEX_NO_APT=1 to skip)"
+    if ! { apt-get install -y -qq nginx-light >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nginx-light >/dev/null 2>&1; }; }; then
+        echo "[bootstrap] could not install nginx-light; tests/test_scale_out.py will be skipped"
+    fi
+fi

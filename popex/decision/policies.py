@@ -154,7 +154,8 @@ class PolicyBook:
             fixed_rows["cloud-only", objective] = int(np.flatnonzero(table.split == 0)[0])
             fixed_rows["neurosurgeon", objective] = int(no_exit[np.argmin(latency_ms[no_exit])])
             edgent_rows[objective] = _edgent_candidates(table, latency_ms)
-            holding = np.array([], dtype=np.int64) if precision_aware is None else _rows_holding(table, *precision_aware)
+            holding = np.array([], dtype=np.int64) if precision_aware is None \
+                else _rows_holding(table, *precision_aware)
             if holding.size:
                 fixed_rows["precision-aware", objective] = int(holding[np.argmin(latency_ms[holding])])
         indices = {objective: DecisionIndex(table, objective=objective) for objective in OBJECTIVES}

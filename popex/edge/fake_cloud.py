@@ -19,7 +19,6 @@ from popex.checks import check_finite
 from popex.cloud.runner import CloudRunner
 from popex.decision.latency import Link
 from popex.edge.cloud_types import (
-    CloudBatchInference,
     CloudError,
     CloudInference,
     CloudRejected,
@@ -33,8 +32,8 @@ from popex.link.emulation import LinkEmulator
 from popex.errors import SpecError
 from popex.runtime.model_files import SPEC_FILE
 from popex.runtime.onnx_model import MANIFEST_FILE, read_manifest
-from popex.runtime.batcher import MAX_BATCH_SIZE
-from popex.wire import OffloadReply, OffloadRequest, decode_offload, decompress_payload, replies_from_dict
+from popex.edge.fake_cloud_batch import BatchOffloads
+from popex.wire import OffloadRequest, decode_offload, decompress_payload
 
 __all__ = ["PORT_METHODS", "SCRIPTED_STAGE_MS", "Offload", "FakeCloud"]
 
@@ -70,7 +69,7 @@ def _n_stages(files: Mapping[str, bytes]) -> int:
         raise SpecError(f"the files hold neither {MANIFEST_FILE} nor a {SPEC_FILE} with stages") from err
 
 
-class FakeCloud:
+class FakeCloud(BatchOffloads):
     """A cloud port answered in this process.
 
     Parameters
@@ -268,37 +267,6 @@ class FakeCloud:
         transfer_ms = link_ms + self.transfer_ms
         return CloudInference(label=label, class_name=class_name, confidence=confidence, cloud_ms=cloud_ms,
                               transfer_ms=transfer_ms, round_trip_ms=cloud_ms + transfer_ms, n_bytes=len(payload))
-
-    def infer_batch(self, payload: bytes, *, request_ids: tuple[str, ...], timeout_s: float,
-                    content_encoding: str | None = None) -> CloudBatchInference:
-        """Finish a batched offload: scripted (each sample the scripted answer) or by the real cloud half.
-
-        Parameters
-        ----------
-        payload, request_ids, timeout_s, content_encoding
-            As :meth:`popex.edge.cloud_port.CloudPort.infer_batch`.
-
-        Returns
-        -------
-        CloudBatchInference
-            Raises as :meth:`infer`.
-        """
-        request, link_ms = self._receive("infer_batch", payload, timeout_s, content_encoding)
-        if self.runner is not None:
-            try:
-                replies = self.runner.infer_batch_payload(payload, content_encoding=content_encoding,
-                                                          max_batch_size=MAX_BATCH_SIZE)
-            except PopexError as err:
-                raise _rejected(err) from err
-        else:
-            replies = [OffloadReply(self.label, self.class_name, self.confidence, 1.0, request_id, request.model_id)
-                       for request_id in request.request_ids or ()]
-        cloud_ms = max(reply.cloud_ms for reply in replies) if self.cloud_ms is None else self.cloud_ms
-        transfer_ms = link_ms + self.transfer_ms
-        return CloudBatchInference(replies=tuple(replies_from_dict({"results": [r.to_dict() for r in replies]},
-                                                                   request_ids=request_ids)),
-                                   cloud_ms=cloud_ms, transfer_ms=transfer_ms, round_trip_ms=cloud_ms + transfer_ms,
-                                   n_bytes=len(payload))
 
     def probe(self, n_bytes: int, *, timeout_s: float) -> ProbeResult:
         """Time a probe across ``link`` (waiting) or ``uplink`` (computed).

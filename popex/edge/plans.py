@@ -1,19 +1,17 @@
 """Per-model plan state on the edge: the current strategy table and decisions.
 
-Exit statistics are swept once per model (they depend only on the
-calibration); a :class:`~popex.decision.Planner` is built once per profile;
-a new link estimate only rebuilds the table and one
-:class:`~popex.decision.DecisionIndex` per objective, which takes
-milliseconds. The result is swapped in by one reference assignment, so a
-request thread sees either the whole old plan or the whole new one, never a
-mix. Decisions are cached per ``(deadline_ms, objective)`` inside the plan
-object they were made on, so the swap invalidates the cache and a request
-reads its strategy from a dict in O(1).
+Exit statistics (and the precision-aware thresholds) are found once per model from the
+calibration; a :class:`~popex.decision.Planner` is built once per profile; a new link
+estimate only rebuilds the table and one :class:`~popex.decision.DecisionIndex` per
+objective, which takes milliseconds. The result is swapped in by one reference
+assignment, so a request thread sees either the whole old plan or the whole new one,
+never a mix. Decisions are cached per ``(deadline_ms, objective)`` inside the plan object
+they were made on, so the swap invalidates the cache and a request reads its strategy
+from a dict in O(1).
 
-A model with expert head sets (see :mod:`popex.nets.experts`) gets one
-strategy table per head set: the same profile, each head's own calibration
-swept once. The experts' plans hang off the pristine plan object, so one
-assignment swaps every head's table together.
+A model with expert head sets (see :mod:`popex.nets.experts`) gets one strategy table per
+head set: the same profile, each head's own calibration swept once. The experts' plans hang
+off the pristine plan object, so one assignment swaps every head's table together.
 """
 
 from __future__ import annotations
@@ -67,12 +65,10 @@ def _hashable(key: tuple[object, ...]) -> bool:
     return all(isinstance(part, (str, int, float)) and not isinstance(part, bool) for part in key)
 
 
-def _head_plan(planner: Planner, link: Link, headroom_fraction: float,
-               precision_thresholds: tuple[float | None, ...]) -> _Plan:
+def _head_plan(planner: Planner, link: Link, headroom_fraction: float, precision_aware: tuple) -> _Plan:
     table = planner.table(link)
-    policies = PolicyBook.build(table, headroom_fraction=headroom_fraction,
-                                precision_aware=(precision_thresholds, planner.profile.branch_after_stage))
-    return _Plan(profile=planner.profile, link=link, table=table, policies=policies, cache={})
+    return _Plan(profile=planner.profile, link=link, table=table, cache={}, policies=PolicyBook.build(
+        table, headroom_fraction=headroom_fraction, precision_aware=precision_aware))
 
 
 def _strategy(plan: _Plan, deadline_ms: float, objective: str, policy: str) -> Strategy:
@@ -115,14 +111,13 @@ class ModelPlan:
         self.headroom_fraction = headroom_fraction  # PolicyBook.build checks it
         if thresholds is None:
             thresholds = edge_threshold_grids(len(profile.branch_after_stage))
-        self.stats: ExitStats = sweep_exit_stats(
-            calibration, branch_after_stage=profile.branch_after_stage, thresholds=thresholds
-        )
+        positions = profile.branch_after_stage
+        self.stats: ExitStats = sweep_exit_stats(calibration, branch_after_stage=positions, thresholds=thresholds)
         self.expert_stats: dict[str, ExitStats] = {
-            head: sweep_exit_stats(c, branch_after_stage=profile.branch_after_stage, thresholds=thresholds)
+            head: sweep_exit_stats(c, branch_after_stage=positions, thresholds=thresholds)
             for head, c in (expert_calibrations or {}).items()
         }
-        self._precision = {head: precision_aware_thresholds(c, grids=thresholds).thresholds  # on the table's grids
+        self._precision = {head: (precision_aware_thresholds(c, grids=thresholds).thresholds, positions)
                            for head, c in {PRISTINE_HEAD: calibration, **(expert_calibrations or {})}.items()}
         self._lock = threading.Lock()
         self._replan(profile, link)
