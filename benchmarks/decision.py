@@ -242,7 +242,7 @@ def _report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=Path("models/default"),
+    parser.add_argument("--model-dir", type=Path, default=Path("models/b-alexnet"),
                         help="directory with calibration.npz (synthetic data if absent)")
     parser.add_argument("--n-samples", type=int, default=10_000,
                         help="samples of the synthetic calibration (default 10000)")

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as state_dir:
         config = EdgeConfig.from_mapping({"token": "benchmark-token-123", "state_dir": state_dir,
                                           "start_background": False, "profile_n_repeats": 5,
-                                          "default_model_dir": str(REPO / "models" / "default")})
+                                          "default_model_dir": str(REPO / "models" / "b-alexnet")})
         node = EdgeNode.from_config(config, cloud_client=FakeCloud())
         try:
             assert node.preparation.wait_idle(120.0), "the default model was not prepared in 120 s"

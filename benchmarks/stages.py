@@ -75,8 +75,8 @@ def bench(name: str, model_dir: Path, *, n_repeats: int, n_warmup: int = 5) -> l
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per stage and batch (default 50)")
-    parser.add_argument("--model", action="append", help="a model directory (default: models/default and an "
-                        "untrained B-MobileNetV2)")
+    parser.add_argument("--model", action="append", help="a model directory (default: models/default, models/b-alexnet "
+                        "and an untrained B-MobileNetV2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as scratch:
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             mobilenet_dir = Path(scratch) / "b-mobilenetv2"
             torch.manual_seed(0)
             save_model(EarlyExitNet(zoo_spec("b-mobilenetv2")).eval(), mobilenet_dir)
-            models = [("default (b-alexnet)", REPO / "models" / "default"),
+            models = [("default (b-resnet, bottleneck stem)", REPO / "models" / "default"),
+                      ("b-alexnet (the previous default)", REPO / "models" / "b-alexnet"),
                       ("b-mobilenetv2 (untrained, 32x32)", mobilenet_dir)]
         print("| model | batch | eager torch, sum of stage medians (ms) | ONNX Runtime (ms) | ratio | "
               "per-stage ratios |")

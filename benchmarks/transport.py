@@ -377,7 +377,7 @@ def _print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "default")
+    parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "b-alexnet")
     parser.add_argument("--n-requests", type=int, default=200, help="timed requests per split and encoding")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES,
                         help="Fashion-MNIST folder whose first test images make the tensors (default: the shipped "

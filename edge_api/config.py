@@ -211,7 +211,7 @@ class EdgeConfig(Settings):
     client_token: str | None = None
     cloud_url: str = "http://127.0.0.1:8001"
     state_dir: Path = Path("state/edge")
-    default_model_dir: Path | None = Path("models/default")
+    default_model_dir: Path | None = Path("models/default-distortion")
     distortion_aware_default: bool = True
     default_deadline_ms: float = 100.0
     objective: str = "mean"

@@ -193,7 +193,7 @@ class DemoConfig:
     profiles: tuple[str, ...] = ("3g", "lte", "wifi")
     policies: tuple[str, ...] = _POLICIES
     n_images: int = 300
-    deadline_ms: float = 80.0
+    deadline_ms: float = 20.0
     objective: str = "tail"
     edge_slowdown: float = 15.0
     model_dir: Path = REPO_ROOT / "models" / "default"

@@ -149,7 +149,7 @@ class ThresholdSweepConfig:
     n_images: int = 1000
     seed: int = 2
     quick: bool = False
-    model_dir: Path = REPO_ROOT / "models" / "default"
+    model_dir: Path = REPO_ROOT / "models" / "b-alexnet"
 
     @classmethod
     def quick_config(cls) -> ThresholdSweepConfig:

@@ -116,18 +116,37 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads: int | None,
-                     cloud_speedup: float, offload_overhead_ms: float) -> tuple[object, object, str]:
-    """Measure the edge here; the cloud is an assumption until a cloud profile exists."""
+                     cloud_speedup: float, offload_overhead_ms: float,
+                     edge_slowdown: float = 1.0) -> tuple[object, object, str]:
+    """Measure the edge here; the cloud is an assumption until a cloud profile exists.
+
+    With ``edge_slowdown`` the edge is emulated as the edge service's
+    ``emulate_edge_slowdown`` does (each measured time that many times
+    longer) while the cloud stays this machine's speed over ``cloud_speedup``:
+    the profile an emulated edge plans with, for ``popex plan`` offline.
+    """
+    from popex.checks import check_finite
     from popex.runtime.model_files import load_model_dir
     from popex.runtime.profiler import build_profile, time_stages
 
+    check_finite(edge_slowdown, name="--emulate-edge-slowdown", low=1.0, high=1000.0)
     model = load_model_dir(model_dir, n_threads=n_threads or 1)  # what the tiers run: ONNX Runtime
     timings = time_stages(model.net, n_warmup=n_warmup, n_repeats=n_repeats, n_threads=n_threads,
                           progress=sys.stderr.isatty())
-    profile = build_profile(timings, branch_after_stage=model.net.branch_after_stage,
-                            offload_overhead_ms=offload_overhead_ms, cloud_speedup=cloud_speedup)
-    note = (f"edge times measured on this machine ({timings.n_repeats} repeats, {timings.n_threads} threads); "
-            f"cloud times ASSUMED = edge / {cloud_speedup:g} (no cloud profile); "
+    if edge_slowdown == 1.0:
+        profile = build_profile(timings, branch_after_stage=model.net.branch_after_stage,
+                                offload_overhead_ms=offload_overhead_ms, cloud_speedup=cloud_speedup)
+        edge_text = "edge times measured on this machine"
+        cloud_text = f"edge / {cloud_speedup:g}"
+    else:
+        profile = build_profile(timings.scaled(edge_slowdown), branch_after_stage=model.net.branch_after_stage,
+                                cloud_stage_ms=timings.stage_ms / cloud_speedup,
+                                offload_overhead_ms=offload_overhead_ms, cloud_speedup=cloud_speedup)
+        timings = timings.scaled(edge_slowdown)
+        edge_text = f"edge emulated {edge_slowdown:g}x slower than this machine (times measured here x {edge_slowdown:g})"
+        cloud_text = f"this machine's times / {cloud_speedup:g}"
+    note = (f"{edge_text} ({timings.n_repeats} repeats, {timings.n_threads} threads); "
+            f"cloud times ASSUMED = {cloud_text} (no cloud profile); "
             f"offload overhead O = {offload_overhead_ms:g} ms (config value)")
     return profile, timings, note
 
@@ -137,7 +156,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     profile, timings, note = _measure_profile(args.model, n_repeats=args.repeats, n_warmup=args.warmup,
                                               n_threads=args.threads, cloud_speedup=args.cloud_speedup,
-                                              offload_overhead_ms=args.offload_overhead_ms)
+                                              offload_overhead_ms=args.offload_overhead_ms,
+                                              edge_slowdown=args.emulate_edge_slowdown)
     # Under results/ unless --out says otherwise: a model directory (tracked files) is never rewritten by default.
     out_dir = args.out or os.path.join("results", "profile", os.path.basename(os.path.abspath(args.model)))
     paths = save_profile(profile, out_dir, timings=timings, note=note)
@@ -167,6 +187,9 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
                         "and steadiest on one thread, as the services run it)")
     p.add_argument("--cloud-speedup", type=float, default=OFFLINE_CLOUD_SPEEDUP, help=_CLOUD_SPEEDUP_HELP)
     p.add_argument("--offload-overhead-ms", type=float, default=DEFAULT_OFFLOAD_OVERHEAD_MS)
+    p.add_argument("--emulate-edge-slowdown", type=float, default=1.0,
+                   help="the edge as an emulated device this many times slower than this machine (as the edge "
+                        "service's emulate_edge_slowdown); the cloud stays this machine / --cloud-speedup")
     p.set_defaults(run=_cmd_profile)
 
 

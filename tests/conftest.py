@@ -47,7 +47,7 @@ from popex.edge.plans import Strategy
 from popex.nets import EarlyExitNet, compute_model_id, weights_to_bytes, zoo_spec
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_DIR = REPO / "models" / "default"
+DEFAULT_MODEL_DIR = REPO / "models" / "b-alexnet"
 TEST_TOKEN = "test-token-0123456789"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -119,10 +119,10 @@ def test_save_load_round_trip_gives_the_same_predictions(trained, tmp_path) -> N
     assert from_bytes.model_id == model_id
 
 
-SHIPPED_EXPERTS = Path(__file__).resolve().parents[1] / "models" / "default-distortion"
+SHIPPED_EXPERTS = Path(__file__).resolve().parents[1] / "models" / "b-alexnet-distortion"
 
 
-@pytest.mark.skipif(not (SHIPPED_EXPERTS / "spec.json").is_file(), reason="models/default-distortion not built")
+@pytest.mark.skipif(not (SHIPPED_EXPERTS / "spec.json").is_file(), reason="models/b-alexnet-distortion not built")
 def test_shipped_classifier_picks_the_right_expert_on_real_images() -> None:
     model = load_expert_model(SHIPPED_EXPERTS)
     images = load_fashion_mnist(SHIPPED_SUBSET_ROOT, split="test").images[:60]

@@ -195,8 +195,8 @@ def test_trace_building():
 def test_predictor_answers_the_policies_rows_and_any_strategy():
     from popex.runtime.profiler import load_profile
 
-    profile = load_profile(REPO_ROOT / "models" / "default" / "profile.json")
-    predictor = Predictor.from_model_dir(REPO_ROOT / "models" / "default", profile)
+    profile = load_profile(REPO_ROOT / "models" / "b-alexnet" / "profile.json")
+    predictor = Predictor.from_model_dir(REPO_ROOT / "models" / "b-alexnet", profile)
     link = Link(uplink_mbps=5.0, rtt_ms=20.0)
     for policy in POLICIES:
         chosen = predictor.policy(policy, link=link, deadline_ms=3.0)

@@ -1,6 +1,6 @@
 """Distortion-aware inference through the edge app (Flask test client) and the cloud runner.
 
-The model is the shipped ``models/default-distortion`` (B-AlexNet with blur
+The model is the shipped ``models/b-alexnet-distortion`` (B-AlexNet with blur
 and noise expert heads and its distortion classifier); the images are real
 Fashion-MNIST test images, distorted by :mod:`popex.data.distort` at the
 default middle levels. The cloud is a :class:`FakeCloud` over a real
@@ -36,13 +36,13 @@ from popex.edge.plans import ModelPlan
 from popex.wire import encode_offload
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = REPO / "models" / "default-distortion"
+MODEL_DIR = REPO / "models" / "b-alexnet-distortion"
 N_IMAGES = 5  # per kind; the classifier must get at least N_MIN_RIGHT of them
 N_MIN_RIGHT = 4
 KINDS = ("pristine", "blur", "noise")
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "distortion-classifier" / "weights.safetensors").is_file(),
-                                reason="models/default-distortion is not in this checkout")
+                                reason="models/b-alexnet-distortion is not in this checkout")
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def expert_net():
 
 @pytest.fixture(scope="module")
 def model_files():
-    """The multipart files of models/default-distortion, by field name."""
+    """The multipart files of models/b-alexnet-distortion, by field name."""
     spec = json.loads((MODEL_DIR / "spec.json").read_text())
     files = {"spec": "spec.json", "weights": "weights.safetensors", "calibration": "calibration.npz",
              "calibration_blur": "calibration_blur.npz", "calibration_noise": "calibration_noise.npz",
@@ -88,7 +88,7 @@ def model_files():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, make_config, open_edge, edge_internals):
-    """One edge app with models/default-distortion as its default model, prepared against the real cloud half."""
+    """One edge app with models/b-alexnet-distortion as its default model, prepared against the real cloud half."""
     root = tmp_path_factory.mktemp("served")
     cloud = FakeCloud(state_dir=root / "cloud")
     with open_edge(make_config(root / "edge", default_model_dir=str(MODEL_DIR)), cloud) as app:

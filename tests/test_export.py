@@ -145,15 +145,15 @@ def _check_spec_export(src: Path, out: Path) -> None:
 
 
 def test_export_spec_default_model(tmp_path):
-    _check_spec_export(REPO / "models/default", tmp_path / "a")
-    _check_spec_export(REPO / "models/default", tmp_path / "b")
+    _check_spec_export(REPO / "models/b-alexnet", tmp_path / "a")
+    _check_spec_export(REPO / "models/b-alexnet", tmp_path / "b")
     for path in sorted((tmp_path / "a").rglob("*")):
         if path.is_file():
             assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes(), path
 
 
 def test_export_spec_distortion_model_with_experts(tmp_path):
-    _check_spec_export(REPO / "models/default-distortion", tmp_path)
+    _check_spec_export(REPO / "models/b-alexnet-distortion", tmp_path)
     assert (tmp_path / "distortion-classifier/model.json").is_file()
     assert (tmp_path / "calibration_blur.npz").is_file()
 

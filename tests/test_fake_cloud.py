@@ -16,7 +16,7 @@ from popex.link.emulation import LinkEmulator
 from popex.nets import EarlyExitNet, zoo_spec
 from popex.wire import compress_payload, encode_offload
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "b-alexnet"
 
 
 def _payload(model_id, *, split=1, seed=0):

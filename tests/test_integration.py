@@ -51,7 +51,7 @@ from popex.wire import encode_offload
 
 pytestmark = pytest.mark.slow  # real processes; the fast lane is -m "not slow"
 
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default"
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "b-alexnet"
 _MODEL_FILES = ("spec.json", "weights.safetensors", "calibration.npz")
 HTTP_TIMEOUT_S = 30.0  # per request; a request that takes longer is a hang, not slowness
 READY_TIMEOUT_S = 120.0  # a model's background preparation (push, profiles, overhead)
@@ -121,7 +121,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     missing = [name for name in _MODEL_FILES if not (DEFAULT_MODEL_DIR / name).is_file()]
     if missing:
         pytest.skip(f"the default model is missing ({', '.join(missing)} not in {DEFAULT_MODEL_DIR}); "
-                    "train it with the command in models/default/MODEL_CARD.md")
+                    "train it with the command in models/b-alexnet/MODEL_CARD.md")
     root = tmp_path_factory.mktemp("services")
     token = secrets.token_hex(16)
     started: list[ServiceProcess] = []
@@ -642,7 +642,7 @@ def test_edge_and_cloud_serve_without_torch(services: Services, streamed: Stream
 
 # -- 6. distortion-aware inference end to end (its own cloud and edge) ------------------------------
 
-DISTORTION_MODEL_DIR = REPO_ROOT / "models" / "default-distortion"
+DISTORTION_MODEL_DIR = REPO_ROOT / "models" / "b-alexnet-distortion"
 N_DISTORTED_IMAGES = 5  # per kind; the classifier must name at least 4 of them right
 
 

@@ -112,7 +112,7 @@ class TestbedConfig:
     probe_n_bytes: int = 16384
     uplink_window_n: int = 5
     mode: str | None = None
-    model_dir: Path = REPO_ROOT / "models" / "default"
+    model_dir: Path = REPO_ROOT / "models" / "b-alexnet"
     plan_headroom_fraction: float = DEFAULT_HEADROOM_FRACTION
     wire_compression: str = "none"
     edge_overrides: Mapping[str, Any] = field(default_factory=dict)

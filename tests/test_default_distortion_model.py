@@ -1,4 +1,4 @@
-"""The shipped models/b-resnet-distortion: models/b-resnet plus blur/noise experts, as its card says."""
+"""The shipped models/default-distortion (the edge's default): models/default plus blur/noise experts."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from popex.nets import load_model
 from popex.nets.experts import head_exit_logits
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-MODEL_DIR = MODELS / "b-resnet-distortion"
+MODEL_DIR = MODELS / "default-distortion"
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,10 @@ def model():
 
 
 def test_card_describes_these_files(model, card: dict) -> None:
-    base_card = json.loads((MODELS / "b-resnet" / "card.json").read_text())
+    base_card = json.loads((MODELS / "default" / "card.json").read_text())
     assert card["model_id"] == model.model_id and card["base_model_id"] == base_card["model_id"]
     assert model.net.expert_names == ("blur", "noise") and model.net.n_exits == 4
-    assert (MODEL_DIR / "calibration.npz").read_bytes() == (MODELS / "b-resnet" / "calibration.npz").read_bytes()
+    assert (MODEL_DIR / "calibration.npz").read_bytes() == (MODELS / "default" / "calibration.npz").read_bytes()
     for name in ("calibration_blur.npz", "calibration_noise.npz", "distortion-classifier/weights.safetensors"):
         assert (MODEL_DIR / name).is_file()
 
