@@ -26,6 +26,7 @@ from popex.checks import MAX_DEADLINE_MS, OBJECTIVES
 from popex.constraints import (DirectoryPath, Flag, HttpUrl, Integer, Matching, Nullable, Number, OneOf, Parsed, Rule,
                                Secret)
 from popex.decision.policies import DEFAULT_HEADROOM_FRACTION, MAX_HEADROOM_FRACTION
+from popex.edge.admission import DEFAULT_MAX_CONFIGURATIONS
 from popex.edge.uplink import RTT_METHODS
 from popex.errors import ConfigError
 from popex.link.emulation import parse_link
@@ -130,7 +131,15 @@ class EdgeConfig(Settings):
     max_image_pixels : int
         Largest width x height an image may declare.
     max_model_bytes : int
-        Largest model upload (spec + weights + calibration), bytes.
+        Largest model upload (spec + weights + calibration), bytes; at most
+        the cloud's ``max_body_bytes``, or the push to the cloud fails.
+    max_strategy_configurations : int
+        A model whose plan sweeps more threshold configurations (12 per branch,
+        multiplied, times the head sets) is refused at registration.
+    max_n_models : int
+        Most models the store holds.
+    max_store_bytes : int
+        Most bytes the stored models' directories take together.
     profile_n_repeats : int
         Timed runs per stage when a model is prepared.
     n_threads : int or None
@@ -180,6 +189,9 @@ class EdgeConfig(Settings):
         "max_image_bytes": Integer(1024, 2**30),
         "max_image_pixels": Integer(1, 2**31),
         "max_model_bytes": Integer(1024, 2**31),
+        "max_strategy_configurations": Integer(1, 10**9),
+        "max_n_models": Integer(1, 100_000),
+        "max_store_bytes": Integer(1024, 2**50),
         "profile_n_repeats": Integer(1, 1000),
         "n_threads": Nullable(Integer(1, 1024)),
         "start_background": Flag(),
@@ -215,7 +227,10 @@ class EdgeConfig(Settings):
     wire_compression: str = "deflate"
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 4096 * 4096
-    max_model_bytes: int = 256 * 2**20
+    max_model_bytes: int = 64 * 2**20  # the cloud's max_body_bytes: what the edge takes it can push
+    max_strategy_configurations: int = DEFAULT_MAX_CONFIGURATIONS
+    max_n_models: int = 32
+    max_store_bytes: int = 4 * 2**30
     profile_n_repeats: int = 30
     n_threads: int | None = 1
     start_background: bool = True

@@ -8,7 +8,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest
 
 from api_common.uploads import uploaded_model_files
-from edge_api.auth import require_admin, require_client
+from edge_api.auth import is_admin_request, require_admin, require_client
 from edge_api.node import get_node
 
 __all__ = ["bp"]
@@ -36,7 +36,7 @@ def _float_arg(name: str) -> float | None:
 @bp.post("")
 @require_admin
 def register_model() -> ResponseReturnValue:
-    """Register a model in either form, with its calibrations (202 new, 200 known).
+    """Register a model in either form, with its calibrations (202 new, 200 known, 409 a taken name).
 
     Multipart: ``files`` parts named by their path in the model directory
     (``model.json``, ``stages/1.onnx``, ``calibration.npz``, ...), or one
@@ -47,7 +47,7 @@ def register_model() -> ResponseReturnValue:
     node = get_node()
     request.max_content_length = node.config.max_model_bytes
     files = uploaded_model_files(_NAMED_FIELDS, prefixed=_PREFIXED_FIELDS, max_bytes=node.config.max_model_bytes)
-    registration = node.preparation.register(files)
+    registration = node.preparation.register(files, trusted=is_admin_request())
     if registration.created:
         return jsonify({"model_id": registration.model_id, "state": "registered"}), 202
     model = node.registry.get(registration.model_id)

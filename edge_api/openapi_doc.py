@@ -53,7 +53,7 @@ EDGE_SCHEMAS: dict[str, dict[str, Any]] = {
     "ModelSummary": _MODEL_SUMMARY,
     "ModelView": _object(["model_id", "name", "state", "strategy"], model_id=_STRING, name=_STRING, state=_STRING,
                          error={"type": "string", "nullable": True}, n_stages={"type": "integer"},
-                         strategy={"$ref": "#/components/schemas/Strategy"}),
+                         strategy={"oneOf": [{"$ref": "#/components/schemas/Strategy"}], "nullable": True}),
     "Strategies": _object(["model_id", "head", "link", "n_rows", "chosen", "rows"], model_id=_STRING, head=_STRING,
                           link=_LINK, n_rows={"type": "integer"}, chosen={"$ref": "#/components/schemas/Strategy"},
                           rows={"type": "array", "items": {"type": "object"}}),

@@ -111,7 +111,8 @@ class EdgeNode:
         if client is None:
             link = parse_link(config.emulate_link) if config.emulate_link is not None else None
             client = CloudClient(config.cloud_url, token=config.token, link=link)
-        registry = ModelRegistry(config.state_dir, n_threads=config.n_threads or 1)
+        registry = ModelRegistry(config.state_dir, n_threads=config.n_threads or 1, max_n_models=config.max_n_models,
+                                 max_store_bytes=config.max_store_bytes)
         _log.info("edge registry on %s with %d stored models", config.state_dir, len(registry))
         plans = PlanBook(link=_initial_link(config, client), headroom_fraction=config.plan_headroom_fraction)
         monitor = UplinkMonitor(
@@ -129,7 +130,7 @@ class EdgeNode:
             registry=registry, plans=plans, client=client, planner=planner, compute=compute,
             wire_dtype=config.wire_dtype, distortion_aware_default=config.distortion_aware_default,
             cloud_speedup=config.cloud_speedup, profile_n_repeats=config.profile_n_repeats,
-            cloud_timeout_s=config.cloud_timeout_s,
+            cloud_timeout_s=config.cloud_timeout_s, max_strategy_configurations=config.max_strategy_configurations,
         )
         runner = EdgeRunner(
             registry=registry, plans=plans, client=client, planner=planner, compute=compute,

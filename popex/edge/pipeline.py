@@ -141,7 +141,8 @@ class EdgeRunner:
         Parameters
         ----------
         model : str or None
-            Model id or name; None or "" = the default model (or the only one).
+            Model id, or the name of a model registered with the admin token; None or "" = the
+            default model (or the only one).
 
         Returns
         -------
@@ -165,12 +166,13 @@ class EdgeRunner:
             return self.registry.get(ids[0])
         if model in self.registry:
             return self.registry.get(model)
-        named = [i for i in self.registry.ids() if self.registry.get(i).name == model]
-        if len(named) == 1:
+        # A name only among the models registered with the admin token, which the store keeps unique:
+        # an open registration cannot take or shadow one.
+        named = [i for i in self.registry.ids() if self.registry.get(i).trusted and self.registry.get(i).name == model]
+        if named:
             return self.registry.get(named[0])
-        if len(named) > 1:
-            raise ConfigError(f"{len(named)} models are named {model!r}; name one by its id")
-        raise UnknownModelError(f"no model {model!r} is registered on this edge")
+        raise UnknownModelError(f"no model {model!r} is registered on this edge (a name is looked up among the "
+                                "models registered with the admin token; others by their id)")
 
     def plan_of(self, model: StoredModel) -> ModelPlan:
         """The model's plan (installed at registration, see :mod:`popex.edge.preparation`).

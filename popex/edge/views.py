@@ -78,6 +78,9 @@ class EdgeViews:
         UnknownModelError
         """
         model = self.registry.get(model_id)
+        if model_id not in self.plans:  # refused at start (its error says why): nothing planned to show
+            return {"model_id": model.model_id, "name": model.name, "state": model.state, "error": model.error,
+                    "n_stages": model.loaded.net.n_stages, "strategy": None}
         plan = self.runner.plan_of(model)
         strategy = plan.strategy(self.runner.default_deadline_ms, self.runner.objective)
         return {
@@ -164,6 +167,9 @@ class EdgeViews:
         emulated = getattr(self.client, "link", None)
         models = []
         for info in self.list_models():
+            if info["model_id"] not in self.plans:  # refused at start (its error says why): no strategy
+                models.append({**info, "strategy": None})
+                continue
             model = self.registry.get(info["model_id"])
             strategy = runner.plan_of(model).strategy(runner.default_deadline_ms, runner.objective)
             models.append({**info, "strategy": strategy.to_dict()})
