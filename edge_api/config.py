@@ -136,6 +136,11 @@ class EdgeConfig(Settings):
     max_strategy_configurations : int
         A model whose plan sweeps more threshold configurations (12 per branch,
         multiplied, times the head sets) is refused at registration.
+    breaker_n_failures : int
+        Consecutive cloud failures (timeouts, refused connections) after which
+        offloads are skipped.
+    breaker_open_s : float
+        How long they are skipped before one request probes the cloud, s.
     max_n_models : int
         Most models the store holds.
     max_store_bytes : int
@@ -191,6 +196,8 @@ class EdgeConfig(Settings):
         "max_model_bytes": Integer(1024, 2**31),
         "max_strategy_configurations": Integer(1, 10**9),
         "max_n_models": Integer(1, 100_000),
+        "breaker_n_failures": Integer(1, 10**6),
+        "breaker_open_s": Number(low=0.0, high=3600.0),
         "max_store_bytes": Integer(1024, 2**50),
         "profile_n_repeats": Integer(1, 1000),
         "n_threads": Nullable(Integer(1, 1024)),
@@ -230,6 +237,8 @@ class EdgeConfig(Settings):
     max_model_bytes: int = 64 * 2**20  # the cloud's max_body_bytes: what the edge takes it can push
     max_strategy_configurations: int = DEFAULT_MAX_CONFIGURATIONS
     max_n_models: int = 32
+    breaker_n_failures: int = 3
+    breaker_open_s: float = 2.0
     max_store_bytes: int = 4 * 2**30
     profile_n_repeats: int = 30
     n_threads: int | None = 1

@@ -16,6 +16,7 @@ from typing import Any
 
 
 from popex.decision.latency import Link
+from popex.edge.breaker import CircuitBreaker
 from popex.edge.cloud_port import CloudClient
 from popex.edge.compute import EdgeCompute
 from popex.edge.pipeline import EdgeRunner
@@ -138,6 +139,7 @@ class EdgeNode:
             max_image_pixels=config.max_image_pixels, wire_dtype=config.wire_dtype,
             wire_compression=config.wire_compression, distortion_aware_default=config.distortion_aware_default,
             on_cloud_rejected=preparation.request_sync,
+            breaker=CircuitBreaker(n_failures=config.breaker_n_failures, open_s=config.breaker_open_s),
         )
         views = EdgeViews(registry=registry, plans=plans, runner=runner, planner=planner, monitor=monitor,
                           client=client, cloud_url=config.cloud_url)

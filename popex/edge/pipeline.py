@@ -44,7 +44,8 @@ from popex.edge.budget import RequestRun, offload_budget_ms
 from popex.edge.classification import Classification, LatencyBreakdown
 from popex.edge.cloud_port import CloudError, CloudRejected
 from popex.edge.compute import EdgeCompute
-from popex.edge.fallback import fallback_exit
+from popex.edge.breaker import CircuitBreaker
+from popex.edge.fallback import fallback_exit, fallback_reserve_ms
 from popex.edge.plans import ModelPlan
 from popex.edge.strategy import Strategy
 from popex.edge.store import StoredModel, UnknownModelError
@@ -101,6 +102,8 @@ class EdgeRunner:
     on_cloud_rejected : callable(str), optional
         Called with the model id when the cloud refuses an offload (e.g. it
         lost the model on a restart), so the model can be pushed again.
+    breaker : CircuitBreaker, optional
+        Skips offloads while the cloud keeps failing (:mod:`popex.edge.breaker`).
 
     Raises
     ------
@@ -111,7 +114,8 @@ class EdgeRunner:
     def __init__(self, *, registry: Any, plans: Any, client: Any, planner: Any, compute: EdgeCompute,
                  objective: str, default_deadline_ms: float, max_image_pixels: int, wire_dtype: str,
                  wire_compression: str, distortion_aware_default: bool,
-                 on_cloud_rejected: Callable[[str], None] | None = None) -> None:
+                 on_cloud_rejected: Callable[[str], None] | None = None,
+                 breaker: CircuitBreaker | None = None) -> None:
         if wire_compression not in WIRE_COMPRESSIONS:
             raise ConfigError(f"wire_compression must be one of {list(WIRE_COMPRESSIONS)}, got {wire_compression!r}")
         if not isinstance(distortion_aware_default, bool):
@@ -128,6 +132,7 @@ class EdgeRunner:
         self.wire_compression = wire_compression
         self.distortion_aware_default = distortion_aware_default
         self.on_cloud_rejected = on_cloud_rejected
+        self.breaker = breaker  # None: always offload (tests of the bare pipeline)
         #: The model a request without a name gets (set when the default model directory is registered).
         self.default_model_id: str | None = None
         self._counts: Counter[str] = Counter()
@@ -348,18 +353,27 @@ class EdgeRunner:
         content_encoding = None if body is None else "deflate"
         body = payload if body is None else body
         encode_ms = (time.perf_counter() - encode_started) * 1000.0
-        remaining_ms = run.remaining_ms()
+        # The cloud gets the budget less what the local fallback would need, so a late cloud still
+        # leaves an answer within the budget.
+        remaining_ms = run.remaining_ms() - fallback_reserve_ms(model, plan, strategy.split, run)
         if remaining_ms <= 0:
             return self._fallback(model, plan, strategy, run, request_id,
                                   "no time left in the budget for the cloud")
+        if self.breaker is not None and not self.breaker.allow():
+            return self._fallback(model, plan, strategy, run, request_id,
+                                  "the cloud's circuit breaker is open (consecutive failures)")
         call_started = time.perf_counter()
         try:
             result = self.client.infer(body, timeout_s=remaining_ms / 1000.0, content_encoding=content_encoding)
         except CloudError as err:
             run.transfer_ms = (time.perf_counter() - call_started) * 1000.0
+            if self.breaker is not None:  # a refusal (4xx) says the cloud is up
+                (self.breaker.record_success if isinstance(err, CloudRejected) else self.breaker.record_failure)()
             if isinstance(err, CloudRejected) and self.on_cloud_rejected is not None:
                 self.on_cloud_rejected(model.model_id)
             return self._fallback(model, plan, strategy, run, request_id, f"{_public_name(err)}: {err}")
+        if self.breaker is not None:
+            self.breaker.record_success()
         round_trip_ms = float(result.round_trip_ms)
         run.cloud_ms = max(0.0, float(result.cloud_ms))
         run.transfer_ms = max(0.0, round_trip_ms - run.cloud_ms)

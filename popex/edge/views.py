@@ -175,7 +175,8 @@ class EdgeViews:
             models.append({**info, "strategy": strategy.to_dict()})
         return {
             "uplink": self._uplink(),
-            "cloud": {"url": self.cloud_url, "healthy": self._cloud_healthy()},
+            "cloud": {"url": self.cloud_url, "healthy": self._cloud_healthy(),
+                      **({} if runner.breaker is None else {"breaker": runner.breaker.to_dict()})},
             "models": models,
             "emulated_link": None if emulated is None else {"uplink_mbps": emulated.uplink_mbps,
                                                             "rtt_ms": emulated.rtt_ms},
