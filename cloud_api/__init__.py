@@ -22,6 +22,7 @@ from api_common.metrics import init_metrics
 from cloud_api.openapi_doc import init_cloud_openapi
 from cloud_api.readiness import init_readiness
 from cloud_api.telemetry import init_telemetry
+from cloud_api.benchmark import bp as cloud_benchmark_bp
 from cloud_api.routes import RUNNER_KEY, init_routes
 from popex.cloud.runner import CloudRunner
 
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 def init_runner(app: Flask, config: CloudConfig) -> CloudRunner:
     """Attach a :class:`CloudRunner` on ``config.state_dir`` (it loads the stored models)."""
-    runner = CloudRunner(config.state_dir, n_threads=config.n_threads)
+    runner = CloudRunner(config.state_dir, n_threads=config.n_threads, max_batch_size=config.max_batch_size,
+                         batch_max_wait_ms=config.batch_max_wait_ms)
     app.extensions[RUNNER_KEY] = runner
     log.info("cloud runner on %s with %d stored models", config.state_dir, runner.n_models)
     return runner
@@ -67,6 +69,7 @@ def create_app(config: CloudConfig | Mapping[str, Any] | None = None) -> Flask:
     init_request_logging(app)
     init_runner(app, config)
     init_routes(app)
+    app.register_blueprint(cloud_benchmark_bp)  # popex.tiers: GET .../benchmark
     init_readiness(app)
     init_telemetry(app, init_metrics(app, service="cloud"))
     init_cloud_openapi(app)

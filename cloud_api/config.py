@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from popex.cloud.runner import MAX_PROFILE_N_REPEATS
-from popex.constraints import DirectoryPath, Integer, Nullable, OneOf, Rule, Secret
+from popex.runtime.batcher import MAX_BATCH_SIZE, MAX_BATCH_WAIT_MS
+from popex.constraints import DirectoryPath, Integer, Nullable, Number, OneOf, Rule, Secret
 from popex.settings import Settings, load_settings, yaml_layer
 from api_common.logs import LOG_FORMATS, LOG_LEVELS
 
@@ -54,6 +55,14 @@ class CloudConfig(Settings):
         shared.
     profile_n_repeats : int
         Timed runs per stage when the edge asks for a profile without saying.
+    max_batch_size : int
+        Most one-sample offloads of one model, split and head set run as one
+        batch (:mod:`popex.runtime.batcher`); 1 = each on its own.
+    batch_max_wait_ms : float
+        Longest a batch waits for more offloads after its first, ms; never
+        past the tightest budget in it less the batch's predicted time.
+    max_payload_batch_size : int
+        Most samples one batched payload (``POST /api/v1/infer/batch``) may carry.
     log_level : {"DEBUG", "INFO", "WARNING", "ERROR"}
         Level of the service's log (stderr).
     log_format : {"text", "json"}
@@ -68,6 +77,9 @@ class CloudConfig(Settings):
         "max_body_bytes": Integer(_MIN_BODY_BYTES, _MAX_BODY_BYTES),
         "n_threads": Nullable(Integer(1, _MAX_THREADS)),
         "profile_n_repeats": Integer(1, MAX_PROFILE_N_REPEATS),
+        "max_batch_size": Integer(1, MAX_BATCH_SIZE),
+        "batch_max_wait_ms": Number(low=0.0, high=MAX_BATCH_WAIT_MS),
+        "max_payload_batch_size": Integer(1, MAX_BATCH_SIZE),
         "log_level": OneOf(LOG_LEVELS),
         "log_format": OneOf(LOG_FORMATS),
     }
@@ -77,6 +89,9 @@ class CloudConfig(Settings):
     max_body_bytes: int = 64 * 2**20
     n_threads: int | None = 1
     profile_n_repeats: int = 30
+    max_batch_size: int = 1
+    batch_max_wait_ms: float = 2.0
+    max_payload_batch_size: int = 64
     log_level: str = "INFO"
     log_format: str = "text"
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Flask
 
+from cloud_api.benchmark import OPERATIONS as BENCHMARK_OPERATIONS
 from api_common.openapi import init_openapi, json_body
 
 __all__ = ["CLOUD_OPERATIONS", "CLOUD_SCHEMAS", "init_cloud_openapi"]
@@ -43,6 +44,13 @@ CLOUD_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                         "schema": {"type": "string", "enum": ["deflate"]}}],
         "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": _BINARY}}},
         "responses": {"200": json_body("OffloadReply")}},
+    ("cloud_api.infer_batch", "POST"): {
+        "security": _BEARER,
+        "parameters": [{"name": "Content-Encoding", "in": "header", "required": False,
+                        "schema": {"type": "string", "enum": ["deflate"]}}],
+        "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": _BINARY}}},
+        "responses": {"200": json_body({"type": "object", "required": ["results"], "properties": {
+            "results": {"type": "array", "items": {"$ref": "#/components/schemas/OffloadReply"}}}})}},
     ("cloud_api.put_model", "PUT"): {
         "security": _BEARER,
         # "files" parts (repeated, named by their paths), or the spec form's two fields
@@ -68,6 +76,7 @@ CLOUD_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("metrics", "GET"): {"responses": {"200": {"description": "Prometheus text format",
                                                "content": {"text/plain": {"schema": {"type": "string"}}}}}},
     ("openapi", "GET"): {"responses": {"200": json_body({"type": "object"}, "This document")}},
+    **BENCHMARK_OPERATIONS,  # popex.tiers (its route module holds its entry)
 }
 
 

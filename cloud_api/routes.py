@@ -72,6 +72,17 @@ def infer() -> ResponseReturnValue:
     return jsonify(reply.to_dict())
 
 
+@bp.post("/infer/batch")
+@require_token
+def infer_batch() -> ResponseReturnValue:
+    """Finish a batched offload (one payload, a leading batch dimension): ``{"results": [...]}`` in batch order."""
+    config = _config()
+    replies = get_runner().infer_batch_payload(request.get_data(cache=False), max_bytes=config.max_body_bytes,
+                                               content_encoding=request.headers.get("Content-Encoding"),
+                                               max_batch_size=config.max_payload_batch_size)
+    return jsonify({"results": [reply.to_dict() for reply in replies]})
+
+
 @bp.put("/models/<model_id>")
 @require_token
 def put_model(model_id: str) -> ResponseReturnValue:

@@ -16,7 +16,9 @@ from flask import Flask
 
 from edge_api.admin import bp as admin_bp
 from edge_api.auth import check_write_access
+from edge_api.benchmark import bp as benchmark_bp
 from edge_api.classify import bp as classify_bp
+from edge_api.classify_batch import bp as classify_batch_bp
 from edge_api.config import EdgeConfig, load_config
 from edge_api.dashboard import bp as dashboard_bp
 from api_common.config import resolve_config
@@ -70,7 +72,9 @@ def create_app(config: EdgeConfig | Mapping[str, Any] | None = None, *, cloud_cl
     init_request_logging(app)
     init_telemetry(app, init_metrics(app, service="edge"))
     app.register_blueprint(classify_bp)
+    app.register_blueprint(classify_batch_bp)
     app.register_blueprint(models_bp)
+    app.register_blueprint(benchmark_bp)  # popex.tiers: GET .../benchmark
     app.register_blueprint(admin_bp)
     init_status(app)
     init_readiness(app)

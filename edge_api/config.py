@@ -31,6 +31,7 @@ from popex.edge.uplink import RTT_METHODS
 from popex.errors import ConfigError
 from popex.link.emulation import parse_link
 from popex.link.shaping import IFACE_PATTERN
+from popex.runtime.batcher import MAX_BATCH_SIZE, MAX_BATCH_WAIT_MS
 from popex.settings import Settings, load_settings, settings_repr, yaml_layer
 from api_common.logs import LOG_FORMATS, LOG_LEVELS
 from popex.wire import WIRE_COMPRESSIONS, WIRE_DTYPES
@@ -151,6 +152,14 @@ class EdgeConfig(Settings):
         ONNX Runtime intra-op threads of each stage's session (None = 1).
         1 by default: batch-1 inference of a small network gains nothing from
         more, and an idle thread pool stalls when cores are shared.
+    max_batch_size : int
+        Most classify requests of one model, cut and head set run as one
+        batch (:mod:`popex.runtime.batcher`); 1 = each request on its own.
+    batch_max_wait_ms : float
+        Longest a batch waits for more requests after its first, ms; never
+        past the tightest budget in it less the batch's predicted time.
+    max_batch_images : int
+        Most images one ``POST /api/v1/classify/batch`` may carry (413 above).
     start_background : bool
         Start the uplink monitor thread (tests turn it off).
     shaping_interface : str or None
@@ -201,6 +210,9 @@ class EdgeConfig(Settings):
         "max_store_bytes": Integer(1024, 2**50),
         "profile_n_repeats": Integer(1, 1000),
         "n_threads": Nullable(Integer(1, 1024)),
+        "max_batch_size": Integer(1, MAX_BATCH_SIZE),
+        "batch_max_wait_ms": Number(low=0.0, high=MAX_BATCH_WAIT_MS),
+        "max_batch_images": Integer(1, MAX_BATCH_SIZE),
         "start_background": Flag(),
         "shaping_interface": Nullable(Matching(IFACE_PATTERN, "an interface name")),
         "log_level": OneOf(LOG_LEVELS),
@@ -242,6 +254,9 @@ class EdgeConfig(Settings):
     max_store_bytes: int = 4 * 2**30
     profile_n_repeats: int = 30
     n_threads: int | None = 1
+    max_batch_size: int = 1
+    batch_max_wait_ms: float = 2.0
+    max_batch_images: int = 32
     start_background: bool = True
     shaping_interface: str | None = None
     log_level: str = "INFO"

@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Flask
 
+from edge_api.benchmark import OPERATIONS as BENCHMARK_OPERATIONS
 from api_common.openapi import init_openapi, json_body
 
 __all__ = ["EDGE_OPERATIONS", "EDGE_SCHEMAS", "init_edge_openapi"]
@@ -102,6 +103,19 @@ EDGE_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "requestBody": _CLASSIFY_BODY,
         "responses": {"200": json_body("Classification")},
     },
+    ("classify_batch.classify_batch", "POST"): {
+        "parameters": [
+            _query("deadline_ms", {"type": "number", "minimum": 0}, "Latency requirement, ms (default: config)"),
+            _query("model", _STRING, "Model id or unique name (default: the default model)"),
+            _query("policy", _STRING, "adaptive (POPEX), edge-only, cloud-only, neurosurgeon, edgent, ..."),
+            _query("distortion_aware", {"type": "string", "enum": ["true", "false", "1", "0"]},
+                   "Use the distortion classifier's expert heads"),
+        ],
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["images"],
+            "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}},
+        "responses": {"200": json_body({"type": "object", "required": ["results"], "properties": {
+            "results": {"type": "array", "items": {"$ref": "#/components/schemas/Classification"}}}})}},
     ("models.register_model", "POST"): {
         "security": _BEARER,
         "requestBody": _MODEL_FILES,
@@ -138,6 +152,7 @@ EDGE_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("openapi", "GET"): {"responses": {"200": json_body({"type": "object"}, "This document")}},
     ("dashboard.index", "GET"): {"responses": {"200": {"description": "The dashboard (HTML)",
                                                        "content": {"text/html": {"schema": _STRING}}}}},
+    **BENCHMARK_OPERATIONS,  # popex.tiers (its route module holds its entry)
 }
 
 

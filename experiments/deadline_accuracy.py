@@ -45,7 +45,7 @@ __all__ = ["NAME", "CITY_PROFILES", "DeadlineAccuracyConfig", "PredictedPoint", 
 NAME = "accuracy-vs-deadline"
 CITY_PROFILES = ("sao-paulo", "fremont", "paris")
 _N_WARMUP = 10
-_COLOURS = dict(zip(POLICIES, ("tab:red", "tab:green", "tab:blue", "tab:purple", "tab:orange")))
+_COLOURS = dict(zip(POLICIES, ("tab:red", "tab:green", "tab:blue", "tab:purple", "tab:orange", "tab:brown")))
 
 
 def _plot(rows: list[PolicyRow], points: list[PredictedPoint], config: DeadlineAccuracyConfig, path: Path,
@@ -54,7 +54,7 @@ def _plot(rows: list[PolicyRow], points: list[PredictedPoint], config: DeadlineA
     n_profiles = len(config.profiles)
     fig, axes = plt.subplots(2, n_profiles, figsize=(5 * n_profiles, 7.5), sharex=True, squeeze=False)
     links = load_link_profiles()
-    styles = dict(zip(POLICIES, ("-", "--", ":", "-.", (0, (6, 2)))))
+    styles = dict(zip(POLICIES, ("-", "--", ":", "-.", (0, (6, 2)), (0, (1, 3)))))
     for column, profile in enumerate(config.profiles):
         ax_predicted, ax_measured = axes[0][column], axes[1][column]
         for k, policy in enumerate(POLICIES):

@@ -52,7 +52,7 @@ def _plot(rows: list[PolicyRow], curves: dict[str, dict[str, np.ndarray]], grid_
           config: LatencyUplinkConfig, path: Path, mode: str) -> None:
     plt = pyplot()
     fig, (ax_latency, ax_accuracy) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = dict(zip(POLICIES, ("tab:red", "tab:green", "tab:blue", "tab:purple", "tab:orange")))
+    colours = dict(zip(POLICIES, ("tab:red", "tab:green", "tab:blue", "tab:purple", "tab:orange", "tab:brown")))
     for policy in POLICIES:
         colour = colours[policy]
         ax_latency.plot(grid_mbps, curves[policy]["latency_ms"], "--", color=colour, alpha=0.7)

@@ -19,6 +19,7 @@ import numpy as np
 from popex.decision import Link, Planner, Profile, load_calibration, sweep_exit_stats
 from popex.decision.calibration import Calibration
 from popex.decision.policies import POLICIES, PolicyBook, check_headroom, edge_threshold_grids
+from popex.decision.precision_aware import precision_aware_thresholds
 from popex.decision.table import StrategyTable
 from popex.errors import ConfigError
 from popex.testbed.harness import strategy_text
@@ -103,8 +104,10 @@ class Predictor:
                               f"({type(calibration).__name__}, {type(profile).__name__})")
         self.profile = profile
         self.calibration = calibration
-        stats = sweep_exit_stats(calibration, branch_after_stage=profile.branch_after_stage,
-                                 thresholds=edge_threshold_grids(len(profile.branch_after_stage)))
+        grids = edge_threshold_grids(len(profile.branch_after_stage))
+        stats = sweep_exit_stats(calibration, branch_after_stage=profile.branch_after_stage, thresholds=grids)
+        self._precision = (precision_aware_thresholds(calibration, grids=grids).thresholds,
+                           profile.branch_after_stage)
         self.stats = stats
         self._planner = Planner(stats, profile)
         self.headroom_fraction = check_headroom(headroom_fraction)
@@ -123,7 +126,8 @@ class Predictor:
         book = self._books.get(key)
         if book is None:
             book = self._books[key] = PolicyBook.build(self._planner.table(link),
-                                                       headroom_fraction=self.headroom_fraction)
+                                                       headroom_fraction=self.headroom_fraction,
+                                                       precision_aware=self._precision)
         return book
 
     def table(self, link: Link) -> StrategyTable:

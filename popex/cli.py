@@ -47,6 +47,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             blocks = tuple(int(b) for b in args.blocks.split(","))
         except ValueError as err:
             raise ConfigError(f"--blocks must be comma-separated integers, e.g. 2,2,2,2; got {args.blocks!r}") from err
+    exit_fractions = None
+    if args.exit_fractions is not None:
+        try:
+            exit_fractions = tuple(float(f) for f in args.exit_fractions.split(","))
+        except ValueError as err:
+            raise ConfigError(f"--exit-fractions must be comma-separated numbers, e.g. 0.25,0.5,0.75; "
+                              f"got {args.exit_fractions!r}") from err
     recipe = TrainRecipe(
         arch=args.arch,
         width=args.width if args.width is not None else (0.5 if args.arch == "b-alexnet" else 1.0),
@@ -60,6 +67,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         blocks=blocks,
         depth=args.depth,
+        bottleneck=args.bottleneck,
+        exit_fractions=exit_fractions,
     )
     model_id = train_model_dir(args.out, recipe, progress=not args.quiet and sys.stderr.isatty())  # no \r noise in logs
     print(f"model {model_id} written to {args.out} (see {args.out}/MODEL_CARD.md)")
@@ -79,6 +88,12 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--blocks", help="b-resnet: residual blocks per layer, comma-separated (default 2,2,2,2)")
     p.add_argument("--depth", type=float, default=None,
                    help="b-mobilenetv2: multiplier of each inverted-residual group's repeats (default 1)")
+    p.add_argument("--bottleneck", type=int, default=None,
+                   help="b-resnet: a stride-4 stem ending in this many channels, so that a cut after it ships less "
+                        "than the input (split computing); the layers then start at 1/4 of the input side")
+    p.add_argument("--exit-fractions", default=None,
+                   help="b-resnet, b-mobilenetv2: place the branches at these shares of the compute, e.g. "
+                        "0.25,0.5,0.75 (default: b-resnet after each layer, b-mobilenetv2 0.25,0.5,0.75)")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--dataset", choices=DATASETS, default="fashion-mnist",
                    help="fashion-mnist: IDX files; cifar10: the binary batches; imagefolder: DIR/train/<class>/ "
@@ -276,6 +291,11 @@ _SUBCOMMANDS: dict[str, _Subcommand] = {
                              "popex.runtime.calibrate:add_calibrate_parser"),
     "export": _Subcommand("export a spec model directory to ONNX (popex-onnx/1), checked by ORT",
                           "popex.nets.export_spec:add_export_parser"),
+    "predict": _Subcommand("Scission-style prediction: the fastest device/edge/cloud configurations from benchmark files",
+                           "popex.tiers.predict_cli:add_predict_parser"),
+    "benchmark": _Subcommand("benchmark a model's stages on this machine into a popex-benchmark/1 file (+ per-block plot)",
+                             "popex.tiers.benchmark_cli:add_benchmark_parser"),
+    "ratelimit": _Subcommand("token-bucket offloads: simulate, train, metric", "popex.ratelimit.cli:add_ratelimit_parser"),
     "experiment": _Subcommand("run one experiment: CSV + PNG in results/, a section of docs/results.md",
                               "experiments.cli:add_experiment_parser"),
 }

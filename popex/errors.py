@@ -18,6 +18,7 @@ __all__ = [
     "DataError",
     "ConfigError",
     "ExportError",
+    "BenchmarkError",
 ]
 
 
@@ -88,6 +89,12 @@ class ExportError(PopexError):
     """A torch module cannot be exported to ONNX, or its export does not reproduce it."""
 
     code = "export_error"
+
+
+class BenchmarkError(PopexError):
+    """A multi-tier benchmark file or network file is malformed, or a query cannot be answered from them."""
+
+    code = "bad_benchmark"
 
 
 _HTTP_CODES = {

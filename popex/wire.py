@@ -10,6 +10,7 @@ One offloaded request is one safetensors payload: the intermediate tensor
     request_id  the edge's id of the request (echoed back)
     head        optional: the expert head set whose final stage the cloud runs (absent: pristine)
     scale       int8 only: repr() of the float step of the quantisation
+    budget_ms   optional: ms left to the request; a batch has request_ids, budgets_ms (popex._wire_batch)
 
 safetensors is a JSON header plus raw little-endian tensor bytes, so the
 payload is the raw tensor plus a fixed ~280-byte header, and parsing it can
@@ -47,24 +48,14 @@ from popex._wire_bytes import (
     deserialize,
     read_header,
 )
+from popex._wire_batch import BATCH_METADATA, batch_metadata, parse_batch_metadata
 from popex._wire_errors import UnsupportedEncodingError, WireError
 from popex.errors import ConfigError
 
 __all__ = [
-    "WIRE_DTYPES",
-    "WIRE_FORMAT_VERSION",
-    "TENSOR_KEY",
-    "MAX_WIRE_BYTES",
-    "CONTENT_ENCODINGS",
-    "WIRE_COMPRESSIONS",
-    "WireError",
-    "UnsupportedEncodingError",
-    "OffloadRequest",
-    "OffloadReply",
-    "encode_offload",
-    "decode_offload",
-    "compress_payload",
-    "decompress_payload",
+    "WIRE_DTYPES", "WIRE_FORMAT_VERSION", "TENSOR_KEY", "MAX_WIRE_BYTES", "CONTENT_ENCODINGS",
+    "WIRE_COMPRESSIONS", "WireError", "UnsupportedEncodingError", "OffloadRequest", "OffloadReply",
+    "encode_offload", "decode_offload", "replies_from_dict", "compress_payload", "decompress_payload",
 ]
 
 WIRE_DTYPES = ("float32", "float16", "int8")
@@ -77,7 +68,7 @@ _MAX_NDIM = 8
 _INT8_MAX = 127
 _SPLIT_RE = re.compile(r"[0-9]{1,6}")
 _REQUIRED_METADATA = ("popex_wire", "model_id", "split", "wire_dtype", "request_id")
-_OPTIONAL_METADATA = ("head", "scale")
+_OPTIONAL_METADATA = ("head", "scale", *BATCH_METADATA)
 # safetensors dtype tag and the little-endian numpy dtype of each wire dtype
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "int8": "I8"}
 _NUMPY_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
@@ -163,7 +154,8 @@ def _quantise_int8(x: np.ndarray) -> tuple[np.ndarray, float]:
 class OffloadRequest:
     """A decoded offload: the float32 tensor and where it belongs.
 
-    ``n_bytes`` is the size of the payload on the wire, for the uplink monitor.
+    ``n_bytes`` is the size of the payload on the wire, for the uplink monitor. A batch
+    has ``request_ids`` and ``budgets_ms`` (one per sample); one sample may have ``budget_ms``.
     """
 
     tensor: np.ndarray
@@ -173,6 +165,9 @@ class OffloadRequest:
     request_id: str
     head: str | None
     n_bytes: int
+    budget_ms: float | None = None
+    request_ids: tuple[str, ...] | None = None
+    budgets_ms: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -277,6 +272,9 @@ def encode_offload(
     request_id: str,
     wire_dtype: str = "float32",
     head: str | None = None,
+    budget_ms: float | None = None,
+    request_ids: list[str] | None = None,
+    budgets_ms: list[float] | None = None,
 ) -> bytes:
     """Serialise the tensor at a split into the safetensors wire payload.
 
@@ -297,6 +295,8 @@ def encode_offload(
     head : str, optional
         Name of an expert head set (see :mod:`popex.nets.experts`); sent as
         metadata when given, omitted for the pristine heads.
+    budget_ms, request_ids, budgets_ms : optional
+        Time left to a one-sample request (ms); a batch's id and ms left per sample.
 
     Returns
     -------
@@ -338,6 +338,8 @@ def encode_offload(
     }
     if head is not None:
         metadata["head"] = _check_id(head, "head")
+    metadata.update(batch_metadata(budget_ms=budget_ms, request_ids=request_ids, budgets_ms=budgets_ms,
+                                   n_batch=x.shape[0]))
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise WireError("the offloaded tensor holds NaN or infinity")
@@ -408,9 +410,8 @@ def decode_offload(data: bytes, *, max_bytes: int = MAX_WIRE_BYTES) -> OffloadRe
     scale = _parse_scale(metadata)
     values = np.frombuffer(view["data"], dtype=_NUMPY_DTYPES[wire_dtype]).reshape(shape)
     x = values.astype(np.float32)  # a copy: writable and native-endian
-    if scale is not None:
-        with np.errstate(over="ignore"):  # a huge scale overflows to inf, refused just below
-            x *= np.float32(scale)
+    with np.errstate(over="ignore"):  # int8: q * a huge scale overflows float32 to inf, refused just below
+        x *= np.float32(1.0 if scale is None else scale)
     if not np.isfinite(x).all():  # int8 too: q * scale overflows float32 for a scale near 1e38
         raise WireError("tensor holds NaN or infinity" + (f" once dequantised (scale {scale:g})" if scale else ""))
     return OffloadRequest(
@@ -421,4 +422,29 @@ def decode_offload(data: bytes, *, max_bytes: int = MAX_WIRE_BYTES) -> OffloadRe
         request_id=_check_id(metadata["request_id"], "request_id"),
         head=_check_id(metadata["head"], "head") if "head" in metadata else None,
         n_bytes=len(data),
+        **parse_batch_metadata(metadata, n_batch=shape[0]),
     )
+
+
+def replies_from_dict(body: object, *, request_ids: tuple[str, ...]) -> list[OffloadReply]:
+    """The cloud's answer to a batch, ``{"results": [...]}``: one checked :class:`OffloadReply` per id, in order
+    (WireError for anything else).
+
+    Parameters
+    ----------
+    body : object
+        The parsed JSON body.
+    request_ids : tuple of str
+        The payload's ids, which the replies must echo in order.
+
+    Returns
+    -------
+    list of OffloadReply
+    """
+    results = body.get("results") if isinstance(body, dict) else None
+    if not isinstance(results, list) or len(results) != len(request_ids):
+        raise WireError(f"the cloud's batch reply must hold {len(request_ids)} results under 'results'")
+    replies = [OffloadReply.from_dict(result) for result in results]
+    if tuple(reply.request_id for reply in replies) != tuple(request_ids):
+        raise WireError("the cloud's batch reply does not echo the request ids in order")
+    return replies

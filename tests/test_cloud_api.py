@@ -158,9 +158,9 @@ def test_bad_tensors_are_400(client, registered):
     _assert_still_works(client, registered)
 
 
-def test_unknown_model_is_404(client, registered):
+def test_unknown_model_is_404_and_an_offload_for_it_409(client, registered):
     payload = encode_offload(torch.ones(1, 6, 14, 14), model_id="f" * 64, split=1, request_id="r")
-    _error(client.post("/api/v1/infer", headers=AUTH, data=payload), 404, "unknown_model")
+    _error(client.post("/api/v1/infer", headers=AUTH, data=payload), 409, "unknown_model")  # the edge pushes it
     _error(client.get(f"/api/v1/models/{'f' * 64}", headers=AUTH), 404, "unknown_model")
     _error(client.get("/api/v1/models/..", headers=AUTH), 404, "unknown_model")
     assert client.get("/api/v1/models/..%2F..%2Fetc", headers=AUTH).status_code == 404

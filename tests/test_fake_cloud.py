@@ -58,7 +58,7 @@ def test_a_real_cloud_half_finishes_offloads_and_refuses_unknown_models(tmp_path
     files, model_id = lenet_files["files"], lenet_files["model_id"]
     with pytest.raises(CloudRejected) as info:
         cloud.infer(_payload(model_id), timeout_s=1.0)
-    assert (info.value.status, info.value.code) == (404, "unknown_model")
+    assert (info.value.status, info.value.code) == (409, "unknown_model")
     cloud.put_model(model_id, {"spec.json": files["spec"], "weights.safetensors": files["weights"]}, timeout_s=5.0)
     assert cloud.runner.has(model_id) and FakeCloud(state_dir=tmp_path / "cloud").has_model(model_id, timeout_s=1)
     answer = cloud.infer(_payload(model_id), timeout_s=1.0)

@@ -460,7 +460,7 @@ BAD_CASES = {
     "cloud-pickle-body": BadCase("cloud", lambda s, _f: s.cloud_infer(
         pickle.dumps({"tensor": np.zeros((1, 1, 28, 28), np.float32)})), 400),
     "cloud-unknown-model": BadCase("cloud", lambda s, _f: s.cloud_infer(encode_offload(
-        torch.zeros(1, 1, 28, 28), model_id="f" * 64, split=0, request_id="r")), 404),
+        torch.zeros(1, 1, 28, 28), model_id="f" * 64, split=0, request_id="r")), 409),
     "cloud-without-token": BadCase("cloud", lambda s, _f: s.cloud_infer(_good_cloud_payload(s), token=None), 401),
     "cloud-wrong-token": BadCase("cloud", lambda s, _f: s.cloud_infer(
         _good_cloud_payload(s), token=secrets.token_hex(16)), 401),

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from popex.decision.decide import decide
 from popex.decision.policies import EDGENT_THRESHOLD, POLICIES, PolicyBook, edge_threshold_grids
+from popex.decision.precision_aware import precision_aware_thresholds
 from popex.errors import ConfigError
 from tests.test_sweep_table import _table, instances
 
@@ -97,7 +98,9 @@ def test_headroom_holds_every_policy_to_the_reduced_requirement(instance, headro
     profile, link, calibration, grids = instance
     grids = [[*grid, EDGENT_THRESHOLD] for grid in grids]
     _, table = _table(profile, link, calibration, grids)
-    plain, roomy = PolicyBook.build(table), PolicyBook.build(table, headroom_fraction=headroom)
+    precision = (precision_aware_thresholds(calibration, grids=grids).thresholds, profile.branch_after_stage)
+    plain = PolicyBook.build(table, precision_aware=precision)
+    roomy = PolicyBook.build(table, headroom_fraction=headroom, precision_aware=precision)
     latency = table.latency_ms(objective)
     # a requirement just above a row's latency: met without headroom, not with it
     deadline_ms = float(np.median(latency)) / (1.0 - headroom / 2.0)

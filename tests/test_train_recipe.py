@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from popex.cli import main
 from popex.data.images import encode_png
@@ -62,6 +63,26 @@ def test_resnet_exits_at_about_quarter_half_three_quarters_and_cost_increases() 
     assert per_exit == sorted(per_exit) and len(set(per_exit)) == net.n_exits
 
 
+def test_a_bottleneck_stem_makes_the_first_cut_smaller_than_the_input() -> None:
+    """The split-computing stem: the tensor after stage 1 is what a cut there ships, and it must undercut the image."""
+    net = EarlyExitNet(zoo_spec("b-resnet", in_channels=1, image_size=28, width=32, blocks_per_layer=(2, 1),
+                                bottleneck_channels=4, exit_flop_fractions=(0.3, 0.6)))
+    shapes = net.stage_output_shapes()
+    assert shapes[1] == (4, 7, 7)  # stride 4, four channels: 196 values against the image's 784
+    assert np.prod(shapes[1]) < np.prod(shapes[0])
+    plain = EarlyExitNet(zoo_spec("b-resnet", in_channels=1, image_size=28, width=32, blocks_per_layer=(2, 1)))
+    assert np.prod(plain.stage_output_shapes()[1]) > np.prod(shapes[0])  # without it, every cut is larger
+    macs = stage_macs(net)
+    shares = [sum(macs[:k]) / sum(macs) for k in net.branch_after_stage]
+    assert len(shares) == 2 and shares == sorted(shares)
+    # each branch sits at the stage nearest its fraction: no other stage is nearer
+    all_shares = [sum(macs[:k]) / sum(macs) for k in range(1, net.n_stages)]
+    for got, want in zip(shares, (0.3, 0.6)):
+        assert abs(got - want) == min(abs(s - want) for s in all_shares)
+    with torch.inference_mode():
+        assert [tuple(x.shape) for x in net.eval()(torch.zeros(2, 1, 28, 28))] == [(2, 10)] * 3
+
+
 def test_bad_sizes_and_misplaced_options_are_refused() -> None:
     with pytest.raises(SpecError, match="width"):
         zoo_spec("b-lenet", width=0)
@@ -71,6 +92,14 @@ def test_bad_sizes_and_misplaced_options_are_refused() -> None:
         TrainRecipe(arch="b-alexnet", blocks=(1, 1))
     with pytest.raises(ConfigError, match="dataset"):
         TrainRecipe(dataset="mnist")
+    with pytest.raises(ConfigError, match="b-resnet option"):
+        TrainRecipe(arch="b-mobilenetv2", bottleneck=4)
+    with pytest.raises(ConfigError, match="exit fractions"):
+        TrainRecipe(arch="b-resnet", exit_fractions=(0.5, 0.25))
+    with pytest.raises(ConfigError, match="exit fractions"):
+        TrainRecipe(arch="b-lenet", exit_fractions=(0.5,))
+    with pytest.raises(SpecError, match="bottleneck_channels"):
+        zoo_spec("b-resnet", bottleneck_channels=0)
 
 
 def test_cifar10_binary_is_read(tmp_path: Path) -> None:
@@ -100,5 +129,7 @@ def test_train_on_an_image_folder_writes_a_complete_model(tmp_path: Path) -> Non
 def test_cli_refuses_options_of_another_architecture(capsys) -> None:
     assert main(["train", "--arch", "b-alexnet", "--blocks", "1,1", "--out", "unused"]) == 2
     assert "b-resnet option" in capsys.readouterr().err
+    assert main(["train", "--arch", "b-resnet", "--exit-fractions", "0.2,x", "--out", "unused"]) == 2
+    assert "--exit-fractions" in capsys.readouterr().err
     assert main(["train", "--dataset", "cifar10", "--out", "unused"]) == 2
     assert "--data-root" in capsys.readouterr().err

@@ -13,6 +13,7 @@ final stage to run (the edge's distortion classifier chose it).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -23,15 +24,30 @@ import numpy as np
 
 from popex.checks import check_int
 from popex.cloud.store import ModelStore
+from popex.errors import UnknownModelError
+from popex.runtime.batcher import MicroBatcher
 from popex.runtime.exits import exit_confidence
 from popex.runtime.model_files import LoadedModel
 from popex.runtime.profiler import time_stages
 from popex.wire import MAX_WIRE_BYTES, OffloadReply, OffloadRequest, WireError, decode_offload, decompress_payload
 
-__all__ = ["MAX_PROFILE_N_REPEATS", "CloudResult", "CloudRunner"]
+__all__ = ["MAX_PROFILE_N_REPEATS", "ModelNotHeldError", "BatchTooLargeError", "CloudResult", "CloudRunner"]
 
 #: Most timed runs per stage one profile may ask for.
 MAX_PROFILE_N_REPEATS = 1_000
+
+
+class ModelNotHeldError(UnknownModelError):
+    """An offload for a model this replica does not hold: 409, so the edge pushes it and retries (DESIGN §6)."""
+
+    http_status = 409
+
+
+class BatchTooLargeError(WireError):
+    """A batched payload with more samples than this cloud takes in one request."""
+
+    code = "batch_too_large"
+    http_status = 413
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,12 @@ class CloudResult:
     cloud_ms: float
 
 
+def _reply(result: CloudResult, request_id: str, model_id: str, start_s: float) -> OffloadReply:
+    """The wire reply; its ``cloud_ms`` runs from the body's arrival (inflate, decode, batch wait, compute)."""
+    return OffloadReply(label=result.label, class_name=result.class_name, confidence=result.confidence,
+                        cloud_ms=(time.perf_counter() - start_s) * 1000.0, request_id=request_id, model_id=model_id)
+
+
 class CloudRunner:
     """Registered models and the cloud half of each split inference.
 
@@ -54,6 +76,11 @@ class CloudRunner:
         missing. Every model found there is loaded now.
     n_threads : int, optional
         ONNX Runtime intra-op threads of each stage's session (default 1).
+    max_batch_size : int
+        One-sample offloads of one model, split and head set that arrive
+        together run as one batch of at most this many (1: each on its own).
+    batch_max_wait_ms : float
+        Longest such a batch waits for company, ms (:mod:`popex.runtime.batcher`).
 
     Notes
     -----
@@ -62,9 +89,12 @@ class CloudRunner:
     concurrently.
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str], *, n_threads: int | None = None) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], *, n_threads: int | None = None, max_batch_size: int = 1,
+                 batch_max_wait_ms: float = 0.0) -> None:
         self.n_threads = 1 if n_threads is None else n_threads
         self.store = ModelStore(state_dir, n_threads=self.n_threads)
+        self.batcher = MicroBatcher(lambda key, requests: self._run_checked(requests),
+                                    max_batch_size=max_batch_size, batch_max_wait_ms=batch_max_wait_ms)
         self.state_dir = self.store.state_dir
         self._profile_lock = threading.Lock()  # one profile at a time: they would skew each other
 
@@ -158,36 +188,91 @@ class CloudRunner:
 
         Raises
         ------
-        UnknownModelError
-            If the model is not registered.
+        ModelNotHeldError
+            If the model is not registered here (409: the edge pushes it and retries).
         UnknownHeadError
             If the model has no head set ``request.head``.
         WireError
             If the split is outside 0..N-1, the batch is not 1, or the
             tensor's shape is not the model's shape at that split.
         """
-        start_s = time.perf_counter()
-        net = self.store.get(request.model_id).net
-        head = net.check_head(request.head)
+        self._check(request, n_batch=1)
+        return self._raise_or(self._run_checked([request])[0])
+
+    def infer_batch(self, request: OffloadRequest, *, max_batch_size: int) -> list[CloudResult]:
+        """Run stages split+1..N once on a batched offload; one result per sample, in batch order.
+
+        Parameters
+        ----------
+        request : OffloadRequest
+            With ``request_ids`` (one per sample) and a tensor of shape
+            (n, *shape after stage ``split``), 1 <= n <= ``max_batch_size``.
+        max_batch_size : int
+            Most samples accepted.
+
+        Returns
+        -------
+        list of CloudResult
+            ``cloud_ms`` of each is the batch's compute time.
+
+        Raises
+        ------
+        WireError
+            If the payload is not a batch (no ``request_ids``), its shape does
+            not fit, or any sample's logits are not finite.
+        BatchTooLargeError
+            If it holds more than ``max_batch_size`` samples.
+        ModelNotHeldError, UnknownHeadError
+            As :meth:`infer`.
+        """
+        if request.request_ids is None:
+            raise WireError("a batched payload needs request_ids in its metadata, one per sample")
+        n_batch = len(request.request_ids)
+        if n_batch > max_batch_size:
+            raise BatchTooLargeError(f"the batch holds {n_batch} samples; this cloud takes at most "
+                                     f"{max_batch_size} per request")
+        self._check(request, n_batch=n_batch)
+        return [self._raise_or(result) for result in self._compute(request.tensor, [request])]
+
+    def _check(self, request: OffloadRequest, *, n_batch: int) -> None:
+        """Everything about one offload that can be wrong, checked before it joins a batch."""
+        try:
+            net = self.store.get(request.model_id).net
+        except UnknownModelError as err:
+            raise ModelNotHeldError(str(err)) from err
+        net.check_head(request.head)
         if not 0 <= request.split < net.n_stages:
             raise WireError(f"split {request.split} is out of range for model {request.model_id[:12]}: "
                             f"the cloud runs stages split+1..{net.n_stages}, so split must be in 0..{net.n_stages - 1}")
-        expected = (1, *self.store.split_shape(request.model_id, request.split))
+        expected = (n_batch, *self.store.split_shape(request.model_id, request.split))
         if tuple(request.tensor.shape) != expected:
             raise WireError(f"tensor shape {list(request.tensor.shape)} does not fit model "
                             f"{request.model_id[:12]} at split {request.split}: expected {list(expected)} "
-                            "(a batch of exactly 1)")
-        logits = net.run_stages(request.tensor, start=request.split, head=head)
-        if not np.isfinite(logits).all():
-            raise WireError(f"model {request.model_id[:12]} produced NaN or infinite logits for this tensor")
-        confidence, label = exit_confidence(logits)  # the final exit at temperature 1
-        label_index = int(label[0])
-        return CloudResult(
-            label=label_index,
-            class_name=net.class_names[label_index],
-            confidence=float(confidence[0]),
-            cloud_ms=(time.perf_counter() - start_s) * 1000.0,
-        )
+                            f"(a batch of exactly {n_batch})")
+
+    def _run_checked(self, requests: list[OffloadRequest]) -> list[CloudResult | WireError]:
+        """One-sample offloads of one (model, split, head), checked, as one batch: the batcher's runner."""
+        tensor = requests[0].tensor if len(requests) == 1 else np.concatenate([r.tensor for r in requests])
+        return self._compute(tensor, requests)
+
+    def _compute(self, tensor: np.ndarray, requests: list[OffloadRequest]) -> list[CloudResult | WireError]:
+        start_s = time.perf_counter()
+        first = requests[0]
+        net = self.store.get(first.model_id).net
+        logits = net.run_stages(tensor, start=first.split, head=net.check_head(first.head))
+        finite = np.isfinite(logits).all(axis=1)
+        confidence, label = exit_confidence(np.where(finite[:, None], logits, 0.0))  # the final exit at T = 1
+        cloud_ms = (time.perf_counter() - start_s) * 1000.0
+        return [CloudResult(label=int(label[k]), class_name=net.class_names[int(label[k])],
+                            confidence=float(confidence[k]), cloud_ms=cloud_ms) if finite[k] else
+                WireError(f"model {first.model_id[:12]} produced NaN or infinite logits for this tensor")
+                for k in range(tensor.shape[0])]
+
+    @staticmethod
+    def _raise_or(result: CloudResult | WireError) -> CloudResult:
+        if isinstance(result, WireError):
+            raise result
+        return result
 
     def infer_payload(self, payload: bytes, *, max_bytes: int = MAX_WIRE_BYTES,
                       content_encoding: str | None = None) -> OffloadReply:
@@ -217,15 +302,40 @@ class CloudRunner:
         start_s = time.perf_counter()
         payload = decompress_payload(payload, encoding=content_encoding, max_bytes=max_bytes)
         request = decode_offload(payload, max_bytes=max_bytes)
-        result = self.infer(request)
-        return OffloadReply(
-            label=result.label,
-            class_name=result.class_name,
-            confidence=result.confidence,
-            cloud_ms=(time.perf_counter() - start_s) * 1000.0,
-            request_id=request.request_id,
-            model_id=request.model_id,
-        )
+        self._check(request, n_batch=1)  # a bad offload never joins (or spoils) a batch
+        budget_ms = math.inf if request.budget_ms is None else request.budget_ms - (time.perf_counter() - start_s) * 1e3
+        result = self._raise_or(self.batcher.submit((request.model_id, request.split, request.head), request,
+                                                    budget_ms=budget_ms))
+        return _reply(result, request.request_id, request.model_id, start_s)
+
+    def infer_batch_payload(self, payload: bytes, *, max_bytes: int = MAX_WIRE_BYTES,
+                            content_encoding: str | None = None, max_batch_size: int) -> list[OffloadReply]:
+        """Decode a batched wire payload and finish every sample: what ``POST /api/v1/infer/batch`` does.
+
+        Parameters
+        ----------
+        payload : bytes
+        max_bytes : int
+        content_encoding : str, optional
+        max_batch_size : int
+            Most samples accepted.
+
+        Returns
+        -------
+        list of OffloadReply
+            One per sample in batch order, each echoing its own request id.
+
+        Raises
+        ------
+        WireError, BatchTooLargeError, ModelNotHeldError, UnknownHeadError
+            As :meth:`infer_payload` and :meth:`infer_batch`.
+        """
+        start_s = time.perf_counter()
+        payload = decompress_payload(payload, encoding=content_encoding, max_bytes=max_bytes)
+        request = decode_offload(payload, max_bytes=max_bytes)
+        results = self.infer_batch(request, max_batch_size=max_batch_size)
+        return [_reply(result, request_id, request.model_id, start_s)
+                for result, request_id in zip(results, request.request_ids or ())]
 
     def profile(self, model_id: str, *, n_repeats: int) -> list[float]:
         """Median cloud time of each stage, in ms, measured now on this machine.

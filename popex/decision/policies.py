@@ -16,7 +16,10 @@ latency model and the image stream with POPEX; only the choice differs:
   the deepest exit point whose fastest split meets the requirement, else
   the fastest of them (infeasible). Our cloud always runs to the final
   exit, so "exit at b" can only run on the edge (split >= k_b); with a
-  grid without 0.0 Edgent has only the final exit and equals Neurosurgeon.
+  grid without 0.0 Edgent has only the final exit and equals Neurosurgeon;
+- ``precision-aware``: PAME's thresholds (:mod:`popex.decision.precision_aware`:
+  the most early exits that keep accuracy >= 0.99 x the final exit's, chosen on
+  the calibration), at the fastest split that holds them.
 
 Policies are looked up by name; an unknown name is a ConfigError naming it.
 
@@ -44,7 +47,7 @@ from popex.errors import ConfigError
 __all__ = ["POLICIES", "EDGENT_THRESHOLD", "MAX_HEADROOM_FRACTION", "DEFAULT_HEADROOM_FRACTION", "PolicyBook",
            "check_policy", "check_headroom", "edge_threshold_grids"]
 
-POLICIES = ("adaptive", "edge-only", "cloud-only", "neurosurgeon", "edgent")
+POLICIES = ("adaptive", "edge-only", "cloud-only", "neurosurgeon", "edgent", "precision-aware")
 
 #: A branch with this threshold takes every sample (confidences are >= 0):
 #: Edgent's "exit here always", the network right-sized to that branch.
@@ -57,6 +60,16 @@ DEFAULT_HEADROOM_FRACTION = 0.05
 
 def _no_exit_rows(table: StrategyTable) -> np.ndarray:
     return np.flatnonzero(np.isnan(table.thresholds).all(axis=1))
+
+
+def _rows_holding(table: StrategyTable, thresholds: tuple[float | None, ...],
+                  branch_after_stage: tuple[int, ...]) -> np.ndarray:
+    """Rows whose thresholds are ``thresholds`` on the branches at or before their split (the rest off)."""
+    wanted = np.array([np.nan if t is None else t for t in thresholds], dtype=np.float64)
+    reachable = np.asarray(branch_after_stage)[None, :] <= table.split[:, None]
+    expected = np.where(reachable, wanted[None, :], np.nan)
+    same = (table.thresholds == expected) | (np.isnan(table.thresholds) & np.isnan(expected))
+    return np.flatnonzero(same.all(axis=1))
 
 
 def _edgent_candidates(table: StrategyTable, latency_ms: np.ndarray) -> tuple[int, ...]:
@@ -105,7 +118,8 @@ class PolicyBook:
     headroom_fraction: float = 0.0
 
     @classmethod
-    def build(cls, table: StrategyTable, *, headroom_fraction: float = 0.0) -> PolicyBook:
+    def build(cls, table: StrategyTable, *, headroom_fraction: float = 0.0,
+              precision_aware: tuple[tuple[float | None, ...], tuple[int, ...]] | None = None) -> PolicyBook:
         """Index ``table`` for every policy and objective.
 
         Parameters
@@ -115,6 +129,10 @@ class PolicyBook:
         headroom_fraction : float
             Rows must be predicted within ``requirement · (1 - headroom_fraction)``
             to count as meeting it.
+        precision_aware : (thresholds, branch_after_stage), optional
+            PAME's thresholds (:func:`popex.decision.precision_aware.precision_aware_thresholds`,
+            on the table's grid) and the branch positions; without them the
+            ``precision-aware`` policy is refused.
 
         Returns
         -------
@@ -136,6 +154,9 @@ class PolicyBook:
             fixed_rows["cloud-only", objective] = int(np.flatnonzero(table.split == 0)[0])
             fixed_rows["neurosurgeon", objective] = int(no_exit[np.argmin(latency_ms[no_exit])])
             edgent_rows[objective] = _edgent_candidates(table, latency_ms)
+            holding = np.array([], dtype=np.int64) if precision_aware is None else _rows_holding(table, *precision_aware)
+            if holding.size:
+                fixed_rows["precision-aware", objective] = int(holding[np.argmin(latency_ms[holding])])
         indices = {objective: DecisionIndex(table, objective=objective) for objective in OBJECTIVES}
         return cls(table=table, indices=indices, fixed_rows=fixed_rows, edgent_rows=edgent_rows,
                    headroom_fraction=headroom_fraction)
@@ -170,6 +191,9 @@ class PolicyBook:
             return decision
         if policy == "edgent":
             return self._edgent(decision.deadline_ms, objective)
+        if (policy, objective) not in self.fixed_rows:
+            raise ConfigError(f"the {policy} policy needs thresholds from the calibration on this table's grid; "
+                              "this table was built without them")
         row = self.fixed_rows[policy, objective]
         feasible = bool(self.table.latency_ms(objective)[row] <= decision.deadline_ms)
         return Decision(row=row, feasible=feasible, objective=objective, deadline_ms=decision.deadline_ms)

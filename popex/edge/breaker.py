@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from popex.checks import check_finite, check_int
+from popex.edge.cloud_types import CloudRejected
 
 __all__ = ["BREAKER_STATES", "CircuitBreaker"]
 
@@ -104,6 +105,16 @@ class CircuitBreaker:
                 self.n_opened += 1  # opened, or a failed probe opened it again
                 self._opened_at_s = self._clock()
                 self._probing = False
+
+    def record(self, error: Exception | None) -> None:
+        """Record an offload's outcome: None (answered) or a 4xx refusal is a success, anything else a failure.
+
+        Parameters
+        ----------
+        error : Exception or None
+            What the cloud call raised.
+        """
+        (self.record_success if error is None or isinstance(error, CloudRejected) else self.record_failure)()
 
     def to_dict(self) -> dict[str, object]:
         """What ``/api/v1/status`` shows of it.

@@ -96,6 +96,15 @@ class Classification:
     expert: str = PRISTINE_HEAD
     expert_confidence: float | None = None
 
+    @property
+    def outcome(self) -> str:
+        """How it was answered, as the edge counts it: "fallback", "cloud", "edge_final" or "edge_branch"."""
+        if self.fallback:
+            return "fallback"
+        if self.where == "cloud":
+            return "cloud"
+        return "edge_final" if self.exit == "final" else "edge_branch"
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON body of ``POST /api/v1/classify`` (``expert_confidence`` only when the classifier ran).
 

@@ -38,6 +38,7 @@ from popex.edge.cloud_http import (
     time_left_s,
 )
 from popex.edge.cloud_types import (
+    CloudBatchInference,
     CloudError,
     CloudInference,
     CloudRejected,
@@ -48,7 +49,7 @@ from popex.edge.cloud_types import (
 )
 from popex.errors import ConfigError
 from popex.link.emulation import LinkEmulator
-from popex.wire import OffloadReply, WireError
+from popex.wire import OffloadReply, WireError, replies_from_dict
 
 __all__ = ["API_PREFIX", "CloudClient"]
 
@@ -212,10 +213,7 @@ class CloudClient:
             If ``timeout_s`` is not a positive finite number.
         """
         start_s = time.perf_counter()
-        deadline_s = start_s + _check_timeout_s(timeout_s)
-        self._wait_for_link(len(payload), deadline_s)
-        headers = {} if content_encoding is None else {"Content-Encoding": content_encoding}
-        response = self._post_data("POST", self._infer_url, deadline_s=deadline_s, data=payload, headers=headers)
+        response = self._offload(self._infer_url, payload, timeout_s=timeout_s, content_encoding=content_encoding)
         try:  # the one contract the cloud answers with (popex.wire)
             reply = OffloadReply.from_dict(json_body(response, ()))
         except WireError as err:
@@ -231,6 +229,47 @@ class CloudClient:
             round_trip_ms=round_trip_ms,
             n_bytes=len(payload),
         )
+
+    def infer_batch(self, payload: bytes, *, request_ids: tuple[str, ...], timeout_s: float,
+                    content_encoding: str | None = None) -> CloudBatchInference:
+        """Send a batched payload (``request_ids`` in its metadata) and get one final exit per sample.
+
+        Parameters
+        ----------
+        payload : bytes
+            :func:`popex.wire.encode_offload` with ``request_ids``, maybe deflated.
+        request_ids : tuple of str
+            The ids in the payload, in batch order: the reply must echo them.
+        timeout_s : float
+            The tightest budget in the batch, s.
+        content_encoding : str, optional
+
+        Returns
+        -------
+        CloudBatchInference
+
+        Raises
+        ------
+        CloudTimeout, CloudUnavailable, CloudRejected
+        """
+        start_s = time.perf_counter()
+        response = self._offload(self._infer_url + "/batch", payload, timeout_s=timeout_s,
+                                 content_encoding=content_encoding)
+        try:
+            replies = replies_from_dict(json_body(response, ()), request_ids=request_ids)
+        except WireError as err:
+            raise CloudUnavailable(f"cloud answered {response.status_code} with a malformed reply: {err}") from err
+        round_trip_ms = (time.perf_counter() - start_s) * 1000.0
+        cloud_ms = max(reply.cloud_ms for reply in replies)
+        return CloudBatchInference(replies=tuple(replies), cloud_ms=cloud_ms, round_trip_ms=round_trip_ms,
+                                   transfer_ms=max(0.0, round_trip_ms - cloud_ms), n_bytes=len(payload))
+
+    def _offload(self, url: str, payload: bytes, *, timeout_s: float,
+                 content_encoding: str | None) -> requests.Response | Reply:
+        deadline_s = time.perf_counter() + _check_timeout_s(timeout_s)
+        self._wait_for_link(len(payload), deadline_s)
+        headers = {} if content_encoding is None else {"Content-Encoding": content_encoding}
+        return self._post_data("POST", url, deadline_s=deadline_s, data=payload, headers=headers)
 
     def probe(self, n_bytes: int, *, timeout_s: float) -> ProbeResult:
         """Upload ``n_bytes`` to the probe sink and time it (for the uplink monitor).

@@ -1,6 +1,6 @@
 """The edge's port to the next tier: what the edge calls on "the cloud", and nothing more.
 
-The request pipeline offloads through it (``infer``), the preparation of a
+The request pipeline offloads through it (``infer``, ``infer_batch``), the preparation of a
 model pushes and profiles through it (``has_model``, ``put_model``,
 ``profile``, ``health``), a deletion removes it (``delete_model``), the uplink monitor probes through it (``probe``,
 and ``link`` tells whether the link is emulated in the client), and the
@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from popex.edge.cloud_client import API_PREFIX, CloudClient
 from popex.edge.cloud_types import (
+    CloudBatchInference,
     CloudError,
     CloudInference,
     CloudRejected,
@@ -39,6 +40,7 @@ __all__ = [
     "CloudTimeout",
     "CloudRejected",
     "CloudInference",
+    "CloudBatchInference",
     "ProbeResult",
     "RegisteredModel",
     "CloudPort",
@@ -86,6 +88,30 @@ class CloudPort(Protocol):
         ------
         CloudTimeout, CloudUnavailable, CloudRejected
             The budget ran out; the cloud is unreachable or failed; it refused the payload.
+        """
+        ...
+
+    def infer_batch(self, payload: bytes, *, request_ids: tuple[str, ...], timeout_s: float,
+                    content_encoding: str | None = None) -> CloudBatchInference:
+        """Finish a batched offload (one payload, ``request_ids`` in its metadata): one answer per sample.
+
+        Parameters
+        ----------
+        payload : bytes
+        request_ids : tuple of str
+            The payload's ids in batch order; the replies echo them.
+        timeout_s : float
+            The tightest budget in the batch, s.
+        content_encoding : str, optional
+
+        Returns
+        -------
+        CloudBatchInference
+
+        Raises
+        ------
+        CloudTimeout, CloudUnavailable, CloudRejected
+            As :meth:`infer`; the whole batch falls back.
         """
         ...
 

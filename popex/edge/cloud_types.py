@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from popex.wire import OffloadReply
+
 __all__ = [
     "CloudError",
     "CloudUnavailable",
     "CloudTimeout",
     "CloudRejected",
     "CloudInference",
+    "CloudBatchInference",
     "ProbeResult",
     "RegisteredModel",
 ]
@@ -81,6 +84,20 @@ class CloudInference:
     label: int
     class_name: str
     confidence: float
+    cloud_ms: float
+    transfer_ms: float
+    round_trip_ms: float
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class CloudBatchInference:
+    """The cloud's answer to a batched offload: one reply per sample, in batch order, and the call's times (ms).
+
+    ``cloud_ms`` is the cloud's time for the whole batch, ``transfer_ms = round_trip_ms - cloud_ms``.
+    """
+
+    replies: tuple[OffloadReply, ...]
     cloud_ms: float
     transfer_ms: float
     round_trip_ms: float

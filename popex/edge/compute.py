@@ -81,6 +81,52 @@ class EdgeCompute:
             run.sleep_overshoot_ms = overshoot_ms
         return result
 
+    def on_edge_batch(self, compute: Callable[..., np.ndarray], *args: Any, **kwargs: Any) -> np.ndarray:
+        """Run one piece of a batch; on an emulated slower device it takes ``edge_slowdown`` x its time here.
+
+        The profile holds batch-1 times, so a batch is emulated from its own
+        measured time instead (the same factor, applied to what really ran).
+
+        Parameters
+        ----------
+        compute : callable
+            Returns a tensor (``net.run_stages``, ``net.run_branch``), called with the other arguments.
+
+        Returns
+        -------
+        np.ndarray
+            What ``compute`` returned.
+        """
+        started = time.perf_counter()
+        result = compute(*args, **kwargs)
+        if self.edge_slowdown > 1.0:
+            time.sleep((self.edge_slowdown - 1.0) * (time.perf_counter() - started))
+        return result
+
+    @staticmethod
+    def exit_batch(model: StoredModel, logits: np.ndarray, exit_index: int,
+                   head: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Confidences (float64, as the sweep compares) and labels of one exit for a batch of logits.
+
+        Parameters
+        ----------
+        model : StoredModel
+        logits : np.ndarray, shape (n, n_classes)
+        exit_index : int
+            The branch, or -1 for the final exit (its calibration temperature).
+        head : str, optional
+
+        Returns
+        -------
+        tuple of np.ndarray
+            Shapes (n,) and (n,).
+        """
+        calibration = model.calibration_of(head)
+        confidence, predicted = exit_confidence(
+            logits, temperature=float(calibration.temperature[exit_index]), method=calibration.confidence_method
+        )
+        return confidence.astype(np.float64), predicted
+
     def evaluate_branch(self, model: StoredModel, plan: ModelPlan, branch: int, features: np.ndarray, *,
                         head: str | None = None, run: RequestRun | None = None) -> tuple[float, int]:
         """Run side branch ``branch`` on ``features``; its temperature-scaled confidence and label.
@@ -123,8 +169,5 @@ class EdgeCompute:
 
     @staticmethod
     def _exit(model: StoredModel, logits: np.ndarray, exit_index: int, head: str | None) -> tuple[float, int]:
-        calibration = model.calibration_of(head)
-        confidence, predicted = exit_confidence(
-            logits, temperature=float(calibration.temperature[exit_index]), method=calibration.confidence_method
-        )
+        confidence, predicted = EdgeCompute.exit_batch(model, logits, exit_index, head)
         return float(confidence[0]), int(predicted[0])

@@ -19,6 +19,7 @@ from popex.checks import check_finite
 from popex.cloud.runner import CloudRunner
 from popex.decision.latency import Link
 from popex.edge.cloud_types import (
+    CloudBatchInference,
     CloudError,
     CloudInference,
     CloudRejected,
@@ -32,12 +33,13 @@ from popex.link.emulation import LinkEmulator
 from popex.errors import SpecError
 from popex.runtime.model_files import SPEC_FILE
 from popex.runtime.onnx_model import MANIFEST_FILE, read_manifest
-from popex.wire import OffloadRequest, decode_offload, decompress_payload
+from popex.runtime.batcher import MAX_BATCH_SIZE
+from popex.wire import OffloadReply, OffloadRequest, decode_offload, decompress_payload, replies_from_dict
 
 __all__ = ["PORT_METHODS", "SCRIPTED_STAGE_MS", "Offload", "FakeCloud"]
 
 #: The port's calls, the names :meth:`FakeCloud.fail` and ``calls`` use.
-PORT_METHODS = ("infer", "probe", "has_model", "put_model", "delete_model", "profile", "health")
+PORT_METHODS = ("infer", "infer_batch", "probe", "has_model", "put_model", "delete_model", "profile", "health")
 #: The scripted cloud time of each stage, ms (a cloud faster than any edge).
 SCRIPTED_STAGE_MS = 0.05
 _GATED = ("has_model", "put_model", "profile")  # the preparation's calls; offloads are never held
@@ -202,6 +204,19 @@ class FakeCloud:
         if self.down:
             raise CloudUnavailable("connection refused")
 
+    def _receive(self, method: str, payload: bytes, timeout_s: float,
+                 content_encoding: str | None) -> tuple[OffloadRequest, float]:
+        """An offload's common start: record it, decode it (4xx if bad), fail as scripted, wait for the link."""
+        self._enter(method, timeout_s)
+        try:
+            request = decode_offload(decompress_payload(payload, encoding=content_encoding))
+        except PopexError as err:
+            raise _rejected(err) from err
+        with self._lock:
+            self.offloads.append(Offload(request, float(timeout_s), len(payload), content_encoding))
+        self._raise_failure(method)
+        return request, self._link_ms(len(payload), timeout_s)
+
     def _raise_failure(self, method: str) -> None:
         error = self._failures.get(method)
         if error is not None:
@@ -240,15 +255,7 @@ class FakeCloud:
             While ``down``; if the payload does not decode or the real cloud
             refuses it (its status and code); as set by :meth:`fail`.
         """
-        self._enter("infer", timeout_s)
-        try:
-            request = decode_offload(decompress_payload(payload, encoding=content_encoding))
-        except PopexError as err:
-            raise _rejected(err) from err
-        with self._lock:
-            self.offloads.append(Offload(request, float(timeout_s), len(payload), content_encoding))
-        self._raise_failure("infer")
-        link_ms = self._link_ms(len(payload), timeout_s)
+        request, link_ms = self._receive("infer", payload, timeout_s, content_encoding)
         label, class_name, confidence, cloud_ms = self.label, self.class_name, self.confidence, 1.0
         if self.runner is not None:
             try:
@@ -261,6 +268,37 @@ class FakeCloud:
         transfer_ms = link_ms + self.transfer_ms
         return CloudInference(label=label, class_name=class_name, confidence=confidence, cloud_ms=cloud_ms,
                               transfer_ms=transfer_ms, round_trip_ms=cloud_ms + transfer_ms, n_bytes=len(payload))
+
+    def infer_batch(self, payload: bytes, *, request_ids: tuple[str, ...], timeout_s: float,
+                    content_encoding: str | None = None) -> CloudBatchInference:
+        """Finish a batched offload: scripted (each sample the scripted answer) or by the real cloud half.
+
+        Parameters
+        ----------
+        payload, request_ids, timeout_s, content_encoding
+            As :meth:`popex.edge.cloud_port.CloudPort.infer_batch`.
+
+        Returns
+        -------
+        CloudBatchInference
+            Raises as :meth:`infer`.
+        """
+        request, link_ms = self._receive("infer_batch", payload, timeout_s, content_encoding)
+        if self.runner is not None:
+            try:
+                replies = self.runner.infer_batch_payload(payload, content_encoding=content_encoding,
+                                                          max_batch_size=MAX_BATCH_SIZE)
+            except PopexError as err:
+                raise _rejected(err) from err
+        else:
+            replies = [OffloadReply(self.label, self.class_name, self.confidence, 1.0, request_id, request.model_id)
+                       for request_id in request.request_ids or ()]
+        cloud_ms = max(reply.cloud_ms for reply in replies) if self.cloud_ms is None else self.cloud_ms
+        transfer_ms = link_ms + self.transfer_ms
+        return CloudBatchInference(replies=tuple(replies_from_dict({"results": [r.to_dict() for r in replies]},
+                                                                   request_ids=request_ids)),
+                                   cloud_ms=cloud_ms, transfer_ms=transfer_ms, round_trip_ms=cloud_ms + transfer_ms,
+                                   n_bytes=len(payload))
 
     def probe(self, n_bytes: int, *, timeout_s: float) -> ProbeResult:
         """Time a probe across ``link`` (waiting) or ``uplink`` (computed).
@@ -355,22 +393,10 @@ class FakeCloud:
         return RegisteredModel(model_id=model_id, n_stages=n_stages, created=created)
 
     def delete_model(self, model_id: str, *, timeout_s: float) -> bool:
-        """Forget the model (the real cloud half deletes its files).
+        """Forget the model (the real cloud half deletes its files); False if it was not here.
 
-        Parameters
-        ----------
-        model_id : str
-        timeout_s : float
-
-        Returns
-        -------
-        bool
-            False if it was not here.
-
-        Raises
-        ------
-        CloudUnavailable, CloudError
-            While ``down``; as set by :meth:`fail`.
+        >>> FakeCloud().delete_model("m" * 64, timeout_s=1.0)
+        False
         """
         self._enter("delete_model", timeout_s)
         self._raise_failure("delete_model")

@@ -138,7 +138,8 @@ class EdgeNode:
             objective=config.objective, default_deadline_ms=config.default_deadline_ms,
             max_image_pixels=config.max_image_pixels, wire_dtype=config.wire_dtype,
             wire_compression=config.wire_compression, distortion_aware_default=config.distortion_aware_default,
-            on_cloud_rejected=preparation.request_sync,
+            on_cloud_rejected=preparation.request_sync, max_batch_size=config.max_batch_size,
+            batch_max_wait_ms=config.batch_max_wait_ms,
             breaker=CircuitBreaker(n_failures=config.breaker_n_failures, open_s=config.breaker_open_s),
         )
         views = EdgeViews(registry=registry, plans=plans, runner=runner, planner=planner, monitor=monitor,

@@ -40,17 +40,20 @@ import numpy as np
 from popex.checks import check_deadline_ms, check_objective
 from popex.data.images import decode_image
 from popex.data.preprocess import preprocess
+from popex.edge.batch_run import PreparedRequest, batch_key, run_batch
 from popex.edge.budget import RequestRun, offload_budget_ms
 from popex.edge.classification import Classification, LatencyBreakdown
 from popex.edge.cloud_port import CloudError, CloudRejected
 from popex.edge.compute import EdgeCompute
 from popex.edge.breaker import CircuitBreaker
 from popex.edge.fallback import fallback_exit, fallback_reserve_ms
+from popex.edge.model_push import ModelPusher
 from popex.edge.plans import ModelPlan
 from popex.edge.strategy import Strategy
 from popex.edge.store import StoredModel, UnknownModelError
 from popex.errors import ConfigError, PopexError
 from popex.runtime.onnx_model import PRISTINE_HEAD
+from popex.runtime.batcher import MicroBatcher
 from popex.runtime.distortion import choose_head
 from popex.wire import WIRE_COMPRESSIONS, compress_payload, encode_offload
 
@@ -62,14 +65,6 @@ _COUNT_KEYS = ("n_requests", "n_edge_branch", "n_edge_final", "n_cloud", "n_fall
 def _public_name(err: Exception) -> str:
     """The error's most specific public class name (CloudUnavailable, not a private subclass)."""
     return next(cls.__name__ for cls in type(err).__mro__ if not cls.__name__.startswith("_"))
-
-
-def _outcome(result: Classification) -> str:
-    if result.fallback:
-        return "fallback"
-    if result.where == "cloud":
-        return "cloud"
-    return "edge_final" if result.exit == "final" else "edge_branch"
 
 
 class EdgeRunner:
@@ -104,6 +99,10 @@ class EdgeRunner:
         lost the model on a restart), so the model can be pushed again.
     breaker : CircuitBreaker, optional
         Skips offloads while the cloud keeps failing (:mod:`popex.edge.breaker`).
+    max_batch_size, batch_max_wait_ms : int, float
+        The micro-batcher (:mod:`popex.runtime.batcher`): requests of one
+        :func:`~popex.edge.batch_run.batch_key` within the wait (ms) run as one
+        batch (:mod:`popex.edge.batch_run`); 1 = each request on its own thread.
 
     Raises
     ------
@@ -114,8 +113,8 @@ class EdgeRunner:
     def __init__(self, *, registry: Any, plans: Any, client: Any, planner: Any, compute: EdgeCompute,
                  objective: str, default_deadline_ms: float, max_image_pixels: int, wire_dtype: str,
                  wire_compression: str, distortion_aware_default: bool,
-                 on_cloud_rejected: Callable[[str], None] | None = None,
-                 breaker: CircuitBreaker | None = None) -> None:
+                 on_cloud_rejected: Callable[[str], None] | None = None, max_batch_size: int = 1,
+                 batch_max_wait_ms: float = 0.0, breaker: CircuitBreaker | None = None) -> None:
         if wire_compression not in WIRE_COMPRESSIONS:
             raise ConfigError(f"wire_compression must be one of {list(WIRE_COMPRESSIONS)}, got {wire_compression!r}")
         if not isinstance(distortion_aware_default, bool):
@@ -137,6 +136,10 @@ class EdgeRunner:
         self.default_model_id: str | None = None
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
+        self.pusher = ModelPusher(client=client)  # a replica without the model: push, retry once
+        self.batcher: MicroBatcher[PreparedRequest, Classification] = MicroBatcher(
+            lambda key, requests: run_batch(self, requests), max_batch_size=max_batch_size,
+            batch_max_wait_ms=batch_max_wait_ms)
 
     # -- models -------------------------------------------------------------------
 
@@ -171,8 +174,7 @@ class EdgeRunner:
             return self.registry.get(ids[0])
         if model in self.registry:
             return self.registry.get(model)
-        # A name only among the models registered with the admin token, which the store keeps unique:
-        # an open registration cannot take or shadow one.
+        # A name only among the models registered with the admin token (unique): no squatting.
         named = [i for i in self.registry.ids() if self.registry.get(i).trusted and self.registry.get(i).name == model]
         if named:
             return self.registry.get(named[0])
@@ -279,30 +281,58 @@ class EdgeRunner:
         arrival_s = time.perf_counter() if arrival_s is None else float(arrival_s)
         outcome = "rejected"
         try:
-            deadline_ms = self.default_deadline_ms if deadline_ms is None else check_deadline_ms(deadline_ms)
-            model = self.resolve_model(model_id)
-            aware = self._distortion_aware(model, distortion_aware)
-            plan = self.plan_of(model)
-            objective = self.objective if objective is None else objective
-            strategy = plan.strategy(deadline_ms, objective, policy)  # checks before any image work
-            image = decode_image(image_bytes, max_pixels=self.max_image_pixels)
-            choice = choose_head(model.classifier, model.loaded.net, image) if aware else None
-            x = preprocess(image, model.preprocessing)
-            self.planner.submit_edge_fixed((time.perf_counter() - arrival_s) * 1000.0)  # the classifier's included
-            if choice is not None and choice.head is not None:
-                strategy = plan.strategy(deadline_ms, objective, policy, head=choice.head)
-            run = RequestRun(arrival_s=arrival_s, deadline_ms=deadline_ms,
-                             budget_ms=offload_budget_ms(deadline_ms, objective, strategy), features=[x],
-                             evaluated=[])
-            if choice is not None:
-                run.head, run.expert_confidence = choice.head, choice.confidence
-            result = self._run(model, plan, strategy, run)
-            outcome = _outcome(result)
+            prepared = self.prepare(image_bytes, model_id=model_id, deadline_ms=deadline_ms, objective=objective,
+                                    policy=policy, arrival_s=arrival_s, distortion_aware=distortion_aware)
+            if self.batcher.max_batch_size == 1:
+                result = self._run(prepared.model, prepared.plan, prepared.strategy, prepared.run,
+                                   request_id=prepared.request_id)
+            else:
+                result = self.batcher.submit(batch_key(prepared), prepared, budget_ms=prepared.run.remaining_ms())
+            outcome = result.outcome
             return result
         finally:
-            with self._counts_lock:  # each request is counted once, whatever happened
-                self._counts["n_requests"] += 1
-                self._counts[f"n_{outcome}"] += 1
+            self.count(outcome)  # each request is counted once, whatever happened
+
+    def prepare(self, image_bytes: bytes, *, model_id: str | None = None, deadline_ms: float | None = None,
+                objective: str | None = None, policy: str = "adaptive", arrival_s: float,
+                distortion_aware: bool | None = None) -> PreparedRequest:
+        """Check, decode and preprocess one request and pick its strategy: everything before its stages.
+
+        Parameters and errors as :meth:`classify` (``arrival_s`` is required).
+
+        Returns
+        -------
+        PreparedRequest
+        """
+        deadline_ms = self.default_deadline_ms if deadline_ms is None else check_deadline_ms(deadline_ms)
+        model = self.resolve_model(model_id)
+        aware = self._distortion_aware(model, distortion_aware)
+        plan = self.plan_of(model)
+        objective = self.objective if objective is None else objective
+        strategy = plan.strategy(deadline_ms, objective, policy)  # checks before any image work
+        image = decode_image(image_bytes, max_pixels=self.max_image_pixels)
+        choice = choose_head(model.classifier, model.loaded.net, image) if aware else None
+        x = preprocess(image, model.preprocessing)
+        self.planner.submit_edge_fixed((time.perf_counter() - arrival_s) * 1000.0)  # the classifier's included
+        if choice is not None and choice.head is not None:
+            strategy = plan.strategy(deadline_ms, objective, policy, head=choice.head)
+        run = RequestRun(arrival_s=arrival_s, deadline_ms=deadline_ms,
+                         budget_ms=offload_budget_ms(deadline_ms, objective, strategy), features=[x], evaluated=[])
+        if choice is not None:
+            run.head, run.expert_confidence = choice.head, choice.confidence
+        return PreparedRequest(model=model, plan=plan, strategy=strategy, run=run, request_id=uuid.uuid4().hex)
+
+    def count(self, outcome: str) -> None:
+        """Count one request under its outcome.
+
+        Parameters
+        ----------
+        outcome : str
+            "rejected" or a :attr:`Classification.outcome <popex.edge.classification.Classification.outcome>`.
+        """
+        with self._counts_lock:
+            self._counts["n_requests"] += 1
+            self._counts[f"n_{outcome}"] += 1
 
     # -- private ------------------------------------------------------------------
 
@@ -317,9 +347,9 @@ class EdgeRunner:
                               "spec lists 'experts' (with their calibrations and the distortion classifier)")
         return requested
 
-    def _run(self, model: StoredModel, plan: ModelPlan, strategy: Strategy, run: RequestRun) -> Classification:
+    def _run(self, model: StoredModel, plan: ModelPlan, strategy: Strategy, run: RequestRun, *,
+             request_id: str) -> Classification:
         net = model.loaded.net
-        request_id = uuid.uuid4().hex
         active = set(strategy.active_branches)
         h = run.features[0]
         for stage in range(1, strategy.split + 1):
@@ -345,7 +375,7 @@ class EdgeRunner:
         encode_started = time.perf_counter()
         try:
             payload = encode_offload(h, model_id=model.model_id, split=strategy.split, request_id=request_id,
-                                     wire_dtype=self.wire_dtype, head=run.head)
+                                     wire_dtype=self.wire_dtype, head=run.head, budget_ms=run.remaining_ms())
         except PopexError as err:  # e.g. NaN activations: the edge still answers
             return self._fallback(model, plan, strategy, run, request_id, f"cannot encode the tensor: {err}")
         payload_n_bytes = len(payload)
@@ -353,27 +383,28 @@ class EdgeRunner:
         content_encoding = None if body is None else "deflate"
         body = payload if body is None else body
         encode_ms = (time.perf_counter() - encode_started) * 1000.0
-        # The cloud gets the budget less what the local fallback would need, so a late cloud still
-        # leaves an answer within the budget.
-        remaining_ms = run.remaining_ms() - fallback_reserve_ms(model, plan, strategy.split, run)
+        # The cloud gets the budget less what the local fallback needs: a late cloud still leaves an answer in time.
+        reserve_ms = fallback_reserve_ms(model, plan, strategy.split, run)
+        remaining_ms = run.remaining_ms() - reserve_ms
         if remaining_ms <= 0:
             return self._fallback(model, plan, strategy, run, request_id,
                                   "no time left in the budget for the cloud")
         if self.breaker is not None and not self.breaker.allow():
-            return self._fallback(model, plan, strategy, run, request_id,
-                                  "the cloud's circuit breaker is open (consecutive failures)")
+            return self._fallback(model, plan, strategy, run, request_id, "the cloud's circuit breaker is open")
         call_started = time.perf_counter()
         try:
-            result = self.client.infer(body, timeout_s=remaining_ms / 1000.0, content_encoding=content_encoding)
+            result = self.pusher.call(
+                lambda timeout_s: self.client.infer(body, timeout_s=timeout_s, content_encoding=content_encoding),
+                model=model, remaining_ms=lambda: run.remaining_ms() - reserve_ms)
         except CloudError as err:
             run.transfer_ms = (time.perf_counter() - call_started) * 1000.0
-            if self.breaker is not None:  # a refusal (4xx) says the cloud is up
-                (self.breaker.record_success if isinstance(err, CloudRejected) else self.breaker.record_failure)()
+            if self.breaker is not None:
+                self.breaker.record(err)
             if isinstance(err, CloudRejected) and self.on_cloud_rejected is not None:
                 self.on_cloud_rejected(model.model_id)
             return self._fallback(model, plan, strategy, run, request_id, f"{_public_name(err)}: {err}")
         if self.breaker is not None:
-            self.breaker.record_success()
+            self.breaker.record(None)
         round_trip_ms = float(result.round_trip_ms)
         run.cloud_ms = max(0.0, float(result.cloud_ms))
         run.transfer_ms = max(0.0, round_trip_ms - run.cloud_ms)

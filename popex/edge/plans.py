@@ -27,6 +27,7 @@ from pathlib import Path
 
 from popex.checks import check_deadline_ms, check_objective
 from popex.decision.calibration import Calibration
+from popex.decision.precision_aware import precision_aware_thresholds
 from popex.decision.policies import PolicyBook, check_headroom, check_policy, edge_threshold_grids
 from popex.decision.latency import Link, Profile
 from popex.decision.sweep import ExitStats, sweep_exit_stats
@@ -66,10 +67,12 @@ def _hashable(key: tuple[object, ...]) -> bool:
     return all(isinstance(part, (str, int, float)) and not isinstance(part, bool) for part in key)
 
 
-def _head_plan(planner: Planner, link: Link, headroom_fraction: float) -> _Plan:
+def _head_plan(planner: Planner, link: Link, headroom_fraction: float,
+               precision_thresholds: tuple[float | None, ...]) -> _Plan:
     table = planner.table(link)
-    return _Plan(profile=planner.profile, link=link, table=table,
-                 policies=PolicyBook.build(table, headroom_fraction=headroom_fraction), cache={})
+    policies = PolicyBook.build(table, headroom_fraction=headroom_fraction,
+                                precision_aware=(precision_thresholds, planner.profile.branch_after_stage))
+    return _Plan(profile=planner.profile, link=link, table=table, policies=policies, cache={})
 
 
 def _strategy(plan: _Plan, deadline_ms: float, objective: str, policy: str) -> Strategy:
@@ -119,6 +122,8 @@ class ModelPlan:
             head: sweep_exit_stats(c, branch_after_stage=profile.branch_after_stage, thresholds=thresholds)
             for head, c in (expert_calibrations or {}).items()
         }
+        self._precision = {head: precision_aware_thresholds(c, grids=thresholds).thresholds  # on the table's grids
+                           for head, c in {PRISTINE_HEAD: calibration, **(expert_calibrations or {})}.items()}
         self._lock = threading.Lock()
         self._replan(profile, link)
 
@@ -130,9 +135,10 @@ class ModelPlan:
         self._plan = self._build(link)
 
     def _build(self, link: Link) -> _Plan:
-        experts = {head: _head_plan(planner, link, self.headroom_fraction)
+        experts = {head: _head_plan(planner, link, self.headroom_fraction, self._precision[head])
                    for head, planner in self._expert_planners.items()}
-        return dataclasses.replace(_head_plan(self._planner, link, self.headroom_fraction), experts=experts)
+        return dataclasses.replace(_head_plan(self._planner, link, self.headroom_fraction,
+                                              self._precision[PRISTINE_HEAD]), experts=experts)
 
     @property
     def head_names(self) -> tuple[str, ...]:

@@ -63,6 +63,8 @@ class TrainRecipe:
     image_size: int | None = None  # None: the dataset's own size
     blocks: tuple[int, ...] | None = None  # b-resnet only: residual blocks per layer (default 2,2,2,2)
     depth: float | None = None  # b-mobilenetv2 only: multiplier of each group's repeats (default 1)
+    bottleneck: int | None = None  # b-resnet only: channels of a stride-4 bottleneck stem (split computing)
+    exit_fractions: tuple[float, ...] | None = None  # b-resnet/b-mobilenetv2: branches at these shares of the MACs
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -77,6 +79,15 @@ class TrainRecipe:
             raise ConfigError(f"blocks (residual blocks per layer) is a b-resnet option, not {self.arch}'s")
         if self.depth is not None and self.arch != "b-mobilenetv2":
             raise ConfigError(f"depth (repeat multiplier) is a b-mobilenetv2 option, not {self.arch}'s")
+        if self.bottleneck is not None and self.arch != "b-resnet":
+            raise ConfigError(f"bottleneck (channels of the stem's bottleneck) is a b-resnet option, not {self.arch}'s")
+        if self.exit_fractions is not None:
+            if self.arch not in ("b-resnet", "b-mobilenetv2"):
+                raise ConfigError(f"exit fractions are a b-resnet/b-mobilenetv2 option, not {self.arch}'s")
+            if not self.exit_fractions or any(not 0 < f < 1 for f in self.exit_fractions) \
+                    or list(self.exit_fractions) != sorted(set(self.exit_fractions)):
+                raise ConfigError(f"exit fractions must be increasing, each strictly between 0 and 1, "
+                                  f"got {list(self.exit_fractions)}")
 
     def command(self, out_dir: str) -> str:
         parts = ["python", "-m", "popex.cli", "train", "--arch", self.arch, "--width", str(self.width), "--out", out_dir,
@@ -94,6 +105,10 @@ class TrainRecipe:
             parts += ["--blocks", ",".join(str(b) for b in self.blocks)]
         if self.depth is not None:
             parts += ["--depth", str(self.depth)]
+        if self.bottleneck is not None:
+            parts += ["--bottleneck", str(self.bottleneck)]
+        if self.exit_fractions is not None:
+            parts += ["--exit-fractions", ",".join(f"{f:g}" for f in self.exit_fractions)]
         defaults = TrainConfig()
         for flag, value, default in (("--batch-size", self.train.batch_size, defaults.batch_size),
                                      ("--learning-rate", self.train.learning_rate, defaults.learning_rate),
@@ -138,12 +153,16 @@ def arch_options(recipe: TrainRecipe) -> dict[str, Any]:
         options["width"] = max(1, round(_RESNET_BASE_WIDTH * recipe.width))
         if recipe.blocks is not None:
             options["blocks_per_layer"] = tuple(recipe.blocks)
+        if recipe.bottleneck is not None:
+            options["bottleneck_channels"] = recipe.bottleneck
     elif recipe.arch == "b-mobilenetv2":
         options["width_mult"] = recipe.width
         if recipe.depth is not None:
             options["depth_mult"] = recipe.depth
     else:
         options["width"] = recipe.width
+    if recipe.exit_fractions is not None:
+        options["exit_flop_fractions"] = tuple(recipe.exit_fractions)
     return options
 
 

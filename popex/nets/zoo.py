@@ -167,7 +167,8 @@ def _gap_branch(channels: int, n_classes: int, *, stride: int = 1) -> list[dict[
 
 
 def b_resnet_spec(*, n_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int = 16,
-                  blocks_per_layer: tuple[int, ...] = (2, 2, 2, 2), class_names: list[str] | None = None,
+                  blocks_per_layer: tuple[int, ...] = (2, 2, 2, 2), bottleneck_channels: int | None = None,
+                  exit_flop_fractions: tuple[float, ...] | None = None, class_names: list[str] | None = None,
                   mean: list[float] | None = None, std: list[float] | None = None) -> dict[str, Any]:
     """A ResNet of basic blocks (ResNet-18 layout by default), each residual block a stage.
 
@@ -177,16 +178,35 @@ def b_resnet_spec(*, n_classes: int = 10, in_channels: int = 3, image_size: int 
     about 25/50/75% of the backbone's compute (every layer costs about the
     same); their convolution has stride 2, so that a branch adds a quarter
     of a full-resolution convolution, not a whole one, to its exit's cost.
+
+    With ``bottleneck_channels`` the stem is made for split computing (the
+    "bottleneck injection" of Matsubara et al.'s head-network distillation):
+    two stride-2 convolutions bring the image to a quarter of its side and
+    ``bottleneck_channels`` channels (linear, no ReLU), so the tensor a cut
+    after the stem ships is smaller than the input itself; on 28x28 inputs
+    every plain CNN's cut tensors are larger than the 3.1 KB image, and the
+    planner then only ever chooses all-edge or all-cloud.
+
+    ``exit_flop_fractions`` places the branches where the cumulative
+    multiply-accumulates are nearest each fraction (as B-MobileNetV2 does)
+    instead of after each layer.
     """
     if width < 1 or not blocks_per_layer or min(blocks_per_layer) < 1:
         raise SpecError(f"need width >= 1 and at least one block per layer, got {width}, {blocks_per_layer}")
+    if bottleneck_channels is not None and not 1 <= bottleneck_channels <= 4096:
+        raise SpecError(f"bottleneck_channels must be in [1, 4096], got {bottleneck_channels}")
     spec = _header("b-resnet", in_channels, image_size, _default_classes(n_classes, class_names), mean, std)
-    stages: list[dict[str, Any]] = [
-        {"name": "stem", "layers": [_conv(in_channels, width, 3, padding=1, bias=False, name="conv1"),
-                                    _bn(width, "bn1"), _RELU]},
-    ]
+    if bottleneck_channels is None:
+        stem_layers = [_conv(in_channels, width, 3, padding=1, bias=False, name="conv1"), _bn(width, "bn1"), _RELU]
+        channels = width
+    else:
+        stem = max(8, width // 4)  # a cheap stem: the edge runs it before a cut at the bottleneck
+        stem_layers = [_conv(in_channels, stem, 3, stride=2, padding=1, bias=False, name="conv1"), _bn(stem, "bn1"),
+                       _RELU, _conv(stem, bottleneck_channels, 3, stride=2, padding=1, bias=False, name="bottleneck"),
+                       _bn(bottleneck_channels, "bottleneck_bn")]
+        channels = bottleneck_channels
+    stages: list[dict[str, Any]] = [{"name": "stem", "layers": stem_layers}]
     branches = []
-    channels = width
     for layer_index, n_blocks in enumerate(blocks_per_layer):
         out_channels = width * 2 ** layer_index
         for block in range(n_blocks):
@@ -201,7 +221,32 @@ def b_resnet_spec(*, n_classes: int = 10, in_channels: int = 3, image_size: int 
                              _linear(channels, n_classes, "fc")]
     spec["stages"] = stages
     spec["branches"] = branches
+    if exit_flop_fractions is not None:
+        spec["branches"] = _branches_at_fractions(spec, exit_flop_fractions, n_classes, stride=2)
     return spec
+
+
+def _branches_at_fractions(spec: dict[str, Any], fractions: tuple[float, ...], n_classes: int, *,
+                           stride: int = 1) -> list[dict[str, Any]]:
+    """Branches after the stages whose cumulative MACs are nearest each fraction, in order, one per stage."""
+    from popex.nets.flops import stage_macs  # local: flops imports this package's net
+
+    backbone = EarlyExitNet({**spec, "branches": []})
+    macs = stage_macs(backbone)
+    shapes = backbone.stage_output_shapes()
+    total = sum(macs)
+    cumulative_fraction = [sum(macs[:k]) / total for k in range(1, len(macs))]  # after stages 1..N-1
+    branches: list[dict[str, Any]] = []
+    previous = 0
+    for fraction in fractions:
+        # the stage whose cumulative share is nearest the target, after the previous exit
+        candidates = range(previous + 1, len(macs))
+        if not candidates:
+            break
+        k = min(candidates, key=lambda stage: abs(cumulative_fraction[stage - 1] - fraction))
+        branches.append({"after_stage": k, "layers": _gap_branch(shapes[k][0], n_classes, stride=stride)})
+        previous = k
+    return branches
 
 
 # -- B-MobileNetV2 ---------------------------------------------------------------
@@ -259,26 +304,7 @@ def b_mobilenetv2_spec(*, n_classes: int = 10, in_channels: int = 3, image_size:
         _linear(last_channels, n_classes, "classifier.1")]})
     spec = _header("b-mobilenetv2", in_channels, image_size, _default_classes(n_classes, class_names), mean, std)
     spec["stages"] = stages
-    spec["branches"] = []
-
-    from popex.nets.flops import stage_macs  # local: flops imports this package's net
-
-    backbone = EarlyExitNet(spec)
-    macs = stage_macs(backbone)
-    shapes = backbone.stage_output_shapes()
-    total = sum(macs)
-    cumulative_fraction = [sum(macs[:k]) / total for k in range(1, len(macs))]  # after stages 1..N-1
-    branches: list[dict[str, Any]] = []
-    previous = 0
-    for fraction in exit_flop_fractions:
-        # the stage whose cumulative share is nearest the target, after the previous exit
-        candidates = range(previous + 1, len(macs))
-        if not candidates:
-            break
-        k = min(candidates, key=lambda stage: abs(cumulative_fraction[stage - 1] - fraction))
-        branches.append({"after_stage": k, "layers": _gap_branch(shapes[k][0], n_classes)})
-        previous = k
-    spec["branches"] = branches
+    spec["branches"] = _branches_at_fractions(spec, exit_flop_fractions, n_classes)
     return spec
 
 
