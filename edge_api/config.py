@@ -245,7 +245,7 @@ class EdgeConfig(Settings):
     wire_dtype: str = "float32"
     wire_compression: str = "deflate"
     max_image_bytes: int = 10 * 2**20
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = 2048 * 2048  # ~4 MP: decoding more costs seconds and hundreds of MB
     max_model_bytes: int = 64 * 2**20  # the cloud's max_body_bytes: what the edge takes it can push
     max_strategy_configurations: int = DEFAULT_MAX_CONFIGURATIONS
     max_n_models: int = 32

@@ -120,3 +120,25 @@ def test_over_http_the_seven_branch_upload_is_refused_and_the_edge_restarts(tmp_
                 assert answer.status_code == 200, answer.text
                 models = requests.get(edge.url + "/api/v1/models", timeout=30).json()["models"]
                 assert all(m["name"] != "many-branches" for m in models)
+
+
+def test_a_new_calibration_for_a_known_model_is_a_409_not_silently_dropped(client, model_actions, lenet_files,
+                                                                          make_calibration):
+    model_id = model_actions.add(lenet_files["files"])
+    assert model_actions.register(lenet_files["files"]).status_code == 200  # the same files: known
+    response = model_actions.register({**lenet_files["files"], "calibration": make_calibration(seed=7)})
+    assert response.status_code == 409 and "another calibration" in response.json["error"]["message"]
+    assert client.get(f"/api/v1/models/{model_id}").json["state"] in ("ready", "registered", "profiling")
+
+
+def test_the_cloud_cleans_what_a_crashed_put_left_at_start(tmp_path):
+    import os
+    from popex.cloud.store import ModelStore
+    models = tmp_path / "models"
+    stale, fresh = models / ".0123456789ab.crashed", models / ".0123456789ab.writing"
+    for directory in (stale, fresh):
+        directory.mkdir(parents=True)
+        (directory / "spec.json").write_bytes(b"x" * 1000)
+    os.utime(stale, (0, 0))  # left by a crash long ago
+    ModelStore(tmp_path)
+    assert not stale.exists() and fresh.exists()  # one another worker may be writing now is kept

@@ -241,6 +241,12 @@ class ModelRegistry:
         parts = split_model_files(files)
         model_id = files_model_id(parts.model)
         if model_id in self._models:
+            known = self._models[model_id].directory
+            sent = {CALIBRATION_FILE: parts.calibration, **{calibration_file(e): data
+                                                           for e, data in parts.expert_calibrations.items()}}
+            if any(not (known / name).is_file() or (known / name).read_bytes() != data for name, data in sent.items()):
+                raise ConflictError(f"model {model_id} is registered with another calibration: DELETE "
+                                    "/api/v1/models/<id> it first to register it with this one")
             if trusted and not self._models[model_id].trusted:
                 self._trust(self._models[model_id])
             return Registration(model_id, created=False)
