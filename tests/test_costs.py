@@ -142,3 +142,15 @@ def test_the_cloud_cleans_what_a_crashed_put_left_at_start(tmp_path):
     os.utime(stale, (0, 0))  # left by a crash long ago
     ModelStore(tmp_path)
     assert not stale.exists() and fresh.exists()  # one another worker may be writing now is kept
+
+
+def test_the_uplink_history_csv_is_rotated(tmp_path):
+    from popex.edge.uplink_history import UplinkHistory
+    from popex.edge.uplink_window import UplinkSample
+    history = UplinkHistory(tmp_path / "uplink_history.csv", max_bytes=2000)
+    for i in range(500):
+        history.write([UplinkSample(time_s=float(i), source="probe", uplink_mbps=10.0, rtt_ms=20.0)])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["uplink_history.csv", "uplink_history.csv.1"]
+    assert all(p.stat().st_size < 2100 for p in tmp_path.iterdir())
+    assert (tmp_path / "uplink_history.csv").read_text().startswith("time_s,source")
