@@ -10,6 +10,7 @@ from werkzeug.exceptions import BadRequest
 from api_common.uploads import uploaded_model_files
 from edge_api.auth import is_admin_request, require_admin, require_client
 from edge_api.node import get_node
+from popex.edge.views import DEFAULT_ROW_LIMIT, MAX_ROW_LIMIT
 
 __all__ = ["bp"]
 
@@ -31,6 +32,15 @@ def _float_arg(name: str) -> float | None:
         return float(raw)
     except ValueError as err:
         raise BadRequest(f"{name} must be a number, got {raw[:40]!r}") from err
+
+
+def _int_arg(name: str, default: int, *, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    if not raw.strip().isdigit() or int(raw) > high:
+        raise BadRequest(f"{name} must be an integer in [0, {high}], got {raw[:40]!r}")
+    return int(raw)
 
 
 @bp.post("")
@@ -78,7 +88,8 @@ def describe_model(model_id: str) -> ResponseReturnValue:
 @bp.get("/<model_id>/strategies")
 @require_client
 def strategies(model_id: str) -> ResponseReturnValue:
-    """The current strategy table (JSON rows, or ``?format=csv``; ``?head=`` an expert's) and the chosen row."""
+    """The current strategy table (JSON rows ``?offset=&limit=``, or ``?format=csv``; ``?head=`` an expert's)
+    and the chosen row."""
     output_format = request.args.get("format", "json")
     if output_format == "csv":
         csv_text = get_node().views.strategies_csv(model_id)
@@ -88,4 +99,6 @@ def strategies(model_id: str) -> ResponseReturnValue:
         raise BadRequest(f"format must be 'json' or 'csv', got {output_format[:20]!r}")
     return jsonify(get_node().views.strategies(model_id, deadline_ms=_float_arg("deadline_ms"),
                                             objective=request.args.get("objective") or None,
-                                            head=request.args.get("head") or None))
+                                            head=request.args.get("head") or None,
+                                            offset=_int_arg("offset", 0, high=10**9),
+                                            limit=_int_arg("limit", DEFAULT_ROW_LIMIT, high=MAX_ROW_LIMIT)))

@@ -135,7 +135,10 @@ EDGE_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "parameters": [_query("format", {"type": "string", "enum": ["json", "csv"]}, "json (default) or csv"),
                        _query("deadline_ms", _NUMBER, "Requirement of the chosen row, ms"),
                        _query("objective", {"type": "string", "enum": ["mean", "tail"]}, "mean or tail"),
-                       _query("head", _STRING, "pristine or an expert head set")],
+                       _query("head", _STRING, "pristine or an expert head set"),
+                       _query("offset", {"type": "integer", "minimum": 0}, "First row of the page (default 0)"),
+                       _query("limit", {"type": "integer", "minimum": 0, "maximum": 10_000},
+                              "Rows in the page (default 1000)")],
         "responses": {"200": {"description": "The table", "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/Strategies"}},
             "text/csv": {"schema": _STRING}}}},

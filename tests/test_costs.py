@@ -154,3 +154,14 @@ def test_the_uplink_history_csv_is_rotated(tmp_path):
     assert files == ["uplink_history.csv", "uplink_history.csv.1"]
     assert all(p.stat().st_size < 2100 for p in tmp_path.iterdir())
     assert (tmp_path / "uplink_history.csv").read_text().startswith("time_s,source")
+
+
+def test_strategies_are_paged(client, model_actions, lenet_files):
+    model_id = model_actions.add(lenet_files["files"])
+    whole = client.get(f"/api/v1/models/{model_id}/strategies?limit=10000").json
+    page = client.get(f"/api/v1/models/{model_id}/strategies?offset=3&limit=5").json
+    assert page["n_rows"] == whole["n_rows"] and len(page["rows"]) == 5
+    assert page["rows"] == whole["rows"][3:8]
+    assert len(client.get(f"/api/v1/models/{model_id}/strategies").json["rows"]) == min(1000, whole["n_rows"])
+    for bad in ("limit=10001", "limit=-1", "offset=x"):
+        assert client.get(f"/api/v1/models/{model_id}/strategies?{bad}").status_code == 400
