@@ -61,9 +61,12 @@ if [[ "$gunicorn_help" == *--no-control-socket* ]]; then
     extra+=(--no-control-socket)
 fi
 
+# The worker class is gthread that buffers each connection's headers off the
+# request threads (api_common/gunicorn_worker.py): slow clients hold no thread,
+# and nothing is read past the headers before the route checks the token.
 exec "$gunicorn" "${extra[@]}" \
     --bind "$host:$port" \
-    --worker-class gthread --workers 1 --threads "$threads" \
+    --worker-class api_common.gunicorn_worker.BufferingThreadWorker --workers 1 --threads "$threads" \
     --timeout 120 --keep-alive 30 \
     --access-logfile - \
     'cloud_api:create_app()'

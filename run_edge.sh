@@ -86,9 +86,11 @@ if [[ "$gunicorn_help" == *--no-control-socket* ]]; then
 fi
 
 # --timeout: a worker busy registering a big model must not be killed as stuck.
+# The worker class is gthread that buffers each connection's headers off the
+# request threads (api_common/gunicorn_worker.py): slow clients hold no thread.
 exec "$gunicorn" "${extra[@]}" \
     --bind "$host:$port" \
-    --worker-class gthread --workers 1 --threads "$threads" \
+    --worker-class api_common.gunicorn_worker.BufferingThreadWorker --workers 1 --threads "$threads" \
     --timeout 120 --keep-alive 30 \
     --access-logfile - \
     'edge_api:create_app()'

@@ -33,6 +33,8 @@ def _handle(err: Exception, *, service_name: str) -> ResponseReturnValue:
         return err  # routing redirects (308) are not errors
     if isinstance(err, RecursionError):  # input nested past what a parser or a check could walk
         return error_response(400, "too_deep", "the input nests too deeply to be processed")
+    if isinstance(err, TimeoutError):  # the client stalled mid-body (api_common.gunicorn_worker's read timeout)
+        return error_response(408, "request_timeout", "the request body did not arrive in time")
     if isinstance(err, MemoryError):  # input that declares more than this service holds for one request
         log.warning("refused a request that needed more memory than available")
         return error_response(413, "too_large", "the input needs more memory than this service gives a request")

@@ -7,6 +7,7 @@ import os
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from edge_api.auth import require_client
 from edge_api.node import get_node
 from popex.tiers.service_benchmark import tier_benchmark
 
@@ -27,6 +28,7 @@ bp = Blueprint("benchmark", __name__, url_prefix="/api/v1/models")
 
 
 @bp.get("/<model_id>/benchmark")
+@require_client
 def model_benchmark(model_id: str) -> ResponseReturnValue:
     """The edge's stage and branch times of a model (its current profile); ``?system=`` names this edge."""
     node = get_node()

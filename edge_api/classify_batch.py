@@ -17,6 +17,7 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
 from edge_api.classify import _deadline_ms, _distortion_aware, _parameter
+from edge_api.auth import require_client
 from edge_api.node import get_node
 from popex.edge.batch_run import run_prepared
 from popex.errors import DataError
@@ -49,6 +50,7 @@ def _model() -> str | None:
 
 
 @bp.post("/classify/batch")
+@require_client
 def classify_batch() -> ResponseReturnValue:
     """Classify a batch of images (repeated multipart file 'images') under deadline_ms, policy, distortion_aware."""
     arrival_s = time.perf_counter()

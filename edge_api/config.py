@@ -26,6 +26,7 @@ from popex.checks import MAX_DEADLINE_MS, OBJECTIVES
 from popex.constraints import (DirectoryPath, Flag, HttpUrl, Integer, Matching, Nullable, Number, OneOf, Parsed, Rule,
                                Secret)
 from popex.decision.policies import DEFAULT_HEADROOM_FRACTION, MAX_HEADROOM_FRACTION
+from popex.edge.admission import DEFAULT_MAX_CONFIGURATIONS
 from popex.edge.uplink import RTT_METHODS
 from popex.errors import ConfigError
 from popex.link.emulation import parse_link
@@ -133,7 +134,20 @@ class EdgeConfig(Settings):
     max_image_pixels : int
         Largest width x height an image may declare.
     max_model_bytes : int
-        Largest model upload (spec + weights + calibration), bytes.
+        Largest model upload (spec + weights + calibration), bytes; at most
+        the cloud's ``max_body_bytes``, or the push to the cloud fails.
+    max_strategy_configurations : int
+        A model whose plan sweeps more threshold configurations (12 per branch,
+        multiplied, times the head sets) is refused at registration.
+    breaker_n_failures : int
+        Consecutive cloud failures (timeouts, refused connections) after which
+        offloads are skipped.
+    breaker_open_s : float
+        How long they are skipped before one request probes the cloud, s.
+    max_n_models : int
+        Most models the store holds.
+    max_store_bytes : int
+        Most bytes the stored models' directories take together.
     profile_n_repeats : int
         Timed runs per stage when a model is prepared.
     n_threads : int or None
@@ -194,6 +208,11 @@ class EdgeConfig(Settings):
         "max_image_bytes": Integer(1024, 2**30),
         "max_image_pixels": Integer(1, 2**31),
         "max_model_bytes": Integer(1024, 2**31),
+        "max_strategy_configurations": Integer(1, 10**9),
+        "max_n_models": Integer(1, 100_000),
+        "breaker_n_failures": Integer(1, 10**6),
+        "breaker_open_s": Number(low=0.0, high=3600.0),
+        "max_store_bytes": Integer(1024, 2**50),
         "profile_n_repeats": Integer(1, 1000),
         "n_threads": Nullable(Integer(1, 1024)),
         "max_batch_size": Integer(1, MAX_BATCH_SIZE),
@@ -234,8 +253,13 @@ class EdgeConfig(Settings):
     offload_bucket_depth: float = 10.0
     offload_policy: str = "mdp"
     max_image_bytes: int = 10 * 2**20
-    max_image_pixels: int = 4096 * 4096
-    max_model_bytes: int = 256 * 2**20
+    max_image_pixels: int = 2048 * 2048  # ~4 MP: decoding more costs seconds and hundreds of MB
+    max_model_bytes: int = 64 * 2**20  # the cloud's max_body_bytes: what the edge takes it can push
+    max_strategy_configurations: int = DEFAULT_MAX_CONFIGURATIONS
+    max_n_models: int = 32
+    breaker_n_failures: int = 3
+    breaker_open_s: float = 2.0
+    max_store_bytes: int = 4 * 2**30
     profile_n_repeats: int = 30
     n_threads: int | None = 1
     max_batch_size: int = 1

@@ -8,8 +8,9 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import BadRequest
 
 from api_common.uploads import uploaded_model_files
-from edge_api.auth import require_admin, require_client
+from edge_api.auth import is_admin_request, require_admin, require_client
 from edge_api.node import get_node
+from popex.edge.views import DEFAULT_ROW_LIMIT, MAX_ROW_LIMIT
 
 __all__ = ["bp"]
 
@@ -33,10 +34,19 @@ def _float_arg(name: str) -> float | None:
         raise BadRequest(f"{name} must be a number, got {raw[:40]!r}") from err
 
 
+def _int_arg(name: str, default: int, *, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    if not raw.strip().isdigit() or int(raw) > high:
+        raise BadRequest(f"{name} must be an integer in [0, {high}], got {raw[:40]!r}")
+    return int(raw)
+
+
 @bp.post("")
 @require_admin
 def register_model() -> ResponseReturnValue:
-    """Register a model in either form, with its calibrations (202 new, 200 known).
+    """Register a model in either form, with its calibrations (202 new, 200 known, 409 a taken name).
 
     Multipart: ``files`` parts named by their path in the model directory
     (``model.json``, ``stages/1.onnx``, ``calibration.npz``, ...), or one
@@ -47,7 +57,7 @@ def register_model() -> ResponseReturnValue:
     node = get_node()
     request.max_content_length = node.config.max_model_bytes
     files = uploaded_model_files(_NAMED_FIELDS, prefixed=_PREFIXED_FIELDS, max_bytes=node.config.max_model_bytes)
-    registration = node.preparation.register(files)
+    registration = node.preparation.register(files, trusted=is_admin_request())
     if registration.created:
         return jsonify({"model_id": registration.model_id, "state": "registered"}), 202
     model = node.registry.get(registration.model_id)
@@ -78,7 +88,8 @@ def describe_model(model_id: str) -> ResponseReturnValue:
 @bp.get("/<model_id>/strategies")
 @require_client
 def strategies(model_id: str) -> ResponseReturnValue:
-    """The current strategy table (JSON rows, or ``?format=csv``; ``?head=`` an expert's) and the chosen row."""
+    """The current strategy table (JSON rows ``?offset=&limit=``, or ``?format=csv``; ``?head=`` an expert's)
+    and the chosen row."""
     output_format = request.args.get("format", "json")
     if output_format == "csv":
         csv_text = get_node().views.strategies_csv(model_id)
@@ -88,4 +99,6 @@ def strategies(model_id: str) -> ResponseReturnValue:
         raise BadRequest(f"format must be 'json' or 'csv', got {output_format[:20]!r}")
     return jsonify(get_node().views.strategies(model_id, deadline_ms=_float_arg("deadline_ms"),
                                             objective=request.args.get("objective") or None,
-                                            head=request.args.get("head") or None))
+                                            head=request.args.get("head") or None,
+                                            offset=_int_arg("offset", 0, high=10**9),
+                                            limit=_int_arg("limit", DEFAULT_ROW_LIMIT, high=MAX_ROW_LIMIT)))

@@ -60,6 +60,8 @@ def fallback_kind(reason: str | None) -> str:
         return "budget_exhausted"
     if reason.startswith("cannot encode"):
         return "encode_failed"
+    if reason.startswith("the cloud's circuit breaker"):
+        return "circuit_open"
     head = reason.split(":", 1)[0].strip()
     return head if head.isidentifier() and len(head) <= 40 else "other"
 

@@ -8,6 +8,8 @@ helps, what to do. The services map these to DESIGN.md §6 JSON errors, so a
 __all__ = [
     "PopexError",
     "UnknownModelError",
+    "ConflictError",
+    "CostError",
     "error_status_and_body",
     "SpecError",
     "WeightsError",
@@ -32,6 +34,19 @@ class UnknownModelError(PopexError):
 
     code = "unknown_model"
     http_status = 404
+
+
+class ConflictError(PopexError):
+    """The request contradicts what is registered (a taken name, other files under a known id)."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class CostError(PopexError):
+    """A model would cost more to plan, store or run than the service's caps allow (checked before it runs)."""
+
+    code = "too_costly"
 
 
 class SpecError(PopexError):
@@ -87,6 +102,7 @@ _HTTP_CODES = {
     401: "unauthorized",
     403: "forbidden",
     404: "not_found",
+    409: "conflict",
     405: "method_not_allowed",
     408: "request_timeout",
     411: "length_required",

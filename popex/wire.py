@@ -410,9 +410,8 @@ def decode_offload(data: bytes, *, max_bytes: int = MAX_WIRE_BYTES) -> OffloadRe
     scale = _parse_scale(metadata)
     values = np.frombuffer(view["data"], dtype=_NUMPY_DTYPES[wire_dtype]).reshape(shape)
     x = values.astype(np.float32)  # a copy: writable and native-endian
-    if scale is not None:
-        with np.errstate(over="ignore"):  # a huge scale overflows to inf, refused just below
-            x *= np.float32(scale)
+    with np.errstate(over="ignore"):  # int8: q * a huge scale overflows float32 to inf, refused just below
+        x *= np.float32(1.0 if scale is None else scale)
     if not np.isfinite(x).all():  # int8 too: q * scale overflows float32 for a scale near 1e38
         raise WireError("tensor holds NaN or infinity" + (f" once dequantised (scale {scale:g})" if scale else ""))
     return OffloadRequest(

@@ -308,7 +308,8 @@ def test_an_unexpected_error_is_a_json_500(app, edge_internals, client, register
 def test_status_reports_uplink_cloud_and_models(client, cloud, registered):
     body = client.get("/api/v1/status").json
     assert {"uplink_mbps", "rtt_ms", "source", "n_samples", "history"} <= set(body["uplink"])
-    assert body["cloud"] == {"url": "http://127.0.0.1:9", "healthy": True}
+    assert body["cloud"] == {"url": "http://127.0.0.1:9", "healthy": True, "breaker": {
+        "state": "closed", "n_consecutive_failures": 0, "n_opened": 0, "n_skipped": 0}}
     assert body["emulated_link"] is None
     assert body["plan_headroom_fraction"] == 0.05  # configs/edge.yaml's default, used by the plans
     (model,) = body["models"]

@@ -42,7 +42,9 @@ def _writes(model_id: str):
 def _reads(model_id: str):
     return [("post", "/api/v1/classify", {"data": b"not an image", "content_type": "image/png"}),
             ("get", "/api/v1/status", {}), ("get", "/api/v1/requests", {}), ("get", "/api/v1/models", {}),
-            ("get", f"/api/v1/models/{model_id}", {}), ("get", f"/api/v1/models/{model_id}/strategies", {})]
+            ("get", f"/api/v1/models/{model_id}", {}), ("get", f"/api/v1/models/{model_id}/strategies", {}),
+            ("get", f"/api/v1/models/{model_id}/benchmark", {}),
+            ("post", "/api/v1/classify/batch", {"data": {}, "content_type": "multipart/form-data"})]
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong-token-0000000", f"Basic {ADMIN_TOKEN}", ADMIN_TOKEN,

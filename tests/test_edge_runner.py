@@ -64,7 +64,8 @@ def _profile(net, *, stage_edge_ms=(1.0, 1.0, 1.0), branch_edge_ms=(0.5,)):
 @pytest.fixture
 def setup(tmp_path, net):
     registry = ModelRegistry(tmp_path)
-    model_id = registry.register(json.dumps(net.spec).encode(), weights_to_bytes(net), _calibration_bytes())
+    model_id = registry.register(json.dumps(net.spec).encode(), weights_to_bytes(net), _calibration_bytes(),
+                                 trusted=True)  # as the admin route registers: the name resolves
     plans = PlanBook(link=Link(uplink_mbps=10.0, rtt_ms=20.0), headroom_fraction=0.0)
     plans.install(model_id, registry.get(model_id).calibration, _profile(net))
     cloud = FakeCloud(state_dir=tmp_path / "cloud", cloud_ms=2.0, transfer_ms=28.0)

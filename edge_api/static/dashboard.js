@@ -174,7 +174,7 @@ async function pollTable(status) {
   const models = status.models || [];
   const model = models.find(m => m.state === "ready") || models[0];
   if (!model) return;
-  const r = await fetch(`/api/v1/models/${encodeURIComponent(model.model_id)}/strategies`);
+  const r = await fetch(`/api/v1/models/${encodeURIComponent(model.model_id)}/strategies?limit=10000`);
   if (!r.ok) return;
   const table = await r.json();
   const front = drawPareto(document.getElementById("pareto-chart"), table, status.default_deadline_ms);

@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MODELS_DIR = "models"
 _MODEL_ID_RE = re.compile(r"[0-9a-f]{64}")
+_STALE_TMP_S = 600.0  # a temporary directory this old is a crash's leftover
 
 
 def _fsync_dir(path: Path) -> None:
@@ -87,6 +89,11 @@ class ModelStore:
         self._lock = threading.Lock()
         self._store_lock = threading.Lock()
         for directory in sorted(self._models_dir.iterdir()):
+            if directory.is_dir() and directory.name.startswith("."):
+                # a PUT or a delete a crash interrupted (not one another worker is writing now)
+                if time.time() - directory.stat().st_mtime > _STALE_TMP_S:
+                    shutil.rmtree(directory, ignore_errors=True)
+                continue
             if directory.is_dir() and _MODEL_ID_RE.fullmatch(directory.name):
                 self._load_from_disk(directory.name)
 

@@ -361,22 +361,10 @@ class FakeCloud(BatchOffloads):
         return RegisteredModel(model_id=model_id, n_stages=n_stages, created=created)
 
     def delete_model(self, model_id: str, *, timeout_s: float) -> bool:
-        """Forget the model (the real cloud half deletes its files).
+        """Forget the model (the real cloud half deletes its files); False if it was not here.
 
-        Parameters
-        ----------
-        model_id : str
-        timeout_s : float
-
-        Returns
-        -------
-        bool
-            False if it was not here.
-
-        Raises
-        ------
-        CloudUnavailable, CloudError
-            While ``down``; as set by :meth:`fail`.
+        >>> FakeCloud().delete_model("m" * 64, timeout_s=1.0)
+        False
         """
         self._enter("delete_model", timeout_s)
         self._raise_failure("delete_model")

@@ -15,7 +15,7 @@ from popex.edge.compute import EdgeCompute
 from popex.edge.plans import ModelPlan
 from popex.edge.store import StoredModel
 
-__all__ = ["LocalExit", "fallback_exit"]
+__all__ = ["LocalExit", "fallback_exit", "fallback_reserve_ms"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,35 @@ class LocalExit:
     label: int
     confidence: float
     exit: int | str
+
+
+def fallback_reserve_ms(model: StoredModel, plan: ModelPlan, split: int, run: RequestRun) -> float:
+    """Edge time the fallback would take now, ms: what an offload's timeout leaves for it.
+
+    So that a request whose cloud is late still answers within its budget
+    when the edge alone can: 0 once a branch was evaluated (its answer is
+    ready), else the cheaper of the rest of the network and the cheapest
+    branch at or before the split (the profile's times).
+
+    Parameters
+    ----------
+    model : StoredModel
+    plan : ModelPlan
+    split : int
+        Stages already run.
+    run : RequestRun
+
+    Returns
+    -------
+    float
+    """
+    if run.evaluated:
+        return 0.0
+    profile = plan.profile
+    rest_ms = float(profile.stage_edge_ms[split:].sum())
+    branch_ms = [float(profile.branch_edge_ms[b]) for b, k in enumerate(model.loaded.net.branch_after_stage)
+                 if k <= split]
+    return min([rest_ms, *branch_ms])
 
 
 def fallback_exit(compute: EdgeCompute, model: StoredModel, plan: ModelPlan, split: int,

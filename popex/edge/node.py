@@ -16,6 +16,7 @@ from typing import Any
 
 
 from popex.decision.latency import Link
+from popex.edge.breaker import CircuitBreaker
 from popex.edge.cloud_port import CloudClient
 from popex.edge.compute import EdgeCompute
 from popex.edge.pipeline import EdgeRunner
@@ -111,7 +112,8 @@ class EdgeNode:
         if client is None:
             link = parse_link(config.emulate_link) if config.emulate_link is not None else None
             client = CloudClient(config.cloud_url, token=config.token, link=link)
-        registry = ModelRegistry(config.state_dir, n_threads=config.n_threads or 1)
+        registry = ModelRegistry(config.state_dir, n_threads=config.n_threads or 1, max_n_models=config.max_n_models,
+                                 max_store_bytes=config.max_store_bytes)
         _log.info("edge registry on %s with %d stored models", config.state_dir, len(registry))
         plans = PlanBook(link=_initial_link(config, client), headroom_fraction=config.plan_headroom_fraction)
         monitor = UplinkMonitor(
@@ -129,7 +131,7 @@ class EdgeNode:
             registry=registry, plans=plans, client=client, planner=planner, compute=compute,
             wire_dtype=config.wire_dtype, distortion_aware_default=config.distortion_aware_default,
             cloud_speedup=config.cloud_speedup, profile_n_repeats=config.profile_n_repeats,
-            cloud_timeout_s=config.cloud_timeout_s,
+            cloud_timeout_s=config.cloud_timeout_s, max_strategy_configurations=config.max_strategy_configurations,
         )
         runner = EdgeRunner(
             registry=registry, plans=plans, client=client, planner=planner, compute=compute,
@@ -138,6 +140,7 @@ class EdgeNode:
             wire_compression=config.wire_compression, distortion_aware_default=config.distortion_aware_default,
             on_cloud_rejected=preparation.request_sync, max_batch_size=config.max_batch_size,
             batch_max_wait_ms=config.batch_max_wait_ms,
+            breaker=CircuitBreaker(n_failures=config.breaker_n_failures, open_s=config.breaker_open_s),
         )
         views = EdgeViews(registry=registry, plans=plans, runner=runner, planner=planner, monitor=monitor,
                           client=client, cloud_url=config.cloud_url)

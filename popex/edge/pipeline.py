@@ -45,7 +45,8 @@ from popex.edge.budget import RequestRun, offload_budget_ms
 from popex.edge.classification import Classification, LatencyBreakdown
 from popex.edge.cloud_port import CloudError, CloudRejected
 from popex.edge.compute import EdgeCompute
-from popex.edge.fallback import fallback_exit
+from popex.edge.breaker import CircuitBreaker
+from popex.edge.fallback import fallback_exit, fallback_reserve_ms
 from popex.edge.model_push import ModelPusher
 from popex.edge.rate_limit import refused_offload
 from popex.edge.plans import ModelPlan
@@ -97,6 +98,8 @@ class EdgeRunner:
     on_cloud_rejected : callable(str), optional
         Called with the model id when the cloud refuses an offload (e.g. it
         lost the model on a restart), so the model can be pushed again.
+    breaker : CircuitBreaker, optional
+        Skips offloads while the cloud keeps failing (:mod:`popex.edge.breaker`).
     max_batch_size, batch_max_wait_ms : int, float
         The micro-batcher (:mod:`popex.runtime.batcher`): requests of one
         :func:`~popex.edge.batch_run.batch_key` within the wait (ms) run as one
@@ -112,7 +115,7 @@ class EdgeRunner:
                  objective: str, default_deadline_ms: float, max_image_pixels: int, wire_dtype: str,
                  wire_compression: str, distortion_aware_default: bool,
                  on_cloud_rejected: Callable[[str], None] | None = None, max_batch_size: int = 1,
-                 batch_max_wait_ms: float = 0.0) -> None:
+                 batch_max_wait_ms: float = 0.0, breaker: CircuitBreaker | None = None) -> None:
         if wire_compression not in WIRE_COMPRESSIONS:
             raise ConfigError(f"wire_compression must be one of {list(WIRE_COMPRESSIONS)}, got {wire_compression!r}")
         if not isinstance(distortion_aware_default, bool):
@@ -129,6 +132,7 @@ class EdgeRunner:
         self.wire_compression = wire_compression
         self.distortion_aware_default = distortion_aware_default
         self.on_cloud_rejected = on_cloud_rejected
+        self.breaker = breaker  # None: always offload (tests of the bare pipeline)
         #: The model a request without a name gets (set when the default model directory is registered).
         self.default_model_id: str | None = None
         #: The offload token bucket (popex.ratelimit.live.RateLimiter), None when offloads are not rate-limited.
@@ -148,7 +152,8 @@ class EdgeRunner:
         Parameters
         ----------
         model : str or None
-            Model id or name; None or "" = the default model (or the only one).
+            Model id, or the name of a model registered with the admin token; None or "" = the
+            default model (or the only one).
 
         Returns
         -------
@@ -172,12 +177,12 @@ class EdgeRunner:
             return self.registry.get(ids[0])
         if model in self.registry:
             return self.registry.get(model)
-        named = [i for i in self.registry.ids() if self.registry.get(i).name == model]
-        if len(named) == 1:
+        # A name only among the models registered with the admin token (unique): no squatting.
+        named = [i for i in self.registry.ids() if self.registry.get(i).trusted and self.registry.get(i).name == model]
+        if named:
             return self.registry.get(named[0])
-        if len(named) > 1:
-            raise ConfigError(f"{len(named)} models are named {model!r}; name one by its id")
-        raise UnknownModelError(f"no model {model!r} is registered on this edge")
+        raise UnknownModelError(f"no model {model!r} is registered on this edge (a name is looked up among the "
+                                "models registered with the admin token; others by their id)")
 
     def plan_of(self, model: StoredModel) -> ModelPlan:
         """The model's plan (installed at registration, see :mod:`popex.edge.preparation`).
@@ -386,20 +391,28 @@ class EdgeRunner:
         content_encoding = None if body is None else "deflate"
         body = payload if body is None else body
         encode_ms = (time.perf_counter() - encode_started) * 1000.0
-        remaining_ms = run.remaining_ms()
+        # The cloud gets the budget less what the local fallback needs: a late cloud still leaves an answer in time.
+        reserve_ms = fallback_reserve_ms(model, plan, strategy.split, run)
+        remaining_ms = run.remaining_ms() - reserve_ms
         if remaining_ms <= 0:
             return self._fallback(model, plan, strategy, run, request_id,
                                   "no time left in the budget for the cloud")
+        if self.breaker is not None and not self.breaker.allow():
+            return self._fallback(model, plan, strategy, run, request_id, "the cloud's circuit breaker is open")
         call_started = time.perf_counter()
         try:
             result = self.pusher.call(
                 lambda timeout_s: self.client.infer(body, timeout_s=timeout_s, content_encoding=content_encoding),
-                model=model, remaining_ms=run.remaining_ms)
+                model=model, remaining_ms=lambda: run.remaining_ms() - reserve_ms)
         except CloudError as err:
             run.transfer_ms = (time.perf_counter() - call_started) * 1000.0
+            if self.breaker is not None:
+                self.breaker.record(err)
             if isinstance(err, CloudRejected) and self.on_cloud_rejected is not None:
                 self.on_cloud_rejected(model.model_id)
             return self._fallback(model, plan, strategy, run, request_id, f"{_public_name(err)}: {err}")
+        if self.breaker is not None:
+            self.breaker.record(None)
         round_trip_ms = float(result.round_trip_ms)
         run.cloud_ms = max(0.0, float(result.cloud_ms))
         run.transfer_ms = max(0.0, round_trip_ms - run.cloud_ms)

@@ -44,10 +44,12 @@ import numpy as np
 
 from popex.checks import check_finite, check_int
 from popex.decision.latency import Profile
+from popex.edge.admission import DEFAULT_MAX_CONFIGURATIONS, check_plan_cost
 from popex.edge.cloud_port import CloudError
 from popex.edge.compute import EdgeCompute
 from popex.edge.store import Registration, StoredModel
 from popex.edge.worker import JobWorker
+from popex.errors import CostError
 from popex.runtime.profiler import StageTimings, build_profile, time_stages
 from popex.wire import encode_offload
 
@@ -102,6 +104,9 @@ class ModelPreparation:
         Timeout of control calls to the cloud, s.
     resync_interval_s : float, default 10
         Least time between two pushes of one model after the cloud refused it, s.
+    max_strategy_configurations : int
+        A model whose plan would sweep more threshold configurations is refused
+        (:func:`popex.edge.admission.check_plan_cost`).
 
     Raises
     ------
@@ -111,7 +116,8 @@ class ModelPreparation:
 
     def __init__(self, *, registry: Any, plans: Any, client: Any, planner: Any, compute: EdgeCompute,
                  wire_dtype: str, distortion_aware_default: bool, cloud_speedup: float, profile_n_repeats: int,
-                 cloud_timeout_s: float, resync_interval_s: float = 10.0) -> None:
+                 cloud_timeout_s: float, resync_interval_s: float = 10.0,
+                 max_strategy_configurations: int = DEFAULT_MAX_CONFIGURATIONS) -> None:
         self.registry = registry
         self.plans = plans
         self.client = client
@@ -123,6 +129,8 @@ class ModelPreparation:
         self.profile_n_repeats = check_int(profile_n_repeats, name="profile_n_repeats", low=1, high=_MAX_N_REPEATS)
         self.cloud_timeout_s = check_finite(cloud_timeout_s, name="cloud_timeout_s", low=0.0, low_open=True)
         self.resync_interval_s = check_finite(resync_interval_s, name="resync_interval_s", low=0.0)
+        self.max_strategy_configurations = check_int(max_strategy_configurations, name="max_strategy_configurations",
+                                                     low=1, high=10**9)
         self._worker = JobWorker("popex-prepare")
         self._jobs: dict[tuple[str, str], Future[Any]] = {}
         self._jobs_lock = threading.Lock()
@@ -134,6 +142,12 @@ class ModelPreparation:
         """Plan every stored model and queue the work it still needs (no wait)."""
         for model_id in self.registry.ids():
             model = self.registry.get(model_id)
+            try:  # a model that cannot be planned is skipped, never the end of the start
+                check_plan_cost(model, max_configurations=self.max_strategy_configurations)
+            except CostError as err:
+                _log.error("not planning stored model %s: %s", model_id[:12], err)
+                self.registry.set_state(model_id, "failed", error=str(err))
+                continue
             # A profile measured under another emulated slowdown is another device's: profile again.
             if (model.state == "ready" and model.profile is not None
                     and model.profile_edge_slowdown == self.compute.edge_slowdown):
@@ -179,7 +193,7 @@ class ModelPreparation:
 
     # -- registration and preparation ------------------------------------------------
 
-    def register(self, files: Mapping[str, bytes]) -> Registration:
+    def register(self, files: Mapping[str, bytes], *, trusted: bool = False) -> Registration:
         """Validate and store a model, plan it with assumptions, queue its preparation.
 
         Parameters
@@ -187,6 +201,8 @@ class ModelPreparation:
         files : mapping of str to bytes
             The model directory's files by relative path
             (:meth:`popex.edge.store.ModelRegistry.add`).
+        trusted : bool
+            Sent with the admin token: the model answers to its name.
 
         Returns
         -------
@@ -196,10 +212,14 @@ class ModelPreparation:
 
         Raises
         ------
-        SpecError, WeightsError, CalibrationError, OnnxModelError
+        SpecError, WeightsError, CalibrationError, OnnxModelError, ConflictError
             Nothing is stored in that case.
         """
-        registration = self.registry.add(files)
+        try:
+            registration = self.registry.add(files, trusted=trusted, admit=self._admit)
+        except BaseException:
+            self._drop_orphan_plans()  # planned, then refused (a name taken meanwhile, the store full)
+            raise
         model = self.registry.get(registration.model_id)
         if registration.model_id not in self.plans:
             self._install_assumed_plan(model)
@@ -225,12 +245,12 @@ class ModelPreparation:
         PopexError
             If the files are missing or invalid.
         """
-        model_id = self.registry.register_directory(directory)
+        model_id = self.registry.register_directory(directory, admit=self._admit)
         model = self.registry.get(model_id)
         if model_id not in self.plans:
             self._install_assumed_plan(model)
-            if model.state != "ready":
-                self._submit("prepare", model_id, self.prepare)
+        if model.state == "registered":  # new (planned on admission), or stored and not prepared yet
+            self._submit("prepare", model_id, self.prepare)  # a job already queued for it is not doubled
         return model_id
 
     def remove(self, model_id: str) -> dict[str, Any]:
@@ -290,6 +310,7 @@ class ModelPreparation:
         model = self.registry.get(model_id)
         self.registry.set_state(model_id, "profiling")
         try:
+            check_plan_cost(model, max_configurations=self.max_strategy_configurations)
             on_cloud = self._push(model)
             timings = time_stages(model.loaded.net, n_warmup=_N_WARMUP, n_repeats=self.profile_n_repeats)
             cloud_stage_ms = self._cloud_profile(model) if on_cloud else None
@@ -331,6 +352,20 @@ class ModelPreparation:
                 self._jobs[key] = self._worker.submit(lambda: job(model_id))
             except RuntimeError:  # shut down: the node is closing
                 _log.info("not queueing %s of %s: the node is closing", kind, model_id)
+
+    def _admit(self, model: StoredModel) -> None:
+        """Plan a validated model before it enters the store; refuse it (CostError) if it cannot be."""
+        check_plan_cost(model, max_configurations=self.max_strategy_configurations)
+        try:
+            self._install_assumed_plan(model)
+        except MemoryError as err:
+            self.plans.remove(model.model_id)
+            raise CostError(f"model {model.name!r} cannot be planned in the memory this edge has") from err
+
+    def _drop_orphan_plans(self) -> None:
+        for model_id in self.plans.model_ids():
+            if model_id not in self.registry:
+                self.plans.remove(model_id)
 
     def _install_assumed_plan(self, model: StoredModel) -> None:
         timings = time_stages(model.loaded.net, n_warmup=_QUICK_N_WARMUP, n_repeats=_QUICK_N_REPEATS)

@@ -26,13 +26,14 @@ opens, so models survive a restart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from popex.data.preprocess import Preprocessing
@@ -52,10 +53,11 @@ from popex.edge.stored_model import (
     STATE_FILE,
     Registration,
     StoredModel,
+    directory_bytes,
     load_stored_model,
     state_record,
 )
-from popex.errors import PopexError, ProfileError, UnknownModelError
+from popex.errors import ConflictError, PopexError, ProfileError, UnknownModelError
 from popex.runtime.distortion import CLASSIFIER_DIR
 from popex.runtime.model_files import (
     ONNX_DIR,
@@ -102,6 +104,11 @@ class ModelRegistry:
         Created if missing. Opening the registry loads every stored model
         (a directory that no longer validates is logged and skipped) and
         removes leftovers of interrupted registrations. No thread is started.
+    n_threads : int
+        ONNX Runtime intra-op threads of each session.
+    max_n_models, max_store_bytes : int or None
+        Most models, and most bytes of their directories, the store holds;
+        None: no cap.
 
     Examples
     --------
@@ -111,9 +118,12 @@ class ModelRegistry:
     []
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str], *, n_threads: int = 1) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], *, n_threads: int = 1, max_n_models: int | None = None,
+                 max_store_bytes: int | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.n_threads = n_threads
+        self.max_n_models = max_n_models
+        self.max_store_bytes = max_store_bytes
         self._models_dir = self.state_dir / _MODELS_DIR
         self._models_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -164,7 +174,7 @@ class ModelRegistry:
 
     def register(self, spec_bytes: bytes, weights_bytes: bytes, calibration_bytes: bytes, *,
                  expert_calibrations: Mapping[str, bytes] | None = None, classifier_spec: bytes | None = None,
-                 classifier_weights: bytes | None = None) -> str:
+                 classifier_weights: bytes | None = None, trusted: bool = False) -> str:
         """Validate and store a spec-form model; return its id (idempotent): :meth:`add` with these files.
 
         Parameters
@@ -175,6 +185,8 @@ class ModelRegistry:
             Expert name -> its calibration .npz.
         classifier_spec, classifier_weights : bytes, optional
             The distortion classifier's spec.json and weights.safetensors.
+        trusted : bool
+            As for :meth:`add`.
 
         Returns
         -------
@@ -192,9 +204,10 @@ class ModelRegistry:
             files[f"{CLASSIFIER_DIR}/{SPEC_FILE}"] = classifier_spec
         if classifier_weights is not None:
             files[f"{CLASSIFIER_DIR}/{WEIGHTS_FILE}"] = classifier_weights
-        return self.add(files).model_id
+        return self.add(files, trusted=trusted).model_id
 
-    def add(self, files: Mapping[str, bytes]) -> Registration:
+    def add(self, files: Mapping[str, bytes], *, trusted: bool = False,
+            admit: Callable[[StoredModel], None] | None = None) -> Registration:
         """Validate and store a model given as its directory's files; say whether it was new.
 
         Parameters
@@ -204,6 +217,14 @@ class ModelRegistry:
             says which files a model has): the model in either form, ``calibration.npz``, one
             ``calibration_<expert>.npz`` per expert head set and ``distortion-classifier/``
             for a model with experts.
+        trusted : bool
+            Registered with the admin token: the model answers to its name,
+            which no other model may then take. A known model registered
+            again by a trusted caller becomes trusted.
+        admit : callable, optional
+            Called with the validated model before it becomes visible (the
+            preparation plans it there); whatever it raises refuses the model,
+            and nothing is stored.
 
         Returns
         -------
@@ -213,11 +234,23 @@ class ModelRegistry:
         ------
         SpecError, WeightsError, CalibrationError, OnnxModelError
             One clear message; nothing is stored in that case.
+        ConflictError
+            If another model holds the name (a trusted one; any one, for an untrusted caller),
+            or the store is full (``max_n_models``, ``max_store_bytes``).
         """
         parts = split_model_files(files)
         model_id = files_model_id(parts.model)
         if model_id in self._models:
+            known = self._models[model_id].directory
+            sent = {CALIBRATION_FILE: parts.calibration, **{calibration_file(e): data
+                                                           for e, data in parts.expert_calibrations.items()}}
+            if any(not (known / name).is_file() or (known / name).read_bytes() != data for name, data in sent.items()):
+                raise ConflictError(f"model {model_id} is registered with another calibration: DELETE "
+                                    "/api/v1/models/<id> it first to register it with this one")
+            if trusted and not self._models[model_id].trusted:
+                self._trust(self._models[model_id])
             return Registration(model_id, created=False)
+        self._check_room(sum(len(data) for data in files.values()))
         incoming = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self._models_dir))
         try:
             write_files(parts.model, incoming)
@@ -244,12 +277,20 @@ class ModelRegistry:
                 directory=self._models_dir / loaded.model_id,
                 expert_calibrations=experts,
                 classifier=classifier,
+                trusted=trusted,
             )
             (incoming / STATE_FILE).write_text(json.dumps(state_record(model)))
             _fsync_tree(incoming)
+            model.stored_bytes = directory_bytes(incoming)
+            with self._lock:
+                self._check_name_free(model.name, trusted=trusted)
+            if admit is not None:
+                admit(model)  # outside the lock: planning takes a while
             with self._lock:
                 if loaded.model_id in self._models:
                     return Registration(loaded.model_id, created=False)
+                self._check_name_free(model.name, trusted=trusted)
+                self._check_room(model.stored_bytes, locked=True)
                 if model.directory.exists():
                     # On disk but not loaded: it failed validation at start; replace it.
                     _log.warning("replacing unreadable stored copy of model %s", loaded.model_id)
@@ -260,13 +301,17 @@ class ModelRegistry:
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
 
-    def register_directory(self, directory: str | os.PathLike[str]) -> str:
-        """Register the model found in ``directory`` (either form, with its calibrations and experts).
+    def register_directory(self, directory: str | os.PathLike[str], *,
+                           admit: Callable[[StoredModel], None] | None = None) -> str:
+        """Register the model found in ``directory`` (either form, with its calibrations and experts), trusted:
+        the operator configured it.
 
         Parameters
         ----------
         directory : str or path-like
             The layout ``popex train``, ``popex train-experts`` or ``popex export`` writes.
+        admit : callable, optional
+            As for :meth:`add`.
 
         Returns
         -------
@@ -278,7 +323,7 @@ class ModelRegistry:
         SpecError
             If a file is missing; otherwise as :meth:`add`.
         """
-        return self.add(read_model_directory(directory)).model_id
+        return self.add(read_model_directory(directory), trusted=True, admit=admit).model_id
 
     def remove(self, model_id: str) -> StoredModel:
         """Forget a model and delete its directory (renamed aside first, so a crash leaves no half model).
@@ -363,6 +408,30 @@ class ModelRegistry:
         return model
 
     # -- private ------------------------------------------------------------------
+
+    def _check_name_free(self, name: str, *, trusted: bool, model_id: str | None = None) -> None:
+        """Under the lock: refuse a name another trusted model holds (for an untrusted caller: any model)."""
+        for other in self._models.values():
+            if other.model_id != model_id and other.name == name and (other.trusted or not trusted):
+                raise ConflictError(f"the name {name!r} is taken by model {other.model_id}: give the model "
+                                    "another 'name', or DELETE /api/v1/models/<id> the other one first")
+
+    def _check_room(self, n_bytes: int, *, locked: bool = False) -> None:
+        """Refuse a model of ``n_bytes`` that the store's caps leave no room for (``locked``: under the lock)."""
+        with contextlib.nullcontext() if locked else self._lock:
+            n_models, used_bytes = len(self._models), sum(m.stored_bytes for m in self._models.values())
+        if self.max_n_models is not None and n_models >= self.max_n_models:
+            raise ConflictError(f"the store holds {n_models} models, the most max_n_models allows: "
+                                "DELETE /api/v1/models/<id> one first")
+        if self.max_store_bytes is not None and used_bytes + n_bytes > self.max_store_bytes:
+            raise ConflictError(f"the store holds {used_bytes} bytes of models; this one ({n_bytes} bytes) would "
+                                f"pass max_store_bytes ({self.max_store_bytes}): delete a model first")
+
+    def _trust(self, model: StoredModel) -> None:
+        with self._lock:
+            self._check_name_free(model.name, trusted=True, model_id=model.model_id)
+            model.trusted = True
+            atomic_write_bytes(model.directory / STATE_FILE, json.dumps(state_record(model)).encode())
 
     def _load_stored(self) -> None:
         for entry in sorted(self._models_dir.iterdir()):

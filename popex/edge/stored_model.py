@@ -30,6 +30,7 @@ __all__ = [
     "StoredModel",
     "Registration",
     "state_record",
+    "directory_bytes",
     "load_stored_model",
 ]
 
@@ -77,6 +78,11 @@ class StoredModel:
         Picks the head set per image; present exactly when the model has experts.
     profile_edge_slowdown : float
         The emulated edge slowdown its stored profile was measured under.
+    trusted : bool
+        Registered with the admin token (or from the default model directory):
+        only such models answer to their name in ``?model=``.
+    stored_bytes : int
+        Bytes of its directory (what the store's cap counts).
     """
 
     model_id: str
@@ -92,6 +98,8 @@ class StoredModel:
     expert_calibrations: dict[str, Calibration] = field(default_factory=dict)
     classifier: OnnxDistortionClassifier | None = None
     profile_edge_slowdown: float = 1.0
+    trusted: bool = False
+    stored_bytes: int = 0
 
     @property
     def expert_names(self) -> tuple[str, ...]:
@@ -149,8 +157,22 @@ class Registration:
     created: bool
 
 
+def directory_bytes(directory: Path) -> int:
+    """Bytes of every file under ``directory``.
+
+    Parameters
+    ----------
+    directory : Path
+
+    Returns
+    -------
+    int
+    """
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
 def state_record(model: StoredModel) -> dict[str, Any]:
-    """What ``state.json`` holds of a model: its lifecycle state, error, registration time, cloud profile.
+    """What ``state.json`` holds of a model: its lifecycle state, error, registration time, cloud profile, trust.
 
     Parameters
     ----------
@@ -166,6 +188,7 @@ def state_record(model: StoredModel) -> dict[str, Any]:
         "error": model.error,
         "registered_at_s": model.registered_at_s,
         "cloud_profile": model.cloud_profile,
+        "trusted": model.trusted,
     }
 
 
@@ -218,6 +241,8 @@ def load_stored_model(directory: Path, *, n_threads: int = 1) -> StoredModel:
     if state_path.is_file():
         state = json.loads(state_path.read_text())
     model.registered_at_s = float(state.get("registered_at_s", directory.stat().st_mtime))
+    model.trusted = state.get("trusted") is True
+    model.stored_bytes = directory_bytes(directory)
     profile_path = directory / PROFILE_FILE
     if state.get("state") == "ready" and profile_path.is_file():
         data = json.loads(profile_path.read_text())

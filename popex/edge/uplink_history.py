@@ -5,7 +5,9 @@ status); experiments plot the estimate over a whole run, so every sample
 also goes to a file. Writing it can block on a slow or full disk, so
 :class:`~popex.edge.uplink.UplinkMonitor` writes outside its lock, from one
 thread at a time, and the writer itself takes no lock. A write that fails is
-logged, never raised: a full disk must not stop the estimate.
+logged, never raised: a full disk must not stop the estimate. The file is
+rotated at ``max_bytes`` (to ``<name>.1``, replacing the previous one), so a
+long-running edge keeps at most twice that on disk.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from pathlib import Path
 
 from popex.edge.uplink_window import UplinkSample
 
-__all__ = ["HISTORY_COLUMNS", "UplinkHistory"]
+__all__ = ["DEFAULT_MAX_BYTES", "HISTORY_COLUMNS", "UplinkHistory"]
 
 _log = logging.getLogger(__name__)
 
+#: Default size at which the CSV is rotated (about 300,000 samples).
+DEFAULT_MAX_BYTES = 8 * 2**20
 #: The CSV's header row.
 HISTORY_COLUMNS = ("time_s", "source", "uplink_mbps", "rtt_ms")
 
@@ -43,10 +47,13 @@ class UplinkHistory:
     ----------
     path : str or path-like
         The CSV file; its folder is created when missing.
+    max_bytes : int
+        Size at which the file is moved to ``<path>.1`` and started anew.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes
 
     def write(self, samples: Iterable[UplinkSample]) -> None:
         """Append one row per sample (and the header first if the file is new).
@@ -57,6 +64,8 @@ class UplinkHistory:
             In the order they were measured.
         """
         try:
+            if self.path.is_file() and self.path.stat().st_size >= self.max_bytes:
+                self.path.replace(self.path.with_name(self.path.name + ".1"))
             is_new = not self.path.is_file()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", newline="", encoding="utf-8") as handle:

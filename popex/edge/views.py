@@ -15,7 +15,11 @@ from popex.edge.plans import ModelPlan
 from popex.edge.store import StoredModel
 from popex.runtime.onnx_model import PRISTINE_HEAD
 
-__all__ = ["EdgeViews"]
+__all__ = ["DEFAULT_ROW_LIMIT", "MAX_ROW_LIMIT", "EdgeViews"]
+
+#: Rows of a strategy table one ``/strategies`` answer holds unless asked (``?limit=``), and at most.
+DEFAULT_ROW_LIMIT = 1000
+MAX_ROW_LIMIT = 10_000
 
 _HEALTH_TIMEOUT_S = 1.0
 
@@ -78,6 +82,9 @@ class EdgeViews:
         UnknownModelError
         """
         model = self.registry.get(model_id)
+        if model_id not in self.plans:  # refused at start (its error says why): nothing planned to show
+            return {"model_id": model.model_id, "name": model.name, "state": model.state, "error": model.error,
+                    "n_stages": model.loaded.net.n_stages, "strategy": None}
         plan = self.runner.plan_of(model)
         strategy = plan.strategy(self.runner.default_deadline_ms, self.runner.objective)
         return {
@@ -96,7 +103,8 @@ class EdgeViews:
         }
 
     def strategies(self, model_id: str, *, deadline_ms: float | None = None,
-                   objective: str | None = None, head: str | None = None) -> dict[str, Any]:
+                   objective: str | None = None, head: str | None = None, offset: int = 0,
+                   limit: int = DEFAULT_ROW_LIMIT) -> dict[str, Any]:
         """The current strategy table of a model as JSON rows, and the row chosen for a deadline.
 
         Parameters
@@ -108,11 +116,14 @@ class EdgeViews:
             Default: the config's objective.
         head : str, optional
             Whose table: "pristine" (default) or one of the model's experts.
+        offset, limit : int
+            Which rows: ``rows[offset:offset + limit]`` (a 4-branch table has
+            ~100,000 rows, 9 MB of JSON; a page is bounded).
 
         Returns
         -------
         dict
-            ``model_id``, ``head``, ``link``, ``n_rows``, ``chosen``, ``rows``.
+            ``model_id``, ``head``, ``link``, ``n_rows`` (all), ``offset``, ``limit``, ``chosen``, ``rows``.
 
         Raises
         ------
@@ -129,8 +140,10 @@ class EdgeViews:
             "head": head,
             "link": {"uplink_mbps": table.link.uplink_mbps, "rtt_ms": table.link.rtt_ms},
             "n_rows": len(table),
+            "offset": offset,
+            "limit": limit,
             "chosen": strategy.to_dict(),
-            "rows": table.to_rows(),
+            "rows": [table.row(index) for index in range(offset, min(len(table), offset + limit))],
         }
 
     def strategies_csv(self, model_id: str) -> str:
@@ -164,12 +177,16 @@ class EdgeViews:
         emulated = getattr(self.client, "link", None)
         models = []
         for info in self.list_models():
+            if info["model_id"] not in self.plans:  # refused at start (its error says why): no strategy
+                models.append({**info, "strategy": None})
+                continue
             model = self.registry.get(info["model_id"])
             strategy = runner.plan_of(model).strategy(runner.default_deadline_ms, runner.objective)
             models.append({**info, "strategy": strategy.to_dict()})
         return {
             "uplink": self._uplink(),
-            "cloud": {"url": self.cloud_url, "healthy": self._cloud_healthy()},
+            "cloud": {"url": self.cloud_url, "healthy": self._cloud_healthy(),
+                      **({} if runner.breaker is None else {"breaker": runner.breaker.to_dict()})},
             "models": models,
             "emulated_link": None if emulated is None else {"uplink_mbps": emulated.uplink_mbps,
                                                             "rtt_ms": emulated.rtt_ms},
