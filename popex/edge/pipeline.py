@@ -47,6 +47,7 @@ from popex.edge.cloud_port import CloudError, CloudRejected
 from popex.edge.compute import EdgeCompute
 from popex.edge.breaker import CircuitBreaker
 from popex.edge.fallback import fallback_exit, fallback_reserve_ms
+from popex.edge.model_lookup import resolve_model
 from popex.edge.model_push import ModelPusher
 from popex.edge.rate_limit import refused_offload
 from popex.edge.plans import ModelPlan
@@ -147,42 +148,18 @@ class EdgeRunner:
     # -- models -------------------------------------------------------------------
 
     def resolve_model(self, model: str | None) -> StoredModel:
-        """The model a request names (id or unique spec name), or the default one.
+        """The model a request names (id or trusted unique name), or the default one.
 
         Parameters
         ----------
         model : str or None
-            Model id, or the name of a model registered with the admin token; None or "" = the
-            default model (or the only one).
+            See :func:`popex.edge.model_lookup.resolve_model`.
 
         Returns
         -------
         StoredModel
-
-        Raises
-        ------
-        UnknownModelError
-            If nothing matches, or no model is registered.
-        ConfigError
-            If ``model`` is omitted and several models are registered without a default.
         """
-        if model is None or model == "":
-            if self.default_model_id is not None and self.default_model_id in self.registry:
-                return self.registry.get(self.default_model_id)
-            ids = self.registry.ids()
-            if not ids:
-                raise UnknownModelError("no model is registered on this edge; POST one to /api/v1/models")
-            if len(ids) > 1:
-                raise ConfigError(f"{len(ids)} models are registered and none is the default; name one with 'model'")
-            return self.registry.get(ids[0])
-        if model in self.registry:
-            return self.registry.get(model)
-        # A name only among the models registered with the admin token (unique): no squatting.
-        named = [i for i in self.registry.ids() if self.registry.get(i).trusted and self.registry.get(i).name == model]
-        if named:
-            return self.registry.get(named[0])
-        raise UnknownModelError(f"no model {model!r} is registered on this edge (a name is looked up among the "
-                                "models registered with the admin token; others by their id)")
+        return resolve_model(self.registry, self.default_model_id, model)
 
     def plan_of(self, model: StoredModel) -> ModelPlan:
         """The model's plan (installed at registration, see :mod:`popex.edge.preparation`).
@@ -391,8 +368,10 @@ class EdgeRunner:
         content_encoding = None if body is None else "deflate"
         body = payload if body is None else body
         encode_ms = (time.perf_counter() - encode_started) * 1000.0
-        # The cloud gets the budget less what the local fallback needs: a late cloud still leaves an answer in time.
-        reserve_ms = fallback_reserve_ms(model, plan, strategy.split, run)
+        # The cloud gets the budget less what the local fallback needs (a late cloud still leaves an answer in
+        # time), but never less than 1.5x what the plan predicts the offload takes: else a slow edge dooms it.
+        needed_ms = 1.5 * max(0.0, strategy.worst_latency_ms - run.elapsed_ms())
+        reserve_ms = min(fallback_reserve_ms(model, plan, strategy.split, run), max(0.0, run.remaining_ms() - needed_ms))
         remaining_ms = run.remaining_ms() - reserve_ms
         if remaining_ms <= 0:
             return self._fallback(model, plan, strategy, run, request_id,
