@@ -24,7 +24,7 @@ from popex.device.client import DeviceClient, DeviceError
 from popex.testbed.services import REPO_ROOT, start_cloud, start_edge
 
 pytestmark = pytest.mark.slow  # real processes
-MODEL_DIR = REPO_ROOT / "models" / "default"
+MODEL_DIR = REPO_ROOT / "models" / "b-alexnet"  # the testbed edge's model (popex.testbed.services.TESTBED_MODEL_DIR)
 READY_TIMEOUT_S = 120.0
 
 

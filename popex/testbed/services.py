@@ -45,6 +45,9 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _EDGE_DEFAULTS = REPO_ROOT / "configs" / "edge.yaml"
+#: The model a testbed edge registers at start unless its config names one: the light B-AlexNet, so that
+#: tests and experiments do not depend on (nor wait for) the product's default model.
+TESTBED_MODEL_DIR = REPO_ROOT / "models" / "b-alexnet"
 _CLOUD_DEFAULTS = REPO_ROOT / "configs" / "cloud.yaml"
 # Every variable that configures a POPEX service starts with this.
 _ENV_PREFIX = "POPEX_"
@@ -297,6 +300,7 @@ def start_edge(*, token: str, cloud_url: str, state_dir: Path, log_path: Path, h
     """
     port = free_port(host) if port is None else port
     admin_token = secrets.token_hex(16) if admin_token is None else admin_token
+    config = {"default_model_dir": str(TESTBED_MODEL_DIR), **(config or {})}
     config_path = write_service_config(_EDGE_DEFAULTS, config, log_path.with_suffix(".yaml"))
     argv = [str(REPO_ROOT / "run_edge.sh"), "--host", host, "--port", str(port), "--cloud-url", cloud_url,
             "--state-dir", str(state_dir), "--threads", str(n_threads),
