@@ -139,10 +139,11 @@ def _measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads
         edge_text = "edge times measured on this machine"
         cloud_text = f"edge / {cloud_speedup:g}"
     else:
-        profile = build_profile(timings.scaled(edge_slowdown), branch_after_stage=model.net.branch_after_stage,
-                                cloud_stage_ms=timings.stage_ms / cloud_speedup,
-                                offload_overhead_ms=offload_overhead_ms, cloud_speedup=cloud_speedup)
+        cloud_stage_ms = timings.stage_ms / cloud_speedup  # this machine's, before the edge's emulation
         timings = timings.scaled(edge_slowdown)
+        profile = build_profile(timings, branch_after_stage=model.net.branch_after_stage,
+                                cloud_stage_ms=cloud_stage_ms,
+                                offload_overhead_ms=offload_overhead_ms, cloud_speedup=cloud_speedup)
         edge_text = f"edge emulated {edge_slowdown:g}x slower than this machine (times measured here x {edge_slowdown:g})"
         cloud_text = f"this machine's times / {cloud_speedup:g}"
     note = (f"{edge_text} ({timings.n_repeats} repeats, {timings.n_threads} threads); "

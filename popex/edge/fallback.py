@@ -35,13 +35,16 @@ class LocalExit:
     exit: int | str
 
 
-def fallback_reserve_ms(model: StoredModel, plan: ModelPlan, split: int, run: RequestRun) -> float:
+def fallback_reserve_ms(model: StoredModel, plan: ModelPlan, split: int, run: RequestRun, *,
+                        offload_worst_ms: float) -> float:
     """Edge time the fallback would take now, ms: what an offload's timeout leaves for it.
 
     So that a request whose cloud is late still answers within its budget
     when the edge alone can: 0 once a branch was evaluated (its answer is
     ready), else the cheaper of the rest of the network and the cheapest
-    branch at or before the split (the profile's times).
+    branch at or before the split (the profile's times). Never so much that
+    the offload is left less than 1.5x what the plan predicts it takes: on a
+    slow edge the whole local rest would otherwise doom every offload.
 
     Parameters
     ----------
@@ -50,6 +53,8 @@ def fallback_reserve_ms(model: StoredModel, plan: ModelPlan, split: int, run: Re
     split : int
         Stages already run.
     run : RequestRun
+    offload_worst_ms : float
+        The strategy's predicted worst-case latency, ms from arrival.
 
     Returns
     -------
@@ -61,7 +66,8 @@ def fallback_reserve_ms(model: StoredModel, plan: ModelPlan, split: int, run: Re
     rest_ms = float(profile.stage_edge_ms[split:].sum())
     branch_ms = [float(profile.branch_edge_ms[b]) for b, k in enumerate(model.loaded.net.branch_after_stage)
                  if k <= split]
-    return min([rest_ms, *branch_ms])
+    needed_ms = 1.5 * max(0.0, offload_worst_ms - run.elapsed_ms())
+    return min([rest_ms, *branch_ms, max(0.0, run.remaining_ms() - needed_ms)])
 
 
 def fallback_exit(compute: EdgeCompute, model: StoredModel, plan: ModelPlan, split: int,

@@ -368,10 +368,8 @@ class EdgeRunner:
         content_encoding = None if body is None else "deflate"
         body = payload if body is None else body
         encode_ms = (time.perf_counter() - encode_started) * 1000.0
-        # The cloud gets the budget less what the local fallback needs (a late cloud still leaves an answer in
-        # time), but never less than 1.5x what the plan predicts the offload takes: else a slow edge dooms it.
-        needed_ms = 1.5 * max(0.0, strategy.worst_latency_ms - run.elapsed_ms())
-        reserve_ms = min(fallback_reserve_ms(model, plan, strategy.split, run), max(0.0, run.remaining_ms() - needed_ms))
+        # The cloud gets the budget less what the local fallback needs: a late cloud still leaves an answer in time.
+        reserve_ms = fallback_reserve_ms(model, plan, strategy.split, run, offload_worst_ms=strategy.worst_latency_ms)
         remaining_ms = run.remaining_ms() - reserve_ms
         if remaining_ms <= 0:
             return self._fallback(model, plan, strategy, run, request_id,
