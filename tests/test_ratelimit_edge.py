@@ -72,6 +72,16 @@ def test_offloads_never_exceed_r_t_plus_b_and_every_request_is_answered(app, cli
     assert status["rate_limit"]["policy"] == policy
     assert status["rate_limit"]["tokens_per_arrival"] == pytest.approx(5.0 / 15.0, rel=0.05)
     assert model_id in status["rate_limit"]["thresholds_ready"]
+    # the Decision Maker's prediction, corrected for the offloads the bucket is expected to refuse
+    (expected,) = [e for e in status["rate_limit"]["expected"] if e["model_id"] == model_id]
+    refused = expected["expected_refused_fraction"]
+    assert 0.6 <= refused <= 1.0  # 3x the token rate: at least two in three refused
+    after = answers[10:]  # once the thresholds were solved
+    assert abs(sum(a["rate_limited"] for a in after) / len(after) - refused) < 0.15
+    corrected = expected["strategy"]
+    assert corrected["accuracy_without_bucket"] == 0.5 and corrected["offload_prob"] == pytest.approx(1.0 - refused)
+    assert corrected["accuracy"] == pytest.approx(
+        0.5 - refused * (expected["accuracy_offloaded"] - expected["accuracy_refused"]))
 
 
 def test_the_limiter_maps_its_level_onto_the_mdp_thresholds():

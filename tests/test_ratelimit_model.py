@@ -48,20 +48,41 @@ def test_the_seeds_ordering_holds_on_the_default_models_metric(default_model_met
     assert loss["lower-bound"] <= loss["mdp"] <= loss["baseline"] <= loss["weak"], loss
 
 
-def test_the_learned_policy_is_at_least_as_good_as_the_mdp_on_location_reset(tmp_path):
+def _learned_vs_mdp(data, weights, seeds=(0, 11, 23)) -> list[tuple[float, float]]:
+    """(learned loss, MDP loss) on location-reset test sequences, one pair per simulation seed."""
+    pairs = []
+    for seed in seeds:
+        report = simulate(data, rate=0.25, depth=2, sequence="locreset", seq_len=100_000, n_seq=2, seed=seed,
+                          policies=("mdp", "learned"), learned_weights=str(weights))
+        assert report.policies["learned"].max_excess <= 0.0
+        pairs.append((report.policies["learned"].loss, report.policies["mdp"].loss))
+    return pairs
+
+
+def test_the_learned_policy_beats_the_mdp_on_location_reset_where_the_history_pays(tmp_path):
     data = synthetic_metric_data(n_images=20_000, seed=0)
     params = integerise(0.25, 2)
-    policy, history = train_learned_policy(data, params, schedule=TrainSchedule.quick())
-    assert history[0]["round"] == 0 and len(history) > 2
+    policy, history = train_learned_policy(data, params, schedule=TrainSchedule())
+    assert history[0]["round"] == 0 and history[0]["gain"] == 0.0 and len(history) > 2
+    assert max(h["z"] for h in history[1:]) >= TrainSchedule().min_z  # a network passed the validation gate
     policy.save(tmp_path / "weights")
     LearnedPolicy.load(tmp_path / "weights", params=params)  # the files round-trip
-    report = simulate(data, rate=0.25, depth=2, sequence="locreset", seq_len=100_000, n_seq=2, seed=11,
-                      policies=("mdp", "learned", "lower-bound"), learned_weights=str(tmp_path / "weights"))
-    loss = {name: result.loss for name, result in report.policies.items()}
-    assert loss["learned"] <= loss["mdp"], loss
-    assert report.policies["learned"].max_excess <= 0.0
+    for learned, mdp in _learned_vs_mdp(data, tmp_path / "weights"):
+        assert learned < mdp - 1e-3, (learned, mdp)  # measured: 0.0037 to 0.0044 better
     with pytest.raises(Exception, match="trained for bucket"):
         LearnedPolicy.load(tmp_path / "weights", params=integerise(0.5, 2))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_learned_policy_is_never_worse_than_the_mdp_on_the_default_models_data(default_model_metric, tmp_path,
+                                                                                  seed):
+    data = load_metric_data(default_model_metric)
+    params = integerise(0.25, 2)
+    schedule = TrainSchedule(**{**TrainSchedule.quick().__dict__, "seed": seed})
+    policy, _ = train_learned_policy(data, params, schedule=schedule)
+    policy.save(tmp_path / "weights")
+    for learned, mdp in _learned_vs_mdp(data, tmp_path / "weights"):
+        assert learned <= mdp, (learned, mdp)
 
 
 def test_the_rate_limit_experiment_writes_csv_png_and_its_docs_section(tmp_path):

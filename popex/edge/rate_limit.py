@@ -46,7 +46,8 @@ def refused_offload(limiter: Any, compute: EdgeCompute, model: StoredModel, plan
     else:
         branch, confidence = None, 0.0
     gate = tuple((b, float(strategy.thresholds[b])) for b in strategy.active_branches)
-    decision = limiter.consult(model.model_id, model.calibration_of(run.head), branch, float(confidence), gate=gate)
+    decision = limiter.consult(model.model_id, model.calibration_of(run.head), branch, float(confidence), gate=gate,
+                               strategy_prediction=(float(strategy.accuracy), float(strategy.offload_prob)))
     if decision.granted:
         return None
     return fallback_exit(compute, model, plan, strategy.split, run)

@@ -56,9 +56,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                            location_reset=LocationReset(args.spread, args.reset_prob),
                                            progress=not args.quiet and sys.stderr.isatty())
     out = policy.save(args.out)
-    start, best = history[0]["val_loss"], min(h["val_loss"] for h in history)
-    print(f"learned policy for q={params.q}, p={params.p}, m={params.m} written to {out}; validation loss "
-          f"(minus reward per image) {start:.5f} (MDP start) -> {best:.5f}")
+    kept = [h for h in history[1:] if h["z"] >= schedule.min_z]
+    best = min(kept, key=lambda h: h["val_loss"]) if kept else history[0]
+    verdict = (f"round {best['round']}, validation gain {best['gain']:.5f} per image over the MDP "
+               f"({best['z']:.1f} standard errors)" if kept else
+               f"no network beat the MDP by {schedule.min_z:g} standard errors on validation: the policy is the MDP")
+    print(f"learned policy for q={params.q}, p={params.p}, m={params.m} written to {out}; {verdict}")
     return 0
 
 

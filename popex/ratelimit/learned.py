@@ -35,6 +35,7 @@ from popex.errors import ConfigError, DataError
 from popex.ratelimit.bucket import BucketParams
 from popex.ratelimit.data import MetricData
 from popex.ratelimit.mdp import DISCOUNT, solve_mdp, transition_matrix
+from popex.ratelimit.metric import KernelTable
 from popex.ratelimit.policies import Plan
 from popex.ratelimit.sequences import LocationReset, image_sequences
 
@@ -58,12 +59,16 @@ class TrainSchedule:
     validate_every: int = 10
     n_val_steps: int = 50_000
     seed: int = 0
+    #: What a step earns in the targets and the validation: "metric" (E[R | h] of the image) or "reward" (its R).
+    targets: str = "metric"
+    #: A network replaces the MDP only with a validation gain of at least this many standard errors.
+    min_z: float = 2.0
 
     @classmethod
     def quick(cls) -> TrainSchedule:
         """The short schedule (tests, ``--quick``)."""
         return cls(n_rounds=40, n_steps_per_round=20, batch_size=512, n_train_sequences=4, seq_len=20_000,
-                   validate_every=5, n_val_steps=20_000)
+                   validate_every=5, n_val_steps=50_000)
 
 
 class QNetwork(torch.nn.Module):
@@ -132,9 +137,16 @@ class LearnedPolicy:
         return q
 
     def plan(self, metric: np.ndarray) -> Plan:
-        """Offload at (t, n) iff Q(n, 1) > Q(n, 0)."""
+        """Offload at (t, n) iff Q(n, 1) > Q(n, 0) and the metric is positive.
+
+        An image of metric <= 0 spends a token for no expected reward, and a
+        token is never worth less than nothing (V is non-decreasing in the
+        level): the action is dominated whatever the history, so it is masked
+        rather than left to the network's approximation error.
+        """
+        metric = np.asarray(metric, dtype=np.float64)
         q = self.q_values(metric)
-        return Plan(wants=q[:, 1] > q[:, 0])
+        return Plan(wants=(q[:, 1] > q[:, 0]) & (metric[:, None] > 0.0))
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write ``policy.safetensors`` and ``policy.json`` into ``out_dir``."""
@@ -174,11 +186,45 @@ class LearnedPolicy:
                    mean=config["mean"], std=config["std"])
 
 
-def _sim_loss(policy: LearnedPolicy, metric: np.ndarray, reward: np.ndarray, params: BucketParams) -> float:
-    from popex.ratelimit.simulate import run_plan
+class _Validation:
+    """Validation sequences of the train split, and the gate a trained network must pass to replace the MDP.
 
-    offloaded = run_plan(policy.plan(metric), metric, np.ones(len(metric), dtype=np.int64), params)
-    return -float(reward[offloaded].sum()) / len(metric)
+    The candidate's gain over the MDP (its earned value, per image) counts
+    only if it exceeds ``z`` standard errors of what the images' actual
+    rewards would make of the same decisions: the images where the two
+    policies differ, each weighted by how often it is decided differently
+    (the sequences repeat the split's images), give
+    se = sqrt(sum_i c_i^2 E[R^2 | m_i]) / L (a kernel regression of R^2 on
+    the metric: an image whose own R is 0 still stands for the images like
+    it, which another split would hold). On a model whose local exit is as
+    good as the final one (few images with a positive metric) no network
+    passes and the learned policy *is* the MDP; where the history pays, the
+    gain is many standard errors.
+    """
+
+    def __init__(self, images: np.ndarray, metric: np.ndarray, earned: np.ndarray, reward: np.ndarray,
+                 params: BucketParams, reference: LearnedPolicy, z: float) -> None:
+        self.images, self.metric, self.earned, self.reward, self.params, self.z = (
+            images, metric[images], earned[images], reward, params, z)
+        self.variance = np.clip(KernelTable.fit(metric, reward ** 2)(metric), 0.0, None)
+        self.reference = self._offloaded(reference)
+        self.reference_loss = -float(self.earned[self.reference].sum()) / len(images)
+
+    def _offloaded(self, policy: LearnedPolicy) -> np.ndarray:
+        from popex.ratelimit.simulate import run_plan
+
+        return run_plan(policy.plan(self.metric), self.metric, np.ones(len(self.metric), dtype=np.int64),
+                        self.params)
+
+    def score(self, policy: LearnedPolicy) -> dict[str, float]:
+        """``val_loss`` (earned, lower is better), ``gain`` over the MDP and its ``z`` (gain / standard error)."""
+        offloaded = self._offloaded(policy)
+        loss = -float(self.earned[offloaded].sum()) / len(self.images)
+        differ = offloaded.astype(np.float64) - self.reference
+        per_image = np.bincount(self.images, weights=differ, minlength=len(self.reward))
+        se = float(np.sqrt(np.sum(per_image ** 2 * self.variance))) / len(self.images)
+        gain = self.reference_loss - loss
+        return {"val_loss": loss, "gain": gain, "z": gain / se if se > 0 else (np.inf if gain > 0 else 0.0)}
 
 
 def train_learned_policy(data: MetricData, params: BucketParams, *, schedule: TrainSchedule = TrainSchedule(),
@@ -214,16 +260,17 @@ def _train(data: MetricData, params: BucketParams, *, schedule: TrainSchedule, l
     images = image_sequences(data.metric_tr, kind="locreset", n_seq=schedule.n_train_sequences,
                              seq_len=schedule.seq_len, rng=rng, location_reset=location_reset)
     metric_seqs = data.metric_tr[images]
-    reward_seqs = data.reward_tr[images]
+    earned = data.metric_tr if schedule.targets == "metric" else data.reward_tr
+    reward_seqs = earned[images]
     padded = np.concatenate([np.zeros((len(metric_seqs), N_HISTORY - 1)), (metric_seqs - mean) / std], axis=1)
     padded = padded.astype(np.float32)
     back = np.arange(N_HISTORY)[None, :]
     val_images = image_sequences(data.metric_tr, kind="locreset", n_seq=1, seq_len=schedule.n_val_steps, rng=rng,
                                  location_reset=location_reset)[0]
-    val_metric, val_reward = data.metric_tr[val_images], data.reward_tr[val_images]
-    best_loss = _sim_loss(policy, val_metric, val_reward, params)
+    validation = _Validation(val_images, data.metric_tr, earned, data.reward_tr, params, policy, schedule.min_z)
+    best = validation.score(policy)  # the MDP itself: gain 0
     best_state = {k: v.clone() for k, v in network.state_dict().items()}
-    history = [{"round": 0, "val_loss": best_loss}]
+    history = [{"round": 0, **best}]
     optimiser = torch.optim.Adam(network.parameters(), lr=schedule.learning_rate)
     p, q, m = params.p, params.q, params.m
     levels = np.arange(m + 1)
@@ -258,10 +305,10 @@ def _train(data: MetricData, params: BucketParams, *, schedule: TrainSchedule, l
             optimiser.step()
         network.eval()
         if round_index % schedule.validate_every == 0 or round_index == schedule.n_rounds:
-            val_loss = _sim_loss(policy, val_metric, val_reward, params)
-            history.append({"round": round_index, "val_loss": val_loss})
-            if val_loss < best_loss:
-                best_loss, best_state = val_loss, {k: v.clone() for k, v in network.state_dict().items()}
+            score = validation.score(policy)
+            history.append({"round": round_index, **score})
+            if score["z"] >= schedule.min_z and score["val_loss"] < best["val_loss"]:
+                best, best_state = score, {k: v.clone() for k, v in network.state_dict().items()}
     network.load_state_dict(best_state)
     return LearnedPolicy(network, params=params, base_values=base, gain=solution.gain, mean=mean, std=std), history
 

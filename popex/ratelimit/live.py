@@ -59,6 +59,9 @@ class LiveDecision(NamedTuple):
 class _ModelTables:
     tables: tuple[KernelTable, ...]
     metric_tr: np.ndarray
+    #: On the calibration samples that reach the bucket: accuracy offloaded (final exit) and refused (local).
+    accuracy_offloaded: float = 0.0
+    accuracy_refused: float = 0.0
 
     def lookup(self, branch: int, confidence: float) -> float:
         """The table at ``confidence``, in plain Python (a request's one value: numpy would cost more)."""
@@ -73,6 +76,7 @@ class _Thresholds:
     rate_per_arrival: float
     mdp_p: int
     values: tuple[float, ...]  # per MDP level (mdp) or one value (baseline)
+    refused_fraction: float = 0.0  # expected, of the arrivals, at this rate (the simulator on the calibration)
 
 
 def _fit_tables(calibration: object, gate: tuple[tuple[int, float], ...]) -> _ModelTables:
@@ -81,15 +85,37 @@ def _fit_tables(calibration: object, gate: tuple[tuple[int, float], ...]) -> _Mo
     confidence = np.asarray(calibration.confidence, dtype=np.float64)
     tables = tuple(KernelTable.fit(confidence[:, b], correct[:, -1] - correct[:, b])
                    for b in range(correct.shape[1] - 1))
-    if not gate:
-        return _ModelTables(tables=tables, metric_tr=np.zeros(1))
+    if not gate:  # refused, it runs the rest of the network on the edge: the final exit either way
+        final = float(correct[:, -1].mean())
+        return _ModelTables(tables=tables, metric_tr=np.zeros(1), accuracy_offloaded=final, accuracy_refused=final)
     branches = [b for b, _ in gate]
     reaches = np.all([confidence[:, b] < t for b, t in gate], axis=0)  # no active branch let it exit
     if not np.any(reaches):
         reaches = np.ones(len(confidence), dtype=bool)
     best = np.asarray(branches)[np.argmax(confidence[reaches][:, branches], axis=1)]
     metric_tr = np.array([tables[b](c) for b, c in zip(best, confidence[reaches, best])], dtype=np.float64)
-    return _ModelTables(tables=tables, metric_tr=metric_tr)
+    return _ModelTables(tables=tables, metric_tr=metric_tr,
+                        accuracy_offloaded=float(correct[reaches, -1].mean()),
+                        accuracy_refused=float(correct[np.flatnonzero(reaches), best].mean()))
+
+
+def _expected_refused_fraction(metric_tr: np.ndarray, thresholds: np.ndarray, rate_per_arrival: float,
+                               depth: float, *, n_steps: int = 20_000) -> float:
+    """Fraction of arrivals refused by ``thresholds`` at this rate and depth: the simulator on i.i.d. draws.
+
+    The bucket and the loop are the simulator's (:func:`popex.ratelimit.simulate.run_plan`), so the
+    prediction and the offline study count alike; seeded, on the limiter's thread only.
+    """
+    from popex.ratelimit.policies import Plan
+    from popex.ratelimit.simulate import run_plan
+
+    params = integerise(min(rate_per_arrival, 1e6), depth)
+    metric = np.random.default_rng(0).choice(metric_tr, n_steps)
+    levels = np.asarray(thresholds, dtype=np.float64)
+    levels = np.broadcast_to(levels if len(levels) == params.m + 1 else levels[:1], (params.m + 1,)).copy()
+    levels[:params.p] = np.inf
+    offloaded = run_plan(Plan(thresholds=levels), metric, np.ones(n_steps, dtype=np.int64), params)
+    return 1.0 - float(offloaded.mean())
 
 
 class RateLimiter:
@@ -126,6 +152,7 @@ class RateLimiter:
         self._tables: dict[str, _ModelTables] = {}
         self._thresholds: dict[str, _Thresholds] = {}
         self._calibrations: dict[str, object] = {}
+        self._strategy_predictions: dict[object, tuple[float, float]] = {}
         self._n_granted = self._n_refused = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -141,7 +168,8 @@ class RateLimiter:
         return tables.lookup(branch, confidence)
 
     def consult(self, model_id: str, calibration: object, branch: int | None, confidence: float, *,
-                gate: tuple[tuple[int, float], ...] = ()) -> LiveDecision:
+                gate: tuple[tuple[int, float], ...] = (),
+                strategy_prediction: tuple[float, float] | None = None) -> LiveDecision:
         """One request would offload: may it? Spends the token when granted.
 
         Parameters
@@ -155,12 +183,16 @@ class RateLimiter:
             Its confidence.
         gate : tuple of (branch, threshold)
             The strategy's active branches and thresholds: which samples reach the bucket.
+        strategy_prediction : (accuracy, offload_prob), optional
+            The Decision Maker's for the request's strategy, kept for the status's corrected prediction.
 
         Returns
         -------
         LiveDecision
         """
         key = (model_id, tuple(gate))
+        if strategy_prediction is not None:
+            self._strategy_predictions[key] = strategy_prediction
         if key not in self._calibrations:
             self._calibrations[key] = calibration
             self._wake.set()
@@ -216,12 +248,35 @@ class RateLimiter:
                 continue
             metric_tr = self._tables[key].metric_tr
             if self.policy == "baseline":
-                new = _Thresholds(rate, 1, (baseline_threshold(metric_tr, rate, 1.0),))
+                values = np.array([np.nextafter(baseline_threshold(metric_tr, rate, 1.0), -np.inf)])
+                new = _Thresholds(rate, 1, (float(values[0]),))
             else:
                 params = integerise(min(rate, 1e6), self.depth)
-                solution = solve_mdp(params, metric_tr)
-                new = _Thresholds(rate, params.p, tuple(float(t) for t in solution.thresholds))
+                values = np.asarray(solve_mdp(params, metric_tr).thresholds, dtype=np.float64)
+                new = _Thresholds(rate, params.p, tuple(float(t) for t in values))
+            refused = _expected_refused_fraction(metric_tr, np.where(np.isfinite(values), values, np.inf), rate,
+                                                 self.depth)
+            new = _Thresholds(new.rate_per_arrival, new.mdp_p, new.values, refused)
             self._thresholds[key] = new  # one reference swap: a request reads old or new, whole
+
+    def predicted(self, model_id: str, gate: tuple[tuple[int, float], ...], *, accuracy: float,
+                  offload_prob: float) -> dict[str, float] | None:
+        """A strategy's predicted accuracy once the bucket refuses its share of the offloads (None: not solved yet).
+
+        Of the ``offload_prob`` of requests that reach the bucket, the expected
+        refused fraction (at the measured rate) is answered at the most
+        confident active branch instead of the final exit: accuracy falls by
+        offload_prob x refused x (accuracy offloaded - accuracy refused), both
+        measured on the calibration samples that reach the bucket.
+        """
+        key = (model_id, tuple(gate))
+        tables, thresholds = self._tables.get(key), self._thresholds.get(key)
+        if tables is None or thresholds is None:
+            return None
+        refused = thresholds.refused_fraction
+        drop = offload_prob * refused * (tables.accuracy_offloaded - tables.accuracy_refused)
+        return {"expected_refused_fraction": refused, "accuracy": accuracy - drop,
+                "offload_prob": offload_prob * (1.0 - refused), "accuracy_without_bucket": accuracy}
 
     def start(self) -> None:
         """Start the limiter's thread (fits tables, re-solves)."""
@@ -252,4 +307,14 @@ class RateLimiter:
                 "tokens": tokens, "n_granted": granted, "n_refused": refused,
                 "refused_fraction": refused / (granted + refused) if granted + refused else 0.0,
                 "tokens_per_arrival": rate,
-                "thresholds_ready": sorted({model_id for model_id, _ in self._thresholds})}
+                "thresholds_ready": sorted({model_id for model_id, _ in self._thresholds}),
+                "expected": [{"model_id": model_id, "gate": [list(g) for g in gate],
+                              "expected_refused_fraction": t.refused_fraction,
+                              "accuracy_offloaded": self._tables[(model_id, gate)].accuracy_offloaded,
+                              "accuracy_refused": self._tables[(model_id, gate)].accuracy_refused,
+                              "strategy": self._corrected(model_id, gate)}
+                             for (model_id, gate), t in list(self._thresholds.items())]}
+
+    def _corrected(self, model_id: str, gate: tuple[tuple[int, float], ...]) -> dict[str, float] | None:
+        last = self._strategy_predictions.get((model_id, gate))
+        return None if last is None else self.predicted(model_id, gate, accuracy=last[0], offload_prob=last[1])
