@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,36 @@ def test_with_a_real_choice_per_image_the_mdp_is_at_least_as_accurate_as_the_bas
     # Measured: mdp 0.843 (100 offloads) vs baseline 0.845 (85): two images of 1,000, inside the noise of
     # ~60 differently decided images (about 0.8 points); the acceptance's >= holds to within 5 images.
     assert accuracy["mdp"] >= accuracy["baseline"] - 0.005, (accuracy, offloads)
+
+
+def test_the_limiter_thread_re_solves_when_the_arrival_rate_moves(app, client, model_actions, images):
+    runner = get_node(app).runner
+    model_actions.force(runner.default_model_id, split=2, thresholds=(1.01, 1.01))
+    clock = _Clock()
+    runner.rate_limiter = limiter = RateLimiter(rate_per_s=5.0, depth=2.0, clock=clock)
+    limiter.start()  # the real thread: woken by the requests, never called by the test
+    try:
+        def stream(pngs, rate_per_s, start_s):
+            for i, (png, _) in enumerate(pngs):
+                clock.now_s = start_s + i / rate_per_s
+                assert client.post("/api/v1/classify", data=png, content_type="image/png").status_code == 200
+            return clock.now_s
+
+        def solved_for() -> float | None:
+            expected = client.get("/api/v1/status").get_json()["rate_limit"]["expected"]
+            return expected[0]["solved_for_tokens_per_arrival"] if expected else None
+
+        end_s = stream(images[:60], 15.0, 0.0)
+        for _ in range(100):  # the thread fits the tables and solves on its own
+            if solved_for() is not None and abs(solved_for() - 5.0 / 15.0) < 0.05:
+                break
+            end_s = stream(images[:1], 15.0, end_s + 1 / 15.0)
+        assert solved_for() == pytest.approx(5.0 / 15.0, rel=0.15)
+        stream(images, 5.0, end_s + 0.2)  # the arrivals slow to 5/s: one token per arrival
+        for _ in range(100):
+            if abs(solved_for() - 1.0) < 0.1:
+                break
+            threading.Event().wait(0.05)
+        assert solved_for() == pytest.approx(1.0, rel=0.15)
+    finally:
+        limiter.close()

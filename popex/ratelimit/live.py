@@ -310,6 +310,7 @@ class RateLimiter:
                 "thresholds_ready": sorted({model_id for model_id, _ in self._thresholds}),
                 "expected": [{"model_id": model_id, "gate": [list(g) for g in gate],
                               "expected_refused_fraction": t.refused_fraction,
+                              "solved_for_tokens_per_arrival": t.rate_per_arrival,
                               "accuracy_offloaded": self._tables[(model_id, gate)].accuracy_offloaded,
                               "accuracy_refused": self._tables[(model_id, gate)].accuracy_refused,
                               "strategy": self._corrected(model_id, gate)}
