@@ -15,6 +15,7 @@ from typing import Any
 from flask import Flask
 
 from edge_api.admin import bp as admin_bp
+from edge_api.rate_limit import bp as rate_limit_admin_bp
 from edge_api.auth import check_write_access
 from edge_api.benchmark import bp as benchmark_bp
 from edge_api.classify import bp as classify_bp
@@ -76,6 +77,7 @@ def create_app(config: EdgeConfig | Mapping[str, Any] | None = None, *, cloud_cl
     app.register_blueprint(models_bp)
     app.register_blueprint(benchmark_bp)  # popex.tiers: GET .../benchmark
     app.register_blueprint(admin_bp)
+    app.register_blueprint(rate_limit_admin_bp)  # popex.ratelimit.streams: per-stream buckets
     init_status(app)
     init_readiness(app)
     app.register_blueprint(dashboard_bp)

@@ -13,6 +13,7 @@ from edge_api.node import get_node
 from edge_api.telemetry import CLASSIFICATION_KEY
 from popex.checks import MAX_DEADLINE_MS, check_deadline_ms
 from popex.errors import ConfigError, DataError
+from popex.ratelimit.streams import request_stream
 
 __all__ = ["bp"]
 
@@ -80,10 +81,11 @@ def _image_bytes() -> bytes:
 def classify() -> ResponseReturnValue:
     """Classify an image (multipart file 'image' or raw body) under deadline_ms, policy, distortion_aware."""
     image_bytes = _image_bytes()
-    result = get_node().runner.classify(
-        image_bytes, model_id=_parameter("model"), deadline_ms=_deadline_ms(),
-        policy=_parameter("policy") or "adaptive", arrival_s=g.arrival_s,
-        distortion_aware=_distortion_aware(),
-    )
+    with request_stream(request.headers.get("X-Popex-Stream") or _parameter("stream")):  # per-stream buckets
+        result = get_node().runner.classify(
+            image_bytes, model_id=_parameter("model"), deadline_ms=_deadline_ms(),
+            policy=_parameter("policy") or "adaptive", arrival_s=g.arrival_s,
+            distortion_aware=_distortion_aware(),
+        )
     setattr(g, CLASSIFICATION_KEY, result)  # counted and logged by edge_api.telemetry after the response
     return jsonify(result.to_dict())

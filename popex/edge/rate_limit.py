@@ -18,6 +18,7 @@ from popex.edge.fallback import LocalExit, fallback_exit
 from popex.edge.plans import ModelPlan
 from popex.edge.store import StoredModel
 from popex.edge.strategy import Strategy
+from popex.ratelimit.streams import StreamLimiters
 
 __all__ = ["refused_offload"]
 
@@ -41,6 +42,10 @@ def refused_offload(limiter: Any, compute: EdgeCompute, model: StoredModel, plan
     -------
     LocalExit or None
     """
+    if isinstance(limiter, StreamLimiters):  # this request's stream's bucket, else the edge's
+        limiter = limiter.for_request()
+        if limiter is None:
+            return None
     if run.evaluated:
         branch, confidence, _ = max(run.evaluated, key=lambda item: item[1])
     else:
