@@ -115,7 +115,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_cmd_train)
 
 
-def _measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads: int | None,
+def measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads: int | None,
                      cloud_speedup: float, offload_overhead_ms: float,
                      edge_slowdown: float = 1.0) -> tuple[object, object, str]:
     """Measure the edge here; the cloud is an assumption until a cloud profile exists.
@@ -155,7 +155,7 @@ def _measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads
 def _cmd_profile(args: argparse.Namespace) -> int:
     from popex.runtime.profiler import plot_profile, save_profile
 
-    profile, timings, note = _measure_profile(args.model, n_repeats=args.repeats, n_warmup=args.warmup,
+    profile, timings, note = measure_profile(args.model, n_repeats=args.repeats, n_warmup=args.warmup,
                                               n_threads=args.threads, cloud_speedup=args.cloud_speedup,
                                               offload_overhead_ms=args.offload_overhead_ms,
                                               edge_slowdown=args.emulate_edge_slowdown)
@@ -221,7 +221,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     elif args.profile:
         raise ProfileError(f"profile file {args.profile!r} not found")
     else:
-        profile, _, note = _measure_profile(args.model, n_repeats=20, n_warmup=5, n_threads=1,
+        profile, _, note = measure_profile(args.model, n_repeats=20, n_warmup=5, n_threads=1,
                                             cloud_speedup=args.cloud_speedup,
                                             offload_overhead_ms=args.offload_overhead_ms)
         assumptions.append(f"no profile file: {note}")

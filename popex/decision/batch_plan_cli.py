@@ -41,7 +41,7 @@ def _strategy(model_dir: Path, profile, *, uplink_mbps: float, rtt_ms: float, de
 
 
 def _cmd_batch_plan(args: argparse.Namespace) -> int:
-    from popex.cli import _measure_profile
+    from popex.cli import measure_profile
     from popex.decision.batch_arrivals import arrival_model
     from popex.decision.batch_plan import BatchCosts, plan_batch_exits
     from popex.errors import ProfileError
@@ -58,7 +58,7 @@ def _cmd_batch_plan(args: argparse.Namespace) -> int:
     elif args.profile:
         raise ProfileError(f"profile file {args.profile!r} not found")
     else:
-        profile, _, note = _measure_profile(args.model, n_repeats=20, n_warmup=5, n_threads=1,
+        profile, _, note = measure_profile(args.model, n_repeats=20, n_warmup=5, n_threads=1,
                                             cloud_speedup=args.cloud_speedup, offload_overhead_ms=2.0)
         notes.append(f"no profile file: {note}")
     try:
