@@ -155,12 +155,14 @@ def measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from popex.runtime.profiler import plot_profile, save_profile
 
+    # Under results/ unless --out says otherwise: a model directory (tracked files) is never rewritten by default.
+    out_dir = args.out or os.path.join("results", "profile", os.path.basename(os.path.abspath(args.model)))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # before the minutes of measuring
+        raise ProfileError(f"--out {out_dir} is a file; give a directory (profile.json and profile.png go in it)")
     profile, timings, note = measure_profile(args.model, n_repeats=args.repeats, n_warmup=args.warmup,
                                               n_threads=args.threads, cloud_speedup=args.cloud_speedup,
                                               offload_overhead_ms=args.offload_overhead_ms,
                                               edge_slowdown=args.emulate_edge_slowdown)
-    # Under results/ unless --out says otherwise: a model directory (tracked files) is never rewritten by default.
-    out_dir = args.out or os.path.join("results", "profile", os.path.basename(os.path.abspath(args.model)))
     batch_timings = None
     if args.max_batch_size > 1:  # the inference time matrix of the batch-aware plan (popex batch-plan)
         from popex.runtime.batch_profile import batch_sizes_up_to, time_batches
