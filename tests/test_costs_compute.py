@@ -14,6 +14,7 @@ import io
 import json
 import threading
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -148,7 +149,8 @@ def test_the_vetting_process_is_held_to_its_memory_and_time(make_app, config, le
 
 
 def _as_paths(files: dict[str, bytes]) -> dict[str, bytes]:
-    return {"spec.json": files["spec"], "weights.safetensors": files["weights"], "calibration.npz": files["calibration"]}
+    return {"spec.json": files["spec"], "weights.safetensors": files["weights"],
+            "calibration.npz": files["calibration"]}
 
 
 def test_one_upload_is_vetted_at_a_time_the_next_is_a_429(app, client, lenet_files):
@@ -248,7 +250,8 @@ def test_over_http_bombs_are_refused_and_classify_is_answered_meanwhile(tmp_path
             def upload(kind: str, n: int) -> None:
                 for i in range(n):
                     files = (conv_spec_files(**(COMPUTE_BOMB if kind == "compute" else MEMORY_BOMB)) if kind != "good"
-                             else conv_spec_files(side=16, out_channels=8, kernel=3, name=f"good-{n}-{i}", seed=i))
+                             else conv_spec_files(side=16, out_channels=8, kernel=3, seed=i,
+                                                  name=f"good-{i}-{uuid.uuid4().hex[:8]}"))
                     response = requests.post(edge.url + "/api/v1/models", headers=edge.admin_headers(), timeout=200,
                                              files={k: (k, v) for k, v in files.items()})
                     uploads.append((kind, response.status_code, response.json()["error"]["code"]
@@ -263,7 +266,8 @@ def test_over_http_bombs_are_refused_and_classify_is_answered_meanwhile(tmp_path
                         answers.append(type(err).__name__)
 
             clients = [threading.Thread(target=classify) for _ in range(2)]
-            uploaders = [threading.Thread(target=upload, args=(kind, 4)) for kind in ("compute", "memory", "good")]
+            uploaders = [threading.Thread(target=upload, args=(kind, 4))
+                         for kind in ("compute", "memory", "good", "good")]
             for thread in clients + uploaders:
                 thread.start()
             for thread in uploaders:

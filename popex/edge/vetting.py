@@ -105,7 +105,19 @@ class ModelVetting:
 
     @classmethod
     def from_config(cls, config: Any, *, scratch_dir: str | os.PathLike[str]) -> ModelVetting:
-        """The vetting an edge config asks for (``max_model_flops``, ``registration_memory_bytes``, ...)."""
+        """The vetting an edge config asks for (``max_model_flops``, ``registration_memory_bytes``, ...).
+
+        Parameters
+        ----------
+        config : EdgeConfig
+            Read attribute by attribute.
+        scratch_dir : path
+            As for the constructor.
+
+        Returns
+        -------
+        ModelVetting
+        """
         return cls(scratch_dir=scratch_dir, max_model_flops=config.max_model_flops,
                    max_activation_bytes=config.max_activation_bytes,
                    max_strategy_configurations=config.max_strategy_configurations,
@@ -123,6 +135,11 @@ class ModelVetting:
         known : callable
             Model id -> whether the store holds it (then nothing is vetted).
 
+        Returns
+        -------
+        contextlib.AbstractContextManager
+            Entered once the upload passed (or is known); the slot is free again on exit.
+
         Raises
         ------
         BusyError
@@ -134,10 +151,11 @@ class ModelVetting:
         if known(files_model_id(parts.model)):
             yield
             return
+        self.check_cheap(parts.model)  # refused at once, even while the slot is taken
         if not self._lock.acquire(blocking=False):
             raise BusyError("another model upload is being validated; one is taken at a time: retry in a few seconds")
         try:
-            self.vet(files, parts.model)
+            self.vet(files)
             yield
         finally:
             self._lock.release()
@@ -164,15 +182,13 @@ class ModelVetting:
             check_model_cost(spec_cost(spec), max_flops=self.limits["max_model_flops"],
                              max_activation_bytes=self.limits["max_activation_bytes"])
 
-    def vet(self, files: Mapping[str, bytes], model_files: Mapping[str, bytes]) -> dict[str, Any]:
-        """Run every gate on an upload; return the vetting process's findings (cost, configurations).
+    def vet(self, files: Mapping[str, bytes]) -> dict[str, Any]:
+        """Run the vetting process on an upload (after :meth:`check_cheap`); return its findings.
 
         Parameters
         ----------
         files : mapping of str to bytes
             The whole upload by path (model, calibrations, classifier).
-        model_files : mapping of str to bytes
-            Its model files (:func:`popex.edge.model_parts.split_model_files`).
 
         Returns
         -------
@@ -185,7 +201,6 @@ class ModelVetting:
             The vetting process's error (a 4xx), or a CostError when it ran
             out of memory or time or died.
         """
-        self.check_cheap(model_files)
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=".incoming-vet-", dir=self.scratch_dir))
         try:
@@ -266,6 +281,11 @@ def _vet(scratch: Path, limits: Mapping[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m popex.edge.vetting DIR``: limit itself, vet ``DIR/files``, print one result line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        ``[DIR]``; default ``sys.argv[1:]``. ``DIR/limits.json`` holds the caps and limits.
 
     Returns
     -------

@@ -186,7 +186,8 @@ def spec_cost(spec: Any) -> ModelCost:
         branch_macs, _, branch_held = _layers_cost(branch.get("layers"), outputs[after], f"branches[{b}].layers")
         head_macs, macs, held = head_macs + branch_macs, macs + branch_macs, max(held, branch_held)
     experts = spec.get("experts", [])
-    macs += head_macs * (len(experts) if isinstance(experts, list) else 0)  # each copies every branch and the last stage
+    # each expert head set copies every branch and the last stage
+    macs += head_macs * (len(experts) if isinstance(experts, list) else 0)
     return ModelCost(flops=2 * macs, peak_activation_bytes=_FLOAT_BYTES * max(held, head_held))
 
 
@@ -243,6 +244,7 @@ def onnx_files_cost(files: Mapping[str, bytes], manifest: Mapping[str, Any]) -> 
     OnnxModelError
         If a graph cannot be read as protobuf.
     """
+    from popex.runtime.onnx_checks import describe_not_onnx
     from popex.runtime.onnx_model import OnnxModelError, manifest_files
     from popex.tiers.onnx_cost import graph_cost
 
@@ -252,8 +254,8 @@ def onnx_files_cost(files: Mapping[str, bytes], manifest: Mapping[str, Any]) -> 
             flops += graph_cost(files[rel]).flops
             peak = max(peak, _graph_peak_bytes(files[rel]))
         except Exception as err:  # protobuf's DecodeError, shape inference's InferenceError
-            raise OnnxModelError(f"{rel} cannot be read to cost it: {type(err).__name__}: "
-                                 f"{str(err).splitlines()[0][:200] if str(err) else ''}") from err
+            raise OnnxModelError(f"{rel} cannot be read: {describe_not_onnx(files[rel])} ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:200] if str(err) else ''})") from err
     return ModelCost(flops=flops, peak_activation_bytes=peak)
 
 
@@ -294,10 +296,10 @@ def check_model_cost(cost: ModelCost, *, max_flops: int, max_activation_bytes: i
 
     Examples
     --------
-    >>> check_model_cost(ModelCost(5 * 10**10, 1000), max_flops=10**10, max_activation_bytes=2**20)
+    >>> check_model_cost(ModelCost(5 * 10**9, 1000), max_flops=10**9, max_activation_bytes=2**20)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    popex.errors.CostError: the model needs 50,000,000,000 FLOPs per sample; at most 10,000,000,000 are taken (max_model_flops)
+    popex.errors.CostError: the model needs 5,000,000,000 FLOPs per sample; at most 1,000,000,000 are taken ...
     """
     if cost.flops > max_flops:
         raise CostError(f"the model needs {cost.flops:,} FLOPs per sample; at most {max_flops:,} are taken "
