@@ -51,7 +51,7 @@ __all__ = ["DEFAULT_VETTING_MEMORY_BYTES", "DEFAULT_VETTING_TIMEOUT_S", "PUSH_PA
 #: Default address-space limit of the vetting process (its torch export child inherits it), bytes.
 DEFAULT_VETTING_MEMORY_BYTES = 4 * 2**30  # the torch export child needs ~2 GiB of address space
 #: Default time limit of one vetting, s.
-DEFAULT_VETTING_TIMEOUT_S = 120.0
+DEFAULT_VETTING_TIMEOUT_S = 300.0  # the spec export's own limit (popex.runtime.model_files.EXPORT_TIMEOUT_S)
 #: What one file adds to the multipart body of the push to the cloud (boundary, headers), at most, bytes.
 PUSH_PART_OVERHEAD_BYTES = 512
 _MODULE = "popex.edge.vetting"

@@ -34,7 +34,7 @@ from popex.untrusted import MAX_DOCUMENT_BYTES, loads_json
 __all__ = ["ModelCost", "DEFAULT_MAX_MODEL_FLOPS", "DEFAULT_MAX_ACTIVATION_BYTES", "spec_cost", "onnx_files_cost",
            "files_cost", "check_model_cost"]
 
-#: Default cap on FLOPs per sample: ResNet-50 at 224x224 (8.2 GFLOPs) fits; ~1 s per pass on one core here.
+#: Default cap on FLOPs per sample: ResNet-50 at 224x224 (8.2 GFLOPs) fits.
 DEFAULT_MAX_MODEL_FLOPS = 10_000_000_000
 #: Default cap on one layer's input + output per sample: VGG's first layers at 224x224 (26 MB) fit.
 DEFAULT_MAX_ACTIVATION_BYTES = 64 * 2**20
