@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import secrets
 import socket
 import statistics
 import threading
@@ -26,8 +25,8 @@ import pytest
 import requests
 
 from popex.data import encode_png
-from popex.testbed.services import start_cloud, start_edge
 from popex.wire import encode_offload
+from test_slow_clients import _default_model, services  # noqa: F401  (the module's real edge and cloud)
 
 pytestmark = pytest.mark.slow
 
@@ -52,18 +51,6 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
-def _group_pids(leader: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getpgid(int(entry.name)) == leader:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return pids
-
-
 def _status_kb(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -74,7 +61,7 @@ def _status_kb(pid: int, key: str) -> int:
 def _footprint(service) -> tuple[float, int]:
     """(resident MB, open fds) of every process of a service (run_*.sh, gunicorn, its worker)."""
     rss_kb, n_fds = 0, 0
-    for pid in _group_pids(service.process.pid):
+    for pid in service.pids():
         try:
             rss_kb += _status_kb(pid, "VmRSS")
             n_fds += len(os.listdir(f"/proc/{pid}/fd"))
@@ -83,30 +70,10 @@ def _footprint(service) -> tuple[float, int]:
     return rss_kb / 1024.0, n_fds
 
 
-@pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    root: Path = tmp_path_factory.mktemp("soak")
-    token = secrets.token_hex(16)
-    with start_cloud(token=token, state_dir=root / "cloud", log_path=root / "cloud.log") as cloud:
-        cloud.wait_ready()
-        with start_edge(token=token, cloud_url=cloud.url, state_dir=root / "edge", log_path=root / "edge.log",
-                        n_threads=4) as edge:
-            edge.wait_ready(timeout_s=180)
-            deadline_s = time.monotonic() + 180
-            while True:
-                (listed,) = requests.get(edge.url + "/api/v1/models", timeout=30).json()["models"]
-                model = requests.get(f"{edge.url}/api/v1/models/{listed['model_id']}", timeout=30).json()
-                if model["state"] in ("ready", "failed"):
-                    break
-                assert time.monotonic() < deadline_s
-                time.sleep(0.5)
-            assert model["state"] == "ready", model
-            yield {"cloud": cloud, "edge": edge, "token": token, "model": model}
-
-
 def _requests(services) -> list[tuple[str, float, dict]]:
     """(name, weight, requests.request keyword arguments): the mix each client draws from."""
-    edge, cloud, token, model = services["edge"], services["cloud"], services["token"], services["model"]
+    edge, cloud, token = services["edge"], services["cloud"], services["token"]
+    model = _default_model(edge)
     png = {"Content-Type": "image/png"}
     payload = encode_offload(np.zeros((1, *model["input_shape"]), np.float32) if "input_shape" in model
                              else np.zeros((1, 1, 28, 28), np.float32), model_id=model["model_id"], split=0,
@@ -217,7 +184,7 @@ def test_the_edge_memory_high_water_with_four_clients_sending_large_images(servi
     edge = services["edge"]
     under = encode_png(_RNG.integers(0, 256, (2048, 2048), dtype=np.uint8))
     over = _png_header_only(8192, 8192)
-    worker_pids = _group_pids(edge.process.pid)
+    worker_pids = edge.pids()
     before_mb = max(_status_kb(pid, "VmHWM") for pid in worker_pids) / 1024
     statuses: list[tuple[str, int]] = []
 
