@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -215,15 +216,20 @@ class ModelVetting:
         env = {k: v for k, v in os.environ.items() if "TOKEN" not in k}  # the export cache passes, no secret
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        # Its own session, so that a timeout kills the export it may be running too (one process group).
+        process = subprocess.Popen([sys.executable, "-m", _MODULE, str(scratch)], env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
         try:
-            done = subprocess.run([sys.executable, "-m", _MODULE, str(scratch)], env=env, capture_output=True,
-                                  text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+            stdout, stderr = process.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired as err:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
             raise CostError(f"validating, exporting and planning the model took over {timeout_s:.0f} s "
                             "(registration_timeout_s); refused") from err
-        lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
+        lines = [line for line in stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
         if not lines:
-            tail = (done.stderr or "").strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+            tail = (stderr or "").strip().splitlines()[-1:] or [f"exit status {process.returncode}"]
             raise CostError(f"the model could not be validated within registration_memory_bytes "
                             f"({self.limits['memory_bytes']:,} bytes) and registration_timeout_s "
                             f"({timeout_s:.0f} s): {tail[0][:300]}")
@@ -264,7 +270,10 @@ def _vet(scratch: Path, limits: Mapping[str, Any]) -> dict[str, Any]:
     caps = {"max_flops": limits["max_model_flops"], "max_activation_bytes": limits["max_activation_bytes"]}
     cost = check_model_cost(files_cost(parts.model), **caps)  # before anything runs
     if parts.classifier:
-        check_model_cost(files_cost(parts.classifier), **caps)
+        try:
+            check_model_cost(files_cost(parts.classifier), **caps)
+        except SpecError:  # files that cannot be costed: the store's checks name what is wrong with them
+            pass
     found: dict[str, Any] = {"flops": cost.flops, "peak_activation_bytes": cost.peak_activation_bytes}
 
     def admit(model: Any) -> None:
