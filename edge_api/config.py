@@ -171,6 +171,9 @@ class EdgeConfig(Settings):
         past the tightest budget in it less the batch's predicted time.
     max_batch_images : int
         Most images one ``POST /api/v1/classify/batch`` may carry (413 above).
+    batch_plan : bool
+        Run a batch with only the branches the batch-aware plan finds worth
+        running at its size (:mod:`popex.edge.batch_plans`); off: every active branch.
     start_background : bool
         Start the uplink monitor thread (tests turn it off).
     shaping_interface : str or None
@@ -231,6 +234,7 @@ class EdgeConfig(Settings):
         "max_batch_size": Integer(1, MAX_BATCH_SIZE),
         "batch_max_wait_ms": Number(low=0.0, high=MAX_BATCH_WAIT_MS),
         "max_batch_images": Integer(1, MAX_BATCH_SIZE),
+        "batch_plan": Flag(),
         "start_background": Flag(),
         "shaping_interface": Nullable(Matching(IFACE_PATTERN, "an interface name")),
         "log_level": OneOf(LOG_LEVELS),
@@ -282,6 +286,7 @@ class EdgeConfig(Settings):
     max_batch_size: int = 1
     batch_max_wait_ms: float = 2.0
     max_batch_images: int = 32
+    batch_plan: bool = False
     start_background: bool = True
     shaping_interface: str | None = None
     log_level: str = "INFO"

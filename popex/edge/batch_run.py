@@ -8,6 +8,10 @@ stage and, after the cut, to the cloud as *one* batched payload
 own exit, place and latency; the answers come back in the order of the
 requests. A batch in which every sample exits sends nothing upstream.
 
+With ``batch_plan`` on, the batch runs only the branches the batch-aware
+plan (:mod:`popex.edge.batch_plans`) finds worth running at its size; the
+answers then report those thresholds.
+
 Each sample keeps its own :class:`~popex.edge.budget.RequestRun` (its stage
 outputs and evaluated branches), so a cloud failure falls back per sample
 exactly as :mod:`popex.edge.fallback` does for one request.
@@ -81,9 +85,12 @@ def run_batch(runner: Any, requests: list[PreparedRequest]) -> list[Classificati
     list of Classification
     """
     first = requests[0]
+    strategy = first.strategy
+    if runner.batch_exits is not None:  # the batch-aware plan: the branches worth running at this batch size
+        strategy = runner.batch_exits.strategy_for(first.model, first.plan, strategy, first.run.head, len(requests))
     if len(requests) == 1:  # alone: exactly the one-request path
-        return [runner._run(first.model, first.plan, first.strategy, first.run, request_id=first.request_id)]
-    model, strategy, head = first.model, first.strategy, first.run.head
+        return [runner._run(first.model, first.plan, strategy, first.run, request_id=first.request_id)]
+    model, head = first.model, first.run.head
     net, compute = model.loaded.net, runner.compute
     runs = [request.run for request in requests]
 
@@ -121,7 +128,8 @@ def run_batch(runner: Any, requests: list[PreparedRequest]) -> list[Classificati
         answers[j] = runner._offload(model, first.plan, strategy, runs[j], requests[j].request_id,
                                      compacted.features)
     elif rest:
-        for j, answer in zip(rest, _offload_batch(runner, [requests[j] for j in rest], compacted.features)):
+        for j, answer in zip(rest, _offload_batch(runner, [requests[j] for j in rest], compacted.features,
+                                                  strategy)):
             answers[j] = answer
     return answers  # type: ignore[return-value]  # every position was answered above
 
@@ -153,10 +161,11 @@ def run_prepared(runner: Any, requests: list[PreparedRequest]) -> list[Classific
     return answers  # type: ignore[return-value]  # every position was answered above
 
 
-def _offload_batch(runner: Any, requests: list[PreparedRequest], features: np.ndarray) -> list[Classification]:
+def _offload_batch(runner: Any, requests: list[PreparedRequest], features: np.ndarray,
+                   strategy: Strategy) -> list[Classification]:
     """The continuing samples as one batched payload; per-sample answers (or fallbacks), in order."""
     first = requests[0]
-    model, plan, strategy = first.model, first.plan, first.strategy
+    model, plan = first.model, first.plan
     ids = [request.request_id for request in requests]
 
     def tightest_ms() -> float:

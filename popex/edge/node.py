@@ -159,6 +159,13 @@ class EdgeNode:
 
             runner.rate_limiter = RateLimiter(rate_per_s=config.offload_rate_per_s, depth=config.offload_bucket_depth,
                                               policy=config.offload_policy)
+        if getattr(config, "batch_plan", False):
+            from popex.edge.batch_plans import BatchExitPlanner
+
+            runner.batch_exits = BatchExitPlanner(
+                max_batch_size=max(config.max_batch_size, config.max_batch_images),
+                batcher_max_batch_size=config.max_batch_size, batch_max_wait_ms=config.batch_max_wait_ms,
+                arrival_rate_per_s=lambda: runner.batcher.arrivals.rate_per_s(runner.batcher.clock()))
         node = cls(config=config, client=client, registry=registry, plans=plans, monitor=monitor, planner=planner,
                    preparation=preparation, runner=runner, views=views, link_controller=link_controller)
         node._open()
@@ -183,6 +190,8 @@ class EdgeNode:
         if self.runner.rate_limiter is not None:
             self.runner.rate_limiter.close()
         self.planner.close()
+        if self.runner.batch_exits is not None:
+            self.runner.batch_exits.close()
         self.preparation.close()
         close = getattr(self.client, "close", None)
         if callable(close):
