@@ -11,6 +11,7 @@ from typing import Any
 from flask import Flask
 
 from edge_api.benchmark import OPERATIONS as BENCHMARK_OPERATIONS
+from edge_api.device import OPERATIONS as DEVICE_OPERATIONS
 from api_common.openapi import init_openapi, json_body
 
 __all__ = ["EDGE_OPERATIONS", "EDGE_SCHEMAS", "init_edge_openapi"]
@@ -156,6 +157,7 @@ EDGE_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("dashboard.index", "GET"): {"responses": {"200": {"description": "The dashboard (HTML)",
                                                        "content": {"text/html": {"schema": _STRING}}}}},
     **BENCHMARK_OPERATIONS,  # popex.tiers (its route module holds its entry)
+    **DEVICE_OPERATIONS,  # the device tier's routes
 }
 
 
