@@ -50,6 +50,8 @@ from popex.wire import encode_offload  # noqa: E402
 CLIENTS = (1, 4, 16, 64)
 BATCHED = {"max_batch_size": 16, "batch_max_wait_ms": 2.0}
 UNBATCHED = {"max_batch_size": 1, "batch_max_wait_ms": 0.0}
+#: The model served: the default model (the testbed's own default is the lighter B-AlexNet).
+MODEL_DIR = REPO / "models" / "default"
 N_SERVER_THREADS = 96  # more request threads than clients, so requests meet in the batcher, not in gunicorn
 
 
@@ -103,7 +105,7 @@ def _start(root: Path, token: str, name: str, settings: dict, *, edge: bool):
         return cloud, None
     edge_process = start_edge(token=token, cloud_url=cloud.url, state_dir=root / f"{name}-edge",
                               log_path=root / f"{name}-edge.log", n_threads=N_SERVER_THREADS,
-                              config={**settings, "profile_n_repeats": 5})
+                              config={**settings, "profile_n_repeats": 5, "default_model_dir": str(MODEL_DIR)})
     edge_process.wait_ready(timeout_s=180)
     deadline_s = time.monotonic() + 300
     while time.monotonic() < deadline_s:
@@ -119,7 +121,7 @@ def _precision_aware_figures() -> str:
     from popex.decision.precision_aware import precision_aware_thresholds
     from popex.runtime.profiler import load_profile
 
-    model_dir = REPO / "models" / "default"
+    model_dir = MODEL_DIR
     calibration = load_calibration(model_dir / "calibration.npz")
     profile = load_profile(model_dir / "profile.json")
     chosen = precision_aware_thresholds(calibration)
@@ -161,7 +163,7 @@ def main() -> None:
                                     timeout=30).json()["models"][0]["model_id"]
             from popex.runtime.model_files import load_model_dir
 
-            shape = tuple(load_model_dir(REPO / "models" / "default").net.input_shape)
+            shape = tuple(load_model_dir(MODEL_DIR).net.input_shape)
             rng = np.random.default_rng(0)
             payloads = [encode_offload(rng.standard_normal((1, *shape)).astype(np.float32), model_id=model_id,
                                        split=0, request_id=f"bench-{k}") for k in range(64)]

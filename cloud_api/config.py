@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from popex.cloud.runner import MAX_PROFILE_N_REPEATS
+from popex.runtime.model_cost import DEFAULT_MAX_ACTIVATION_BYTES, DEFAULT_MAX_MODEL_FLOPS
 from popex.runtime.batcher import MAX_BATCH_SIZE, MAX_BATCH_WAIT_MS
 from popex.constraints import DirectoryPath, Integer, Nullable, Number, OneOf, Rule, Secret
 from popex.settings import Settings, load_settings, yaml_layer
@@ -48,6 +49,10 @@ class CloudConfig(Settings):
     max_body_bytes : int
         Largest request body accepted (413 above it): offload payloads,
         model uploads, probes.
+    max_model_flops, max_activation_bytes : int
+        A model needing more FLOPs per sample, or one layer holding more bytes
+        of activations per sample, is refused before it is loaded
+        (:mod:`popex.runtime.model_cost`).
     n_threads : int or None
         ONNX Runtime intra-op threads of each stage's session (None: 1).
         1 by default: batch-1 requests to small networks
@@ -75,6 +80,8 @@ class CloudConfig(Settings):
                                          f"secret of at least {MIN_TOKEN_CHARS} characters"),
         "state_dir": DirectoryPath(),
         "max_body_bytes": Integer(_MIN_BODY_BYTES, _MAX_BODY_BYTES),
+        "max_model_flops": Integer(1, 10**15),
+        "max_activation_bytes": Integer(1024, 2**40),
         "n_threads": Nullable(Integer(1, _MAX_THREADS)),
         "profile_n_repeats": Integer(1, MAX_PROFILE_N_REPEATS),
         "max_batch_size": Integer(1, MAX_BATCH_SIZE),
@@ -87,6 +94,8 @@ class CloudConfig(Settings):
     token: str
     state_dir: Path = Path("state/cloud")
     max_body_bytes: int = 64 * 2**20
+    max_model_flops: int = DEFAULT_MAX_MODEL_FLOPS
+    max_activation_bytes: int = DEFAULT_MAX_ACTIVATION_BYTES
     n_threads: int | None = 1
     profile_n_repeats: int = 30
     max_batch_size: int = 1

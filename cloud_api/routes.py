@@ -18,6 +18,7 @@ from cloud_api.config import CloudConfig
 from popex.checks import check_int
 from popex.cloud.runner import MAX_PROFILE_N_REPEATS, CloudRunner
 from popex.errors import ConfigError, DataError, UnknownModelError
+from popex.runtime.model_cost import check_model_cost, files_cost
 from popex.untrusted import loads_json
 
 __all__ = ["RUNNER_KEY", "bp", "get_runner", "init_routes"]
@@ -91,6 +92,9 @@ def put_model(model_id: str) -> ResponseReturnValue:
     files = uploaded_model_files(_NAMED_FIELDS, max_bytes=_config().max_body_bytes)
     runner = get_runner()
     existed = runner.has(model_id)
+    if not existed:  # what it costs to run, before it is loaded (popex.runtime.model_cost)
+        check_model_cost(files_cost(files), max_flops=_config().max_model_flops,
+                         max_activation_bytes=_config().max_activation_bytes)
     loaded = runner.register(model_id, files)
     return jsonify(_model_info(loaded.model_id, loaded.net.n_stages)), 200 if existed else 201
 

@@ -28,10 +28,12 @@ from popex.constraints import (DirectoryPath, Flag, HttpUrl, Integer, Matching, 
 from popex.decision.policies import DEFAULT_HEADROOM_FRACTION, MAX_HEADROOM_FRACTION
 from popex.edge.admission import DEFAULT_MAX_CONFIGURATIONS
 from popex.edge.uplink import RTT_METHODS
+from popex.edge.vetting import DEFAULT_VETTING_MEMORY_BYTES, DEFAULT_VETTING_TIMEOUT_S
 from popex.errors import ConfigError
 from popex.link.emulation import parse_link
 from popex.link.shaping import IFACE_PATTERN
 from popex.runtime.batcher import MAX_BATCH_SIZE, MAX_BATCH_WAIT_MS
+from popex.runtime.model_cost import DEFAULT_MAX_ACTIVATION_BYTES, DEFAULT_MAX_MODEL_FLOPS
 from popex.settings import Settings, load_settings, settings_repr, yaml_layer
 from api_common.logs import LOG_FORMATS, LOG_LEVELS
 from popex.wire import WIRE_COMPRESSIONS, WIRE_DTYPES
@@ -143,6 +145,13 @@ class EdgeConfig(Settings):
     max_strategy_configurations : int
         A model whose plan sweeps more threshold configurations (12 per branch,
         multiplied, times the head sets) is refused at registration.
+    max_model_flops, max_activation_bytes : int
+        A model needing more FLOPs per sample, or one layer holding more bytes
+        of activations per sample, is refused before anything runs
+        (:mod:`popex.runtime.model_cost`); at most the cloud's.
+    registration_memory_bytes, registration_timeout_s : int, float
+        Address-space limit (RLIMIT_AS) and time limit of the process that
+        vets an uploaded model (:mod:`popex.edge.vetting`).
     breaker_n_failures : int
         Consecutive cloud failures (timeouts, refused connections) after which
         offloads are skipped.
@@ -166,6 +175,9 @@ class EdgeConfig(Settings):
         past the tightest budget in it less the batch's predicted time.
     max_batch_images : int
         Most images one ``POST /api/v1/classify/batch`` may carry (413 above).
+    batch_plan : bool
+        Run a batch with only the branches the batch-aware plan finds worth
+        running at its size (:mod:`popex.edge.batch_plans`); off: every active branch.
     start_background : bool
         Start the uplink monitor thread (tests turn it off).
     shaping_interface : str or None
@@ -215,6 +227,10 @@ class EdgeConfig(Settings):
         "max_model_bytes": Integer(1024, 2**31),
         "max_strategy_configurations": Integer(1, 10**9),
         "max_n_models": Integer(1, 100_000),
+        "max_model_flops": Integer(1, 10**15),
+        "max_activation_bytes": Integer(1024, 2**40),
+        "registration_memory_bytes": Integer(256 * 2**20, 2**44),
+        "registration_timeout_s": Number(low=1.0, high=3600.0),
         "breaker_n_failures": Integer(1, 10**6),
         "breaker_open_s": Number(low=0.0, high=3600.0),
         "max_store_bytes": Integer(1024, 2**50),
@@ -223,6 +239,7 @@ class EdgeConfig(Settings):
         "max_batch_size": Integer(1, MAX_BATCH_SIZE),
         "batch_max_wait_ms": Number(low=0.0, high=MAX_BATCH_WAIT_MS),
         "max_batch_images": Integer(1, MAX_BATCH_SIZE),
+        "batch_plan": Flag(),
         "start_background": Flag(),
         "shaping_interface": Nullable(Matching(IFACE_PATTERN, "an interface name")),
         "log_level": OneOf(LOG_LEVELS),
@@ -263,6 +280,10 @@ class EdgeConfig(Settings):
     max_model_bytes: int = 64 * 2**20  # the cloud's max_body_bytes: what the edge takes it can push
     max_strategy_configurations: int = DEFAULT_MAX_CONFIGURATIONS
     max_n_models: int = 32
+    max_model_flops: int = DEFAULT_MAX_MODEL_FLOPS
+    max_activation_bytes: int = DEFAULT_MAX_ACTIVATION_BYTES
+    registration_memory_bytes: int = DEFAULT_VETTING_MEMORY_BYTES
+    registration_timeout_s: float = DEFAULT_VETTING_TIMEOUT_S
     breaker_n_failures: int = 3
     breaker_open_s: float = 2.0
     max_store_bytes: int = 4 * 2**30
@@ -271,6 +292,7 @@ class EdgeConfig(Settings):
     max_batch_size: int = 1
     batch_max_wait_ms: float = 2.0
     max_batch_images: int = 32
+    batch_plan: bool = False
     start_background: bool = True
     shaping_interface: str | None = None
     log_level: str = "INFO"

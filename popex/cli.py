@@ -115,7 +115,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_cmd_train)
 
 
-def _measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads: int | None,
+def measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads: int | None,
                      cloud_speedup: float, offload_overhead_ms: float,
                      edge_slowdown: float = 1.0) -> tuple[object, object, str]:
     """Measure the edge here; the cloud is an assumption until a cloud profile exists.
@@ -155,13 +155,22 @@ def _measure_profile(model_dir: str, *, n_repeats: int, n_warmup: int, n_threads
 def _cmd_profile(args: argparse.Namespace) -> int:
     from popex.runtime.profiler import plot_profile, save_profile
 
-    profile, timings, note = _measure_profile(args.model, n_repeats=args.repeats, n_warmup=args.warmup,
+    # Under results/ unless --out says otherwise: a model directory (tracked files) is never rewritten by default.
+    out_dir = args.out or os.path.join("results", "profile", os.path.basename(os.path.abspath(args.model)))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # before the minutes of measuring
+        raise ProfileError(f"--out {out_dir} is a file; give a directory (profile.json and profile.png go in it)")
+    profile, timings, note = measure_profile(args.model, n_repeats=args.repeats, n_warmup=args.warmup,
                                               n_threads=args.threads, cloud_speedup=args.cloud_speedup,
                                               offload_overhead_ms=args.offload_overhead_ms,
                                               edge_slowdown=args.emulate_edge_slowdown)
-    # Under results/ unless --out says otherwise: a model directory (tracked files) is never rewritten by default.
-    out_dir = args.out or os.path.join("results", "profile", os.path.basename(os.path.abspath(args.model)))
-    paths = save_profile(profile, out_dir, timings=timings, note=note)
+    batch_timings = None
+    if args.max_batch_size > 1:  # the inference time matrix of the batch-aware plan (popex batch-plan)
+        from popex.runtime.batch_profile import batch_sizes_up_to, time_batches
+        from popex.runtime.model_files import load_model_dir
+
+        batch_timings = time_batches(load_model_dir(args.model, n_threads=args.threads).net,
+                                     batch_sizes=batch_sizes_up_to(args.max_batch_size), progress=sys.stderr.isatty())
+    paths = save_profile(profile, out_dir, timings=timings, note=note, batch_timings=batch_timings)
     png = plot_profile(profile, f"{out_dir}/profile.png", title=f"Profile of {args.model}")
     print(note)
     print(f"{'stage':<14}{'edge_ms':>10}{'spread_ms':>11}{'cloud_ms':>10}{'out_bytes':>11}")
@@ -191,6 +200,9 @@ def _add_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--emulate-edge-slowdown", type=float, default=1.0,
                    help="the edge as an emulated device this many times slower than this machine (as the edge "
                         "service's emulate_edge_slowdown); the cloud stays this machine / --cloud-speedup")
+    p.add_argument("--max-batch-size", type=int, default=1,
+                   help="also time every stage at batch sizes 1, 2, 4, ..., N (profile.json's \"batch\", for "
+                        "popex batch-plan); default 1: batch 1 only")
     p.set_defaults(run=_cmd_profile)
 
 
@@ -211,7 +223,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     elif args.profile:
         raise ProfileError(f"profile file {args.profile!r} not found")
     else:
-        profile, _, note = _measure_profile(args.model, n_repeats=20, n_warmup=5, n_threads=1,
+        profile, _, note = measure_profile(args.model, n_repeats=20, n_warmup=5, n_threads=1,
                                             cloud_speedup=args.cloud_speedup,
                                             offload_overhead_ms=args.offload_overhead_ms)
         assumptions.append(f"no profile file: {note}")
@@ -307,6 +319,8 @@ _SUBCOMMANDS: dict[str, _Subcommand] = {
                          _add_train),
     "profile": _Subcommand("measure per-stage/branch time and bytes; write JSON, CSV, PNG", _add_profile),
     "plan": _Subcommand("strategy table and decision for a link and a latency requirement", _add_plan),
+    "batch-plan": _Subcommand("batch-aware exits: per batch size, the branches worth running, and predicted "
+                              "per-sample latency", "popex.decision.batch_plan_cli:add_batch_plan_parser"),
     "distort": _Subcommand("write a blurred or noisy copy of an IDX or ImageFolder dataset",
                            "popex.data.distort:add_distort_parser"),
     "train-experts": _Subcommand("add blur/noise expert heads and a distortion classifier to a trained model",

@@ -10,6 +10,8 @@ __all__ = [
     "UnknownModelError",
     "ConflictError",
     "CostError",
+    "TooLargeError",
+    "BusyError",
     "error_status_and_body",
     "SpecError",
     "WeightsError",
@@ -47,6 +49,20 @@ class CostError(PopexError):
     """A model would cost more to plan, store or run than the service's caps allow (checked before it runs)."""
 
     code = "too_costly"
+
+
+class TooLargeError(PopexError):
+    """A body or a model is larger than a cap that is checked after the upload's own limit."""
+
+    code = "too_large"
+    http_status = 413
+
+
+class BusyError(PopexError):
+    """The service does this work for one caller at a time and is doing it now; retry shortly."""
+
+    code = "busy"
+    http_status = 429
 
 
 class SpecError(PopexError):

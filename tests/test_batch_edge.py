@@ -225,3 +225,50 @@ def test_a_replica_without_the_model_gets_it_pushed_and_the_request_retried(edge
     results = response.get_json()["results"]
     assert all(result["where"] == "cloud" and not result["fallback"] for result in results)
     assert edge["runner"].pusher.n_pushes == n_pushes + 2
+
+
+def test_a_batch_spends_no_more_tokens_than_the_bucket_holds(open_edge, make_config, cloud, lenet_files, tmp_path,
+                                                             edge_internals, monkeypatch):
+    context, _, client, runner = _edge(open_edge, make_config, cloud, lenet_files, tmp_path, edge_internals,
+                                       max_batch_images=8, offload_rate_per_s=1e-6, offload_bucket_depth=1.0,
+                                       offload_policy="baseline")
+    try:
+        edge = {"runner": runner, "model_id": lenet_files["model_id"]}
+        _force(edge, monkeypatch, split=2, threshold=None)  # every sample would offload
+        n_offloaded = len(cloud.offloads)
+        response = _batch(client, [_png(seed) for seed in range(300, 306)])
+        assert response.status_code == 200, response.get_json()
+        results = response.get_json()["results"]
+        sent = sum(offload.request.tensor.shape[0] for offload in cloud.offloads[n_offloaded:])
+    finally:
+        context.__exit__(None, None, None)
+    assert len(results) == 6
+    assert sent <= 1 and sum(result["where"] == "cloud" for result in results) == sent  # r*T + b with T ~ 0
+    limited = [result for result in results if result.get("rate_limited")]
+    assert len(limited) == 6 - sent
+    assert all(result["where"] == "edge" and not result["fallback"] for result in limited)
+
+
+def test_the_circuit_breaker_stops_batched_offloads_to_a_failing_cloud(open_edge, make_config, cloud, lenet_files,
+                                                                       tmp_path, edge_internals, monkeypatch):
+    from popex.edge.cloud_types import CloudUnavailable
+
+    context, _, client, runner = _edge(open_edge, make_config, cloud, lenet_files, tmp_path, edge_internals,
+                                       max_batch_images=8, breaker_n_failures=2, breaker_open_s=600.0)
+    images = [_png(seed) for seed in range(400, 404)]
+    try:
+        _force({"runner": runner, "model_id": lenet_files["model_id"]}, monkeypatch, split=2, threshold=None)
+        cloud.fail("infer_batch", CloudUnavailable("gone"))
+        try:
+            for _ in range(2):  # two failed batched offloads open the breaker
+                assert _batch(client, images).status_code == 200
+            n_calls = len(cloud.calls)
+            response = _batch(client, images)
+            new_calls = [call for call in cloud.calls[n_calls:] if call.startswith("infer")]
+        finally:
+            cloud.recover("infer_batch")
+    finally:
+        context.__exit__(None, None, None)
+    results = response.get_json()["results"]
+    assert new_calls == []
+    assert all(result["fallback"] and "circuit breaker" in result["fallback_reason"] for result in results)

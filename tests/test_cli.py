@@ -65,6 +65,15 @@ def test_profile_writes_under_results_and_leaves_the_model_directory_alone(model
     assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
+def test_profile_out_that_is_a_file_is_one_line_not_a_traceback(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    out.write_text("{}")
+    result = _popex("profile", "--model", str(model_dir), "--repeats", "2", "--out", str(out))
+    assert result.returncode == 2
+    assert "is a file" in result.stderr and "Traceback" not in result.stderr
+    assert out.read_text() == "{}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mean", "tail"])
 def test_plan_json_contract(model_dir: Path, objective: str) -> None:

@@ -93,13 +93,6 @@ def test_the_store_caps_the_number_and_bytes_of_models(tmp_path, lenet_files):
     assert small.ids() == [] and not list((tmp_path / "small" / "models").iterdir())
 
 
-def test_the_edge_takes_no_model_the_cloud_would_refuse():
-    from cloud_api.config import CloudConfig
-    from edge_api.config import EdgeConfig
-    edge = EdgeConfig.from_mapping({"token": "t" * 16})
-    assert edge.max_model_bytes <= CloudConfig.from_mapping({"token": "t" * 16}).max_body_bytes
-
-
 @pytest.mark.slow
 def test_over_http_the_seven_branch_upload_is_refused_and_the_edge_restarts(tmp_path, token):
     """Real processes: the upload is a 4xx with the count, and a restarted edge boots and serves."""

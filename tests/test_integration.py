@@ -616,23 +616,10 @@ def _mapped_libraries(pid: int) -> set[str]:
     return names
 
 
-def _group_pids(leader: int) -> list[int]:
-    """Every live process of the process group ``leader`` started (run_*.sh, gunicorn and its workers)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getpgid(int(entry.name)) == leader:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return pids
-
-
 def test_edge_and_cloud_serve_without_torch(services: Services, streamed: StreamedImages) -> None:
     """After serving the stream, no process of either service has libtorch mapped; ONNX Runtime serves."""
     for service in (services.edge, services.cloud):
-        libraries = {pid: _mapped_libraries(pid) for pid in _group_pids(service.process.pid)}
+        libraries = {pid: _mapped_libraries(pid) for pid in service.pids()}
         serving = [pid for pid, names in libraries.items() if any("onnxruntime" in n for n in names)]
         assert serving, f"no {service.name} process runs ONNX Runtime: {libraries}"
         with_torch = {pid: sorted(n for n in names if "torch" in n) for pid, names in libraries.items()

@@ -95,3 +95,19 @@ def test_half_open_connections_do_not_keep_good_requests_from_an_answer(services
     finally:
         for sock in stalled:
             sock.close()
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token-000000"])
+@pytest.mark.parametrize("path", ["/api/v1/infer", "/api/v1/models/" + "0" * 64])
+def test_the_cloud_refuses_a_request_without_its_token_before_reading_the_body(services, authorization, path):
+    """Headers that announce a 50 MB body, and no body: the 401 comes at once, so the cloud never waited for
+    (or read) the body of a caller without the token."""
+    host, port = services["cloud"].url.removeprefix("http://").split(":")
+    method = "POST" if path.endswith("infer") else "PUT"
+    auth = f"Authorization: {authorization}\r\n" if authorization else ""
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/octet-stream\r\n"
+                     f"Content-Length: 50000000\r\n\r\n".encode())
+        sock.settimeout(5.0)  # well under the worker's 10 s read timeout: the answer did not wait for a body
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]

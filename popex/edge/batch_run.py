@@ -8,6 +8,10 @@ stage and, after the cut, to the cloud as *one* batched payload
 own exit, place and latency; the answers come back in the order of the
 requests. A batch in which every sample exits sends nothing upstream.
 
+With ``batch_plan`` on, the batch runs only the branches the batch-aware
+plan (:mod:`popex.edge.batch_plans`) finds worth running at its size; the
+answers then report those thresholds.
+
 Each sample keeps its own :class:`~popex.edge.budget.RequestRun` (its stage
 outputs and evaluated branches), so a cloud failure falls back per sample
 exactly as :mod:`popex.edge.fallback` does for one request.
@@ -31,6 +35,7 @@ from popex.edge.budget import RequestRun
 from popex.edge.classification import Classification
 from popex.edge.cloud_port import CloudError, CloudRejected
 from popex.edge.plans import ModelPlan
+from popex.edge.rate_limit import refused_offload
 from popex.edge.store import StoredModel
 from popex.edge.strategy import Strategy
 from popex.errors import PopexError
@@ -81,9 +86,12 @@ def run_batch(runner: Any, requests: list[PreparedRequest]) -> list[Classificati
     list of Classification
     """
     first = requests[0]
+    strategy = first.strategy
+    if runner.batch_exits is not None:  # the batch-aware plan: the branches worth running at this batch size
+        strategy = runner.batch_exits.strategy_for(first.model, first.plan, strategy, first.run.head, len(requests))
     if len(requests) == 1:  # alone: exactly the one-request path
-        return [runner._run(first.model, first.plan, first.strategy, first.run, request_id=first.request_id)]
-    model, strategy, head = first.model, first.strategy, first.run.head
+        return [runner._run(first.model, first.plan, strategy, first.run, request_id=first.request_id)]
+    model, head = first.model, first.run.head
     net, compute = model.loaded.net, runner.compute
     runs = [request.run for request in requests]
 
@@ -116,13 +124,16 @@ def run_batch(runner: Any, requests: list[PreparedRequest]) -> list[Classificati
         for k, j in enumerate(rest):
             answers[j] = runner._answer(model, strategy, runs[j], requests[j].request_id, label=int(label[k]),
                                         confidence=float(confidence[k]), exit_="final")
-    elif len(rest) == 1:
-        j = rest[0]
-        answers[j] = runner._offload(model, first.plan, strategy, runs[j], requests[j].request_id,
-                                     compacted.features)
     elif rest:
-        for j, answer in zip(rest, _offload_batch(runner, [requests[j] for j in rest], compacted.features)):
-            answers[j] = answer
+        offloading = _through_bucket(runner, requests, rest, strategy, answers)
+        features = compacted.features[[k for k, j in enumerate(rest) if j in offloading]]
+        if len(offloading) == 1:
+            j = offloading[0]
+            answers[j] = runner._offload(model, first.plan, strategy, runs[j], requests[j].request_id, features)
+        elif offloading:
+            for j, answer in zip(offloading, _offload_batch(runner, [requests[j] for j in offloading], features,
+                                                            strategy)):
+                answers[j] = answer
     return answers  # type: ignore[return-value]  # every position was answered above
 
 
@@ -153,10 +164,33 @@ def run_prepared(runner: Any, requests: list[PreparedRequest]) -> list[Classific
     return answers  # type: ignore[return-value]  # every position was answered above
 
 
-def _offload_batch(runner: Any, requests: list[PreparedRequest], features: np.ndarray) -> list[Classification]:
+def _through_bucket(runner: Any, requests: list[PreparedRequest], rest: list[int], strategy: Strategy,
+                    answers: list[Classification | None]) -> list[int]:
+    """The continuing samples the rate limit lets offload; the others answered locally, ``rate_limited``.
+
+    Each sample consults the bucket as a request alone would (one token per
+    offload), so a batch cannot spend more tokens than its samples would.
+    """
+    if runner.rate_limiter is None:
+        return rest
+    offloading = []
+    for j in rest:
+        request = requests[j]
+        local = refused_offload(runner.rate_limiter, runner.compute, request.model, request.plan, strategy,
+                                request.run)
+        if local is None:
+            offloading.append(j)
+        else:
+            answers[j] = runner._answer(request.model, strategy, request.run, request.request_id, label=local.label,
+                                        confidence=local.confidence, exit_=local.exit, rate_limited=True)
+    return offloading
+
+
+def _offload_batch(runner: Any, requests: list[PreparedRequest], features: np.ndarray,
+                   strategy: Strategy) -> list[Classification]:
     """The continuing samples as one batched payload; per-sample answers (or fallbacks), in order."""
     first = requests[0]
-    model, plan, strategy = first.model, first.plan, first.strategy
+    model, plan = first.model, first.plan
     ids = [request.request_id for request in requests]
 
     def tightest_ms() -> float:
@@ -177,6 +211,8 @@ def _offload_batch(runner: Any, requests: list[PreparedRequest], features: np.nd
     encode_ms = (time.perf_counter() - encode_started) * 1000.0
     if tightest_ms() <= 0:
         return fall_back("no time left in the budget for the cloud")
+    if runner.breaker is not None and not runner.breaker.allow():
+        return fall_back("the cloud's circuit breaker is open")
     call_started = time.perf_counter()
     try:
         result = runner.pusher.call(
@@ -187,9 +223,13 @@ def _offload_batch(runner: Any, requests: list[PreparedRequest], features: np.nd
         waited_ms = (time.perf_counter() - call_started) * 1000.0
         for request in requests:
             request.run.transfer_ms = waited_ms
+        if runner.breaker is not None:
+            runner.breaker.record(err)
         if isinstance(err, CloudRejected) and runner.on_cloud_rejected is not None:
             runner.on_cloud_rejected(model.model_id)
         return fall_back(f"{type(err).__name__}: {err}")
+    if runner.breaker is not None:
+        runner.breaker.record(None)
     runner.planner.submit_offload(len(body), encode_ms=encode_ms, round_trip_ms=float(result.round_trip_ms),
                                   cloud_ms=float(result.cloud_ms), payload_n_bytes=len(payload))
     answers = []

@@ -27,11 +27,13 @@ from popex.edge.preparation import ModelPreparation
 from popex.edge.store import ModelRegistry
 from popex.edge.three_tier_plan import DevicePlanner
 from popex.edge.uplink import UplinkMonitor
+from popex.edge.vetting import ModelVetting
 from popex.edge.views import EdgeViews
 from popex.errors import PopexError
 from popex.link.control import LinkController, resolve_cloud_ipv4
 from popex.link.emulation import parse_link
 from popex.link.profiles import load_link_profiles
+from popex.runtime.model_cost import check_model_cost, files_cost
 
 __all__ = ["EdgeNode"]
 
@@ -118,8 +120,10 @@ class EdgeNode:
         if client is None:
             link = parse_link(config.emulate_link) if config.emulate_link is not None else None
             client = CloudClient(config.cloud_url, token=config.token, link=link)
+        caps = {"max_flops": config.max_model_flops, "max_activation_bytes": config.max_activation_bytes}
         registry = ModelRegistry(config.state_dir, n_threads=config.n_threads or 1, max_n_models=config.max_n_models,
-                                 max_store_bytes=config.max_store_bytes)
+                                 max_store_bytes=config.max_store_bytes,
+                                 check_stored=lambda files: check_model_cost(files_cost(files), **caps))
         _log.info("edge registry on %s with %d stored models", config.state_dir, len(registry))
         plans = PlanBook(link=_initial_link(config, client), headroom_fraction=config.plan_headroom_fraction)
         monitor = UplinkMonitor(
@@ -138,6 +142,7 @@ class EdgeNode:
             wire_dtype=config.wire_dtype, distortion_aware_default=config.distortion_aware_default,
             cloud_speedup=config.cloud_speedup, profile_n_repeats=config.profile_n_repeats,
             cloud_timeout_s=config.cloud_timeout_s, max_strategy_configurations=config.max_strategy_configurations,
+            vetting=ModelVetting.from_config(config, scratch_dir=registry.state_dir / "models"),
         )
         runner = EdgeRunner(
             registry=registry, plans=plans, client=client, planner=planner, compute=compute,
@@ -160,6 +165,13 @@ class EdgeNode:
 
             runner.rate_limiter = RateLimiter(rate_per_s=config.offload_rate_per_s, depth=config.offload_bucket_depth,
                                               policy=config.offload_policy)
+        if getattr(config, "batch_plan", False):
+            from popex.edge.batch_plans import BatchExitPlanner
+
+            runner.batch_exits = BatchExitPlanner(
+                max_batch_size=max(config.max_batch_size, config.max_batch_images),
+                batcher_max_batch_size=config.max_batch_size, batch_max_wait_ms=config.batch_max_wait_ms,
+                arrival_rate_per_s=lambda: runner.batcher.arrivals.rate_per_s(runner.batcher.clock()))
         node = cls(config=config, client=client, registry=registry, plans=plans, monitor=monitor, planner=planner,
                    preparation=preparation, runner=runner, views=views, link_controller=link_controller)
         devices = DeviceLinks(initial_link=plans.link, window_n=config.uplink_window_n,
@@ -187,6 +199,8 @@ class EdgeNode:
         if self.runner.rate_limiter is not None:
             self.runner.rate_limiter.close()
         self.planner.close()
+        if self.runner.batch_exits is not None:
+            self.runner.batch_exits.close()
         self.preparation.close()
         close = getattr(self.client, "close", None)
         if callable(close):

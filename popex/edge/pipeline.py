@@ -138,6 +138,8 @@ class EdgeRunner:
         self.default_model_id: str | None = None
         #: The offload token bucket (popex.ratelimit.live.RateLimiter), None when offloads are not rate-limited.
         self.rate_limiter: Any = None
+        #: The batch-aware plan (popex.edge.batch_plans.BatchExitPlanner), None unless ``batch_plan`` is on.
+        self.batch_exits: Any = None
         self._counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self.pusher = ModelPusher(client=client)  # a replica without the model: push, retry once

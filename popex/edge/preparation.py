@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,7 @@ from popex.edge.cloud_port import CloudError
 from popex.edge.compute import EdgeCompute
 from popex.edge.store import Registration, StoredModel
 from popex.edge.worker import JobWorker
-from popex.errors import CostError
+from popex.errors import CostError, PopexError
 from popex.runtime.profiler import StageTimings, build_profile, time_stages
 from popex.wire import encode_offload
 
@@ -107,6 +108,8 @@ class ModelPreparation:
     max_strategy_configurations : int
         A model whose plan would sweep more threshold configurations is refused
         (:func:`popex.edge.admission.check_plan_cost`).
+    vetting : ModelVetting, optional
+        Vets uploads (:meth:`register`) in a limited process first; None: not.
 
     Raises
     ------
@@ -117,7 +120,7 @@ class ModelPreparation:
     def __init__(self, *, registry: Any, plans: Any, client: Any, planner: Any, compute: EdgeCompute,
                  wire_dtype: str, distortion_aware_default: bool, cloud_speedup: float, profile_n_repeats: int,
                  cloud_timeout_s: float, resync_interval_s: float = 10.0,
-                 max_strategy_configurations: int = DEFAULT_MAX_CONFIGURATIONS) -> None:
+                 max_strategy_configurations: int = DEFAULT_MAX_CONFIGURATIONS, vetting: Any = None) -> None:
         self.registry = registry
         self.plans = plans
         self.client = client
@@ -131,6 +134,7 @@ class ModelPreparation:
         self.resync_interval_s = check_finite(resync_interval_s, name="resync_interval_s", low=0.0)
         self.max_strategy_configurations = check_int(max_strategy_configurations, name="max_strategy_configurations",
                                                      low=1, high=10**9)
+        self.vetting = vetting
         self._worker = JobWorker("popex-prepare")
         self._jobs: dict[tuple[str, str], Future[Any]] = {}
         self._jobs_lock = threading.Lock()
@@ -144,21 +148,21 @@ class ModelPreparation:
             model = self.registry.get(model_id)
             try:  # a model that cannot be planned is skipped, never the end of the start
                 check_plan_cost(model, max_configurations=self.max_strategy_configurations)
-            except CostError as err:
+                # A profile measured under another emulated slowdown is another device's: profile again.
+                if (model.state == "ready" and model.profile is not None
+                        and model.profile_edge_slowdown == self.compute.edge_slowdown):
+                    self.plans.install(model_id, model.calibration, model.profile,
+                                       expert_calibrations=model.expert_calibrations)
+                    # the first run of a network is slow; not a request's
+                    model.loaded.net(np.zeros((1, *model.loaded.net.input_shape), np.float32))
+                    self._submit("sync", model_id, self._sync)
+                else:
+                    self._install_assumed_plan(model)
+                    self._submit("prepare", model_id, self.prepare)
+            except (PopexError, MemoryError) as err:
                 _log.error("not planning stored model %s: %s", model_id[:12], err)
-                self.registry.set_state(model_id, "failed", error=str(err))
-                continue
-            # A profile measured under another emulated slowdown is another device's: profile again.
-            if (model.state == "ready" and model.profile is not None
-                    and model.profile_edge_slowdown == self.compute.edge_slowdown):
-                self.plans.install(model_id, model.calibration, model.profile,
-                                   expert_calibrations=model.expert_calibrations)
-                # the first run of a network is slow; not a request's
-                model.loaded.net(np.zeros((1, *model.loaded.net.input_shape), np.float32))
-                self._submit("sync", model_id, self._sync)
-            else:
-                self._install_assumed_plan(model)
-                self._submit("prepare", model_id, self.prepare)
+                self.plans.remove(model_id)
+                self.registry.set_state(model_id, "failed", error=str(err) or type(err).__name__)
 
     def close(self) -> None:
         """Drop queued jobs; a job already running finishes in its daemon thread."""
@@ -215,8 +219,9 @@ class ModelPreparation:
         SpecError, WeightsError, CalibrationError, OnnxModelError, ConflictError
             Nothing is stored in that case.
         """
-        try:
-            registration = self.registry.add(files, trusted=trusted, admit=self._admit)
+        try:  # an upload is vetted in its own process first (popex.edge.vetting)
+            with self.vetting.gate(files, known=self.registry.__contains__) if self.vetting else nullcontext():
+                registration = self.registry.add(files, trusted=trusted, admit=self._admit)
         except BaseException:
             self._drop_orphan_plans()  # planned, then refused (a name taken meanwhile, the store full)
             raise

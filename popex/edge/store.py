@@ -65,20 +65,14 @@ from popex.runtime.model_files import (
     WEIGHTS_FILE,
     atomic_write_bytes,
     files_model_id,
+    form_files,
     load_model_dir,
     write_files,
 )
 from popex.edge.model_parts import CALIBRATION_FILE, calibration_file
 
-__all__ = [
-    "MODEL_STATES",
-    "PROFILE_FILE",
-    "STATE_FILE",
-    "UnknownModelError",
-    "StoredModel",
-    "Registration",
-    "ModelRegistry",
-]
+__all__ = ["MODEL_STATES", "PROFILE_FILE", "STATE_FILE", "UnknownModelError", "StoredModel", "Registration",
+           "ModelRegistry"]
 
 _log = logging.getLogger(__name__)
 
@@ -109,6 +103,9 @@ class ModelRegistry:
     max_n_models, max_store_bytes : int or None
         Most models, and most bytes of their directories, the store holds;
         None: no cap.
+    check_stored : callable, optional
+        Called with a stored model's files before it is loaded at open (the
+        cost caps); whatever PopexError it raises skips the model, logged.
 
     Examples
     --------
@@ -119,11 +116,13 @@ class ModelRegistry:
     """
 
     def __init__(self, state_dir: str | os.PathLike[str], *, n_threads: int = 1, max_n_models: int | None = None,
-                 max_store_bytes: int | None = None) -> None:
+                 max_store_bytes: int | None = None,
+                 check_stored: Callable[[Mapping[str, bytes]], object] | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.n_threads = n_threads
         self.max_n_models = max_n_models
         self.max_store_bytes = max_store_bytes
+        self._check_stored = check_stored
         self._models_dir = self.state_dir / _MODELS_DIR
         self._models_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -441,6 +440,8 @@ class ModelRegistry:
             if not entry.is_dir():
                 continue
             try:
+                if self._check_stored is not None:
+                    self._check_stored(form_files(entry))
                 model = load_stored_model(entry, n_threads=self.n_threads)
             except (PopexError, OSError, ValueError) as err:
                 _log.error("skipping stored model %s: %s", entry.name, err)

@@ -182,6 +182,8 @@ class EdgeViews:
                 continue
             model = self.registry.get(info["model_id"])
             strategy = runner.plan_of(model).strategy(runner.default_deadline_ms, runner.objective)
+            if runner.batch_exits is not None:  # queues the default strategy's batch plan, shown once made
+                runner.batch_exits.strategy_for(model, runner.plan_of(model), strategy, None, 1)
             models.append({**info, "strategy": strategy.to_dict()})
         return {
             "uplink": self._uplink(),
@@ -200,6 +202,7 @@ class EdgeViews:
             "wire_ratio": planner.wire_ratio.current_ms,
             "requests": runner.counts(),
             "rate_limit": None if runner.rate_limiter is None else runner.rate_limiter.status(),
+            "batch_plan": None if runner.batch_exits is None else runner.batch_exits.status(),
         }
 
     # -- private ------------------------------------------------------------------

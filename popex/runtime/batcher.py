@@ -21,7 +21,9 @@ Two layers:
 
 The predicted batch time comes from :class:`BatchTimes`: the last measured
 time of each batch size, linear in the size between and beyond what was
-measured (DESIGN §3: t(b) per batch size b).
+measured (DESIGN §3: t(b) per batch size b). :class:`ArrivalRate` counts the
+requests submitted, the observed arrival rate the batch-aware plan
+(:mod:`popex.decision.batch_plan`) predicts waits from.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from popex.checks import check_finite, check_int
 
-__all__ = ["MAX_BATCH_SIZE", "MAX_BATCH_WAIT_MS", "Pending", "Batch", "BatchTimes", "BatchQueue", "MicroBatcher"]
+__all__ = ["MAX_BATCH_SIZE", "MAX_BATCH_WAIT_MS", "Pending", "Batch", "BatchTimes", "ArrivalRate", "BatchQueue",
+           "MicroBatcher"]
 
 #: Largest ``max_batch_size`` any tier accepts.
 MAX_BATCH_SIZE = 1024
@@ -104,6 +108,36 @@ class BatchTimes:
                 return self._ms[n_items]
             nearest = min(self._ms, key=lambda size: (abs(size - n_items), size))
             return self._ms[nearest] * n_items / nearest
+
+
+class ArrivalRate:
+    """Requests per second over the last ``window_s`` of a clock (the observed arrival rate).
+
+    Examples
+    --------
+    >>> rate = ArrivalRate(window_s=1.0)
+    >>> for t in (0.0, 0.1, 0.2, 0.3):
+    ...     rate.record(t)
+    >>> rate.rate_per_s(1.0), rate.rate_per_s(5.0)
+    (4.0, 0.0)
+    """
+
+    def __init__(self, *, window_s: float = 2.0) -> None:
+        self.window_s = check_finite(window_s, name="window_s", low=0.0, high=3600.0, low_open=True)
+        self._times_s: deque[float] = deque(maxlen=4096)
+        self._lock = threading.Lock()
+
+    def record(self, now_s: float) -> None:
+        """One request arrived at ``now_s`` (seconds of the clock)."""
+        with self._lock:
+            self._times_s.append(float(now_s))
+
+    def rate_per_s(self, now_s: float) -> float:
+        """Arrivals in the window ending at ``now_s``, per second (0 when none)."""
+        with self._lock:
+            while self._times_s and self._times_s[0] < now_s - self.window_s:
+                self._times_s.popleft()
+            return len(self._times_s) / self.window_s
 
 
 class BatchQueue(Generic[T]):
@@ -250,6 +284,7 @@ class MicroBatcher(Generic[T, R]):
         self.run_batch = run_batch
         self.clock = clock
         self.times = BatchTimes()
+        self.arrivals = ArrivalRate()
         self._queue: BatchQueue[T] = BatchQueue(max_batch_size=max_batch_size, batch_max_wait_ms=batch_max_wait_ms,
                                                 predict_batch_ms=self.times.predict_ms)
         self._changed = threading.Condition()
@@ -281,6 +316,7 @@ class MicroBatcher(Generic[T, R]):
         """
         with self._changed:
             now_s = self.clock()
+            self.arrivals.record(now_s)
             batch, pending = self._queue.add(key, item, budget_ms=budget_ms, now_s=now_s)
             self._queue.take_due(now_s)  # the closed batches' leaders run them; they look at batch.closed
             leader = batch.members[0] is pending

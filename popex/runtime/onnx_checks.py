@@ -24,7 +24,7 @@ from popex.runtime.onnx_model import OnnxModelError
 if TYPE_CHECKING:
     from popex.runtime.onnx_model import OnnxModel
 
-__all__ = ["SUPPORTED_OPSETS", "MAX_ONNX_BYTES", "check_graph_file", "make_session", "dry_run"]
+__all__ = ["SUPPORTED_OPSETS", "MAX_ONNX_BYTES", "describe_not_onnx", "check_graph_file", "make_session", "dry_run"]
 
 #: Default-domain opsets accepted (what torch.onnx exports and ONNX Runtime 1.30 runs).
 SUPPORTED_OPSETS = range(13, 22)
@@ -32,7 +32,8 @@ SUPPORTED_OPSETS = range(13, 22)
 MAX_ONNX_BYTES = 256 * 1024 * 1024
 
 
-def _describe_not_onnx(data: bytes) -> str:
+def describe_not_onnx(data: bytes) -> str:
+    """What a file that is not an ONNX protobuf looks like (a pickle, a torch zip), for the message."""
     kind = pickled_kind(data)
     if kind is not None:
         return f"it looks like {kind}, which POPEX never unpickles; export the model to ONNX (`popex export`)"
@@ -83,9 +84,9 @@ def check_graph_file(data: bytes, path: Path, root: Path, rel: str, *, max_bytes
     try:
         model = onnx.load_model_from_string(data)
     except Exception as err:  # protobuf's DecodeError and friends
-        raise OnnxModelError(f"{rel} cannot be read: {_describe_not_onnx(data)} ({type(err).__name__})") from err
+        raise OnnxModelError(f"{rel} cannot be read: {describe_not_onnx(data)} ({type(err).__name__})") from err
     if not model.graph.node and not model.graph.output:
-        raise OnnxModelError(f"{rel} cannot be read: {_describe_not_onnx(data)} (no graph)")
+        raise OnnxModelError(f"{rel} cannot be read: {describe_not_onnx(data)} (no graph)")
     opsets = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
     opset = opsets.get("ai.onnx")
     if opset is None or opset not in SUPPORTED_OPSETS:

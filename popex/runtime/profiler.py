@@ -6,6 +6,10 @@ sessions were built with; repeats are interleaved across stages so that a burst
 of load on a shared machine spreads over all stages instead of biasing one.
 Medians go into the latency model; the 10th-90th percentile spread is kept
 for people to judge the measurement.
+
+The same stages timed per batch size (:mod:`popex.runtime.batch_profile`,
+the batch-aware plan's inference time matrix) are stored by
+:func:`save_profile` in ``profile.json`` under ``"batch"``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from popex.decision.latency import Profile
 from popex.errors import ConfigError, ProfileError
 
 if TYPE_CHECKING:
+    from popex.runtime.batch_profile import BatchTimings
     from popex.runtime.onnx_model import OnnxModel
 
 __all__ = [
@@ -218,8 +223,8 @@ def build_profile(
 
 
 def save_profile(profile: Profile, out_dir: str | os.PathLike[str], *, timings: StageTimings | None = None,
-                 note: str | None = None) -> dict[str, Path]:
-    """Write ``profile.json`` (the Profile's dict, plus spreads and a note) and ``profile.csv``.
+                 note: str | None = None, batch_timings: BatchTimings | None = None) -> dict[str, Path]:
+    """Write ``profile.json`` (the Profile's dict, plus spreads, a note, the batch timings) and ``profile.csv``.
 
     Returns the paths written, by kind.
     """
@@ -235,6 +240,8 @@ def save_profile(profile: Profile, out_dir: str | os.PathLike[str], *, timings: 
         }
     if note:
         data["note"] = note
+    if batch_timings is not None:
+        data["batch"] = batch_timings.to_dict()
     json_path, csv_path = out_dir / "profile.json", out_dir / "profile.csv"
     json_path.write_text(json.dumps(data, indent=2) + "\n")
     with csv_path.open("w", newline="") as f:

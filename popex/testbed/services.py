@@ -94,6 +94,19 @@ class ServiceProcess:
             raise ServiceError(f"the {self.name} service has no admin token")
         return {"Authorization": f"Bearer {self.admin_token}"}
 
+    def pids(self) -> list[int]:
+        """Every live process of the service: the process group it started in (run_*.sh, gunicorn, workers,
+        and any child they run meanwhile)."""
+        leader, pids = self.process.pid, []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.getpgid(int(entry.name)) == leader:
+                        pids.append(int(entry.name))
+                except (ProcessLookupError, PermissionError):
+                    continue
+        return pids
+
     def log_tail(self, n_lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n_lines:])
