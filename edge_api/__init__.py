@@ -22,6 +22,7 @@ from edge_api.classify import bp as classify_bp
 from edge_api.classify_batch import bp as classify_batch_bp
 from edge_api.config import EdgeConfig, load_config
 from edge_api.dashboard import bp as dashboard_bp
+from edge_api.device import bp as device_bp
 from api_common.config import resolve_config
 from api_common.errors import init_errors
 from api_common.json_io import init_json
@@ -78,6 +79,7 @@ def create_app(config: EdgeConfig | Mapping[str, Any] | None = None, *, cloud_cl
     app.register_blueprint(benchmark_bp)  # popex.tiers: GET .../benchmark
     app.register_blueprint(admin_bp)
     app.register_blueprint(rate_limit_admin_bp)  # popex.ratelimit.streams: per-stream buckets
+    app.register_blueprint(device_bp)  # popex.edge.tensor_run, three_tier_plan: the device tier's routes
     init_status(app)
     init_readiness(app)
     app.register_blueprint(dashboard_bp)

@@ -50,7 +50,7 @@ def check_write_access(config: Any) -> None:
         raise ConfigError("the edge refuses to start with open writes: set POPEX_ADMIN_TOKEN (admin_token) to a "
                           "secret of its own, which POST/DELETE /api/v1/models and /api/v1/admin/* then require, "
                           "or set allow_open_writes: true to let anyone who reaches the port register models")
-    for name in ("admin_token", "client_token"):
+    for name in ("admin_token", "client_token", "device_token"):
         if getattr(config, name) is not None and getattr(config, name) == config.token:
             raise ConfigError(f"{name} must differ from the token shared with the cloud (POPEX_TOKEN)")
 

@@ -6,7 +6,7 @@ documents every key and shows each default as a comment); its
 :func:`popex.settings.check_settings`. Production layers, later ones
 winning: defaults, the YAML file (``$POPEX_EDGE_CONFIG`` or
 ``configs/edge.yaml`` in the checkout), the environment (``POPEX_TOKEN``,
-``POPEX_ADMIN_TOKEN``, ``POPEX_CLIENT_TOKEN``, ``POPEX_CLOUD_URL``,
+``POPEX_ADMIN_TOKEN``, ``POPEX_CLIENT_TOKEN``, ``POPEX_DEVICE_TOKEN``, ``POPEX_CLOUD_URL``,
 ``POPEX_EDGE_STATE_DIR``, ``POPEX_EMULATE_LINK``,
 ``POPEX_EMULATE_EDGE_SLOWDOWN``, ``POPEX_LINK_IFACE``), then the overrides
 (:func:`load_config`). A test config replaces all of them
@@ -46,6 +46,7 @@ _ENV_KEYS = {
     "POPEX_TOKEN": "token",
     "POPEX_ADMIN_TOKEN": "admin_token",
     "POPEX_CLIENT_TOKEN": "client_token",
+    "POPEX_DEVICE_TOKEN": "device_token",
     "POPEX_CLOUD_URL": "cloud_url",
     "POPEX_EDGE_STATE_DIR": "state_dir",
     "POPEX_EMULATE_LINK": "emulate_link",
@@ -54,7 +55,7 @@ _ENV_KEYS = {
     "POPEX_DEFAULT_MODEL_DIR": "default_model_dir",
 }
 _MAX_MS = 60_000.0
-_SECRETS = ("token", "admin_token", "client_token")
+_SECRETS = ("token", "admin_token", "client_token", "device_token")
 
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -83,6 +84,9 @@ class EdgeConfig(Settings):
         Start without an admin token: anyone who reaches the port may write.
     client_token : str or None
         When set, classify and the read routes need it (or the admin token).
+    device_token : str or None
+        What a device sends to the three-tier routes (``edge_api.device``:
+        its plan, its reports, its tensors); None turns those routes off.
     cloud_url : str
         ``http://host:port`` of the cloud service.
     state_dir : Path
@@ -193,6 +197,7 @@ class EdgeConfig(Settings):
         "admin_token": Nullable(Secret(MIN_TOKEN_CHARS, "admin_token is empty")),
         "allow_open_writes": Flag(),
         "client_token": Nullable(Secret(MIN_TOKEN_CHARS, "client_token is empty")),
+        "device_token": Nullable(Secret(MIN_TOKEN_CHARS, "device_token is empty")),
         "cloud_url": HttpUrl(),
         "state_dir": DirectoryPath(),
         "default_model_dir": Nullable(DirectoryPath()),
@@ -245,6 +250,7 @@ class EdgeConfig(Settings):
     admin_token: str | None = None
     allow_open_writes: bool = False
     client_token: str | None = None
+    device_token: str | None = None
     cloud_url: str = "http://127.0.0.1:8001"
     state_dir: Path = Path("state/edge")
     default_model_dir: Path | None = Path("models/default-distortion")
@@ -309,8 +315,8 @@ def load_config(overrides: Mapping[str, Any] | None = None, *,
         Keys of :class:`EdgeConfig`; they win over everything else.
     environ : mapping, optional
         The environment (default ``os.environ``). ``POPEX_EDGE_CONFIG`` names
-        the YAML file; ``POPEX_TOKEN``, ``POPEX_ADMIN_TOKEN``, ``POPEX_CLIENT_TOKEN``, ``POPEX_CLOUD_URL``,
-        ``POPEX_EDGE_STATE_DIR``, ``POPEX_EMULATE_LINK``,
+        the YAML file; ``POPEX_TOKEN``, ``POPEX_ADMIN_TOKEN``, ``POPEX_CLIENT_TOKEN``, ``POPEX_DEVICE_TOKEN``,
+        ``POPEX_CLOUD_URL``, ``POPEX_EDGE_STATE_DIR``, ``POPEX_EMULATE_LINK``,
         ``POPEX_EMULATE_EDGE_SLOWDOWN`` and ``POPEX_LINK_IFACE`` set those keys.
 
     Returns

@@ -12,6 +12,7 @@ from flask import Flask
 
 from edge_api.benchmark import OPERATIONS as BENCHMARK_OPERATIONS
 from edge_api.rate_limit import OPERATIONS as RATE_LIMIT_OPERATIONS
+from edge_api.device import OPERATIONS as DEVICE_OPERATIONS
 from api_common.openapi import init_openapi, json_body
 
 __all__ = ["EDGE_OPERATIONS", "EDGE_SCHEMAS", "init_edge_openapi"]
@@ -158,6 +159,7 @@ EDGE_OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                                                        "content": {"text/html": {"schema": _STRING}}}}},
     **BENCHMARK_OPERATIONS,  # popex.tiers (its route module holds its entry)
     **RATE_LIMIT_OPERATIONS,  # per-stream buckets (edge_api.rate_limit)
+    **DEVICE_OPERATIONS,  # the device tier's routes
 }
 
 

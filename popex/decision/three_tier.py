@@ -173,7 +173,7 @@ def _prefix(values: np.ndarray) -> np.ndarray:
 
 
 def three_tier_table(stats: ExitStats, profile: ThreeTierProfile, *, device_edge: Hop, edge_cloud: Hop,
-                     device_cloud: Hop) -> ThreeTierTable:
+                     device_cloud: Hop, branches_on_cloud: bool = True) -> ThreeTierTable:
     """Expected and worst-case latency of every (θ, x, y), for one device/edge/cloud triple.
 
     Parameters
@@ -183,6 +183,10 @@ def three_tier_table(stats: ExitStats, profile: ThreeTierProfile, *, device_edge
     profile : ThreeTierProfile
         Branch positions must equal the statistics'.
     device_edge, edge_cloud, device_cloud : Hop
+    branches_on_cloud : bool, default True
+        False: the cloud evaluates no branch (POPEX's cloud runs to the final
+        exit), so a row whose active branch sits after y cannot run at that
+        cut: its latencies there are +inf and no decision picks it.
 
     Returns
     -------
@@ -230,6 +234,10 @@ def three_tier_table(stats: ExitStats, profile: ThreeTierProfile, *, device_edge
 
     expected = compute(weighted) + p_first * hop1 + p_second * hop2
     worst_ms = compute(worst) + hop1[None, :] + hop2[None, :]
+    if not branches_on_cloud and positions.size:
+        on_cloud = (active[:, :, None] & (positions[None, :, None] > y[None, None, :])).any(axis=1)
+        expected = np.where(on_cloud, np.inf, expected)
+        worst_ms = np.where(on_cloud, np.inf, worst_ms)
     for array in (expected, worst_ms):
         array.flags.writeable = False
     return ThreeTierTable(thresholds=level.thresholds, accuracy=level.accuracy, x=x, y=y, expected_ms=expected,

@@ -44,6 +44,9 @@ class RequestRun:
         Emulated device: oversleep not yet paid back.
     expert_confidence : float or None
         The distortion classifier's, when it ran.
+    first_stage : int
+        Stages already run before the edge (a device's cut x, :mod:`popex.edge.tensor_run`);
+        ``features`` is then padded with None up to index x.
     """
 
     arrival_s: float
@@ -56,6 +59,7 @@ class RequestRun:
     head: str | None = None
     sleep_overshoot_ms: float = 0.0
     expert_confidence: float | None = None
+    first_stage: int = 0
 
     def elapsed_ms(self) -> float:
         """Time since arrival, ms.

@@ -65,7 +65,7 @@ def fallback_reserve_ms(model: StoredModel, plan: ModelPlan, split: int, run: Re
     profile = plan.profile
     rest_ms = float(profile.stage_edge_ms[split:].sum())
     branch_ms = [float(profile.branch_edge_ms[b]) for b, k in enumerate(model.loaded.net.branch_after_stage)
-                 if k <= split]
+                 if run.first_stage < k <= split]
     needed_ms = 1.5 * max(0.0, offload_worst_ms - run.elapsed_ms())
     return min([rest_ms, *branch_ms, max(0.0, run.remaining_ms() - needed_ms)])
 
@@ -95,7 +95,7 @@ def fallback_exit(compute: EdgeCompute, model: StoredModel, plan: ModelPlan, spl
     net = model.loaded.net
     profile = plan.profile
     rest_ms = float(profile.stage_edge_ms[split:].sum())
-    candidates = [b for b, k in enumerate(net.branch_after_stage) if k <= split]
+    candidates = [b for b, k in enumerate(net.branch_after_stage) if run.first_stage < k <= split]  # ran here
     if rest_ms <= run.remaining_ms() or not candidates:
         logits = compute.on_edge(net.run_stages, run.features[split], start=split, head=run.head, run=run,
                                  emulated_ms=rest_ms)

@@ -19,11 +19,13 @@ from popex.decision.latency import Link
 from popex.edge.breaker import CircuitBreaker
 from popex.edge.cloud_port import CloudClient
 from popex.edge.compute import EdgeCompute
+from popex.edge.device_link import DeviceLinks
 from popex.edge.pipeline import EdgeRunner
 from popex.edge.planner import BackgroundPlanner
 from popex.edge.plans import PlanBook
 from popex.edge.preparation import ModelPreparation
 from popex.edge.store import ModelRegistry
+from popex.edge.three_tier_plan import DevicePlanner
 from popex.edge.uplink import UplinkMonitor
 from popex.edge.vetting import ModelVetting
 from popex.edge.views import EdgeViews
@@ -73,7 +75,11 @@ class EdgeNode:
         Read-only JSON views (models, strategies, status).
     link_controller : LinkController
         Changes the edge -> cloud link at run time (the admin route).
+    device_planner : DevicePlanner
+        Three-tier plans for devices (set by :meth:`from_config`; ``edge_api.device``).
     """
+
+    device_planner: DevicePlanner
 
     def __init__(self, *, config: Any, client: Any, registry: ModelRegistry, plans: PlanBook,
                  monitor: UplinkMonitor, planner: BackgroundPlanner, preparation: ModelPreparation,
@@ -168,6 +174,9 @@ class EdgeNode:
                 arrival_rate_per_s=lambda: runner.batcher.arrivals.rate_per_s(runner.batcher.clock()))
         node = cls(config=config, client=client, registry=registry, plans=plans, monitor=monitor, planner=planner,
                    preparation=preparation, runner=runner, views=views, link_controller=link_controller)
+        devices = DeviceLinks(initial_link=plans.link, window_n=config.uplink_window_n,
+                              hysteresis_fraction=config.replan_hysteresis_fraction)
+        node.device_planner = DevicePlanner(plans=plans, devices=devices, headroom_fraction=config.plan_headroom_fraction)
         node._open()
         return node
 

@@ -333,8 +333,8 @@ class EdgeRunner:
              request_id: str) -> Classification:
         net = model.loaded.net
         active = set(strategy.active_branches)
-        h = run.features[0]
-        for stage in range(1, strategy.split + 1):
+        h = run.features[run.first_stage]  # a device's tensor starts after its cut (popex.edge.tensor_run)
+        for stage in range(run.first_stage + 1, strategy.split + 1):
             h = self.compute.on_edge(net.run_stages, h, start=stage - 1, stop=stage, head=run.head, run=run,
                                      emulated_ms=float(plan.profile.stage_edge_ms[stage - 1]))
             run.features.append(h)
