@@ -110,7 +110,7 @@ class EdgeConfig(Settings):
     probe_interval_s : float
         Seconds between two uplink measurement rounds.
     probe_n_bytes : int
-        Bytes of one active uplink probe.
+        The most bytes one active uplink probe uploads (each is sized from the RTT and the estimate).
     uplink_window_n : int
         Samples in the sliding-median window of the uplink monitor.
     replan_hysteresis_fraction : float
@@ -240,7 +240,7 @@ class EdgeConfig(Settings):
     initial_uplink_mbps: float = 10.0
     initial_rtt_ms: float = 20.0
     probe_interval_s: float = 5.0
-    probe_n_bytes: int = 65536
+    probe_n_bytes: int = 1048576
     uplink_window_n: int = 9
     replan_hysteresis_fraction: float = 0.2
     rtt_method: str = "auto"
