@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from popex.checks import check_deadline_ms, check_objective
+from popex.decision.decide import DEFAULT_INFEASIBLE_ACCURACY_MARGIN
 from popex.decision.calibration import Calibration
 from popex.decision.precision_aware import precision_aware_thresholds
 from popex.decision.policies import PolicyBook, check_headroom, check_policy, edge_threshold_grids
@@ -65,17 +66,18 @@ def _hashable(key: tuple[object, ...]) -> bool:
     return all(isinstance(part, (str, int, float)) and not isinstance(part, bool) for part in key)
 
 
-def _head_plan(planner: Planner, link: Link, headroom_fraction: float, precision_aware: tuple) -> _Plan:
+def _head_plan(planner: Planner, link: Link, options: dict, precision_aware: tuple) -> _Plan:
     table = planner.table(link)
-    return _Plan(profile=planner.profile, link=link, table=table, cache={}, policies=PolicyBook.build(
-        table, headroom_fraction=headroom_fraction, precision_aware=precision_aware))
+    return _Plan(profile=planner.profile, link=link, table=table, cache={},
+                 policies=PolicyBook.build(table, precision_aware=precision_aware, **options))
 
 
 def _strategy(plan: _Plan, deadline_ms: float, objective: str, policy: str) -> Strategy:
     decision = plan.policies.decide(policy, deadline_ms=deadline_ms, objective=objective)
     return strategy_from_row(plan.table.row(decision.row), row_index=decision.row, feasible=decision.feasible,
                              objective=objective, deadline_ms=deadline_ms, policy=policy,
-                             branch_after_stage=plan.profile.branch_after_stage)
+                             branch_after_stage=plan.profile.branch_after_stage,
+                             fastest_latency_ms=decision.fastest_latency_ms)
 
 
 class ModelPlan:
@@ -98,6 +100,8 @@ class ModelPlan:
     headroom_fraction : float, default 0
         Rows count as meeting a requirement D when predicted within
         ``D · (1 - headroom_fraction)`` (see :mod:`popex.decision.policies`).
+    infeasible_accuracy_margin : float, default 0.05
+        When nothing fits: the fastest row this close to the best accuracy (:mod:`popex.decision.decide`).
 
     Raises
     ------
@@ -107,8 +111,10 @@ class ModelPlan:
 
     def __init__(self, calibration: Calibration, *, profile: Profile, link: Link,
                  thresholds: Sequence[Sequence[float]] | None = None,
-                 expert_calibrations: Mapping[str, Calibration] | None = None, headroom_fraction: float = 0.0) -> None:
-        self.headroom_fraction = headroom_fraction  # PolicyBook.build checks it
+                 expert_calibrations: Mapping[str, Calibration] | None = None, headroom_fraction: float = 0.0,
+                 infeasible_accuracy_margin: float = DEFAULT_INFEASIBLE_ACCURACY_MARGIN) -> None:
+        self.headroom_fraction = headroom_fraction  # PolicyBook.build checks them
+        self._options = {"headroom_fraction": headroom_fraction, "infeasible_accuracy_margin": infeasible_accuracy_margin}
         if thresholds is None:
             thresholds = edge_threshold_grids(len(profile.branch_after_stage))
         positions = profile.branch_after_stage
@@ -130,10 +136,10 @@ class ModelPlan:
         self._plan = self._build(link)
 
     def _build(self, link: Link) -> _Plan:
-        experts = {head: _head_plan(planner, link, self.headroom_fraction, self._precision[head])
+        experts = {head: _head_plan(planner, link, self._options, self._precision[head])
                    for head, planner in self._expert_planners.items()}
-        return dataclasses.replace(_head_plan(self._planner, link, self.headroom_fraction,
-                                              self._precision[PRISTINE_HEAD]), experts=experts)
+        return dataclasses.replace(_head_plan(self._planner, link, self._options, self._precision[PRISTINE_HEAD]),
+                                   experts=experts)
 
     @property
     def head_names(self) -> tuple[str, ...]:
@@ -292,8 +298,8 @@ class PlanBook:
     ----------
     link : Link
         Initial link estimate (configured or emulated).
-    headroom_fraction : float
-        Passed to each :class:`ModelPlan` (the config's ``plan_headroom_fraction``).
+    headroom_fraction, infeasible_accuracy_margin : float
+        Passed to each :class:`ModelPlan` (the config's ``plan_headroom_fraction``, ``infeasible_accuracy_margin``).
     thresholds : sequence of sequences of float, optional
         Passed to each :class:`ModelPlan`.
 
@@ -309,13 +315,12 @@ class PlanBook:
     []
     """
 
-    def __init__(self, *, link: Link, headroom_fraction: float,
-                 thresholds: Sequence[Sequence[float]] | None = None) -> None:
-        if not isinstance(link, Link):
-            raise ConfigError(f"expected a Link, got {type(link).__name__}")
-        self._link = link
+    def __init__(self, *, link: Link, headroom_fraction: float, thresholds: Sequence[Sequence[float]] | None = None,
+                 infeasible_accuracy_margin: float = DEFAULT_INFEASIBLE_ACCURACY_MARGIN) -> None:
+        self._link = _checked_link(link)
         self._thresholds = thresholds
         self.headroom_fraction = check_headroom(headroom_fraction)
+        self.infeasible_accuracy_margin = infeasible_accuracy_margin
         self._plans: dict[str, ModelPlan] = {}
         self._lock = threading.Lock()
 
@@ -384,7 +389,8 @@ class PlanBook:
                 existing.set_profile(profile, link=self._link)
                 return existing
             plan = ModelPlan(calibration, profile=profile, link=self._link, thresholds=self._thresholds,
-                             expert_calibrations=expert_calibrations, headroom_fraction=self.headroom_fraction)
+                             expert_calibrations=expert_calibrations, headroom_fraction=self.headroom_fraction,
+                             infeasible_accuracy_margin=self.infeasible_accuracy_margin)
             self._plans[model_id] = plan
             return plan
 
@@ -433,18 +439,10 @@ class PlanBook:
                  policy: str = "adaptive", head: str | None = PRISTINE_HEAD) -> Strategy:
         """Shortcut for ``get(model_id).strategy(deadline_ms, objective, policy, head)``.
 
-        Parameters
-        ----------
-        model_id : str
-        deadline_ms, objective, policy, head
-            As for :meth:`ModelPlan.strategy`.
+        Parameters and errors as :meth:`ModelPlan.strategy` (and ConfigError for a model without a plan).
 
         Returns
         -------
         Strategy
-
-        Raises
-        ------
-        ConfigError, UnknownHeadError
         """
         return self.get(model_id).strategy(deadline_ms, objective, policy, head)

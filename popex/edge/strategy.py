@@ -42,6 +42,8 @@ class Strategy:
     deadline_ms : float
     policy : str
         Which policy chose it ("adaptive" is POPEX; the others are baselines).
+    fastest_latency_ms : float or None
+        When infeasible: the fastest strategy's predicted latency, the best achievable, ms.
     """
 
     split: int
@@ -56,6 +58,7 @@ class Strategy:
     objective: str
     deadline_ms: float
     policy: str = "adaptive"
+    fastest_latency_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (plain Python types).
@@ -77,11 +80,13 @@ class Strategy:
             "objective": self.objective,
             "deadline_ms": self.deadline_ms,
             "policy": self.policy,
+            "fastest_latency_ms": self.fastest_latency_ms,
         }
 
 
 def strategy_from_row(row: Mapping[str, Any], *, row_index: int, feasible: bool, objective: str, deadline_ms: float,
-                      policy: str, branch_after_stage: tuple[int, ...]) -> Strategy:
+                      policy: str, branch_after_stage: tuple[int, ...],
+                      fastest_latency_ms: float | None = None) -> Strategy:
     """The strategy of one strategy-table row, chosen for a requirement.
 
     Parameters
@@ -98,6 +103,8 @@ def strategy_from_row(row: Mapping[str, Any], *, row_index: int, feasible: bool,
         The policy that chose the row.
     branch_after_stage : tuple of int
         The stage each branch follows (which branches the split leaves active).
+    fastest_latency_ms : float, optional
+        An infeasible decision's best achievable latency, ms.
 
     Returns
     -------
@@ -109,4 +116,4 @@ def strategy_from_row(row: Mapping[str, Any], *, row_index: int, feasible: bool,
     return Strategy(split=split, thresholds=thresholds, active_branches=active,
                     latency_ms=row["expected_latency_ms"], worst_latency_ms=row["worst_latency_ms"],
                     accuracy=row["accuracy"], offload_prob=row["offload_prob"], feasible=feasible, row=row_index,
-                    objective=objective, deadline_ms=deadline_ms, policy=policy)
+                    objective=objective, deadline_ms=deadline_ms, policy=policy, fastest_latency_ms=fastest_latency_ms)
