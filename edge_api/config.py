@@ -101,6 +101,12 @@ class EdgeConfig(Settings):
         Latency requirement of a request that gives none, ms.
     objective : {"mean", "tail"}
         Expected (mean) or worst-case (tail) latency must meet the deadline.
+    infeasible_accuracy_margin : float
+        When no strategy meets a requirement: the fastest within this much
+        accuracy of the best (0.05: five points), answered ``feasible: false``.
+    strategy_hysteresis_accuracy : float
+        A re-plan replaces a request's strategy only by one more accurate by
+        more than this (or when the old one no longer fits).
     plan_headroom_fraction : float
         Plans hold every policy's predicted latency to the requirement less
         this fraction of it (0.05: 47.5 ms for 50 ms), room for prediction
@@ -116,7 +122,7 @@ class EdgeConfig(Settings):
     probe_interval_s : float
         Seconds between two uplink measurement rounds.
     probe_n_bytes : int
-        Bytes of one active uplink probe.
+        The most bytes one active uplink probe uploads (each is sized from the RTT and the estimate).
     uplink_window_n : int
         Samples in the sliding-median window of the uplink monitor.
     replan_hysteresis_fraction : float
@@ -205,6 +211,8 @@ class EdgeConfig(Settings):
         "default_deadline_ms": Number(low=0.0, high=MAX_DEADLINE_MS),
         "objective": OneOf(OBJECTIVES),
         "plan_headroom_fraction": Number(low=0.0, high=MAX_HEADROOM_FRACTION),
+        "infeasible_accuracy_margin": Number(low=0.0, high=1.0),
+        "strategy_hysteresis_accuracy": Number(low=0.0, high=1.0),
         "emulate_link": Nullable(Parsed(parse_link)),
         "emulate_edge_slowdown": Number(low=1.0, high=1000.0),
         "initial_uplink_mbps": Number(low=0.0, high=1e6, low_open=True),
@@ -258,12 +266,14 @@ class EdgeConfig(Settings):
     default_deadline_ms: float = 100.0
     objective: str = "mean"
     plan_headroom_fraction: float = DEFAULT_HEADROOM_FRACTION
+    infeasible_accuracy_margin: float = 0.05
+    strategy_hysteresis_accuracy: float = 0.01
     emulate_link: str | None = None
     emulate_edge_slowdown: float = 1.0
     initial_uplink_mbps: float = 10.0
     initial_rtt_ms: float = 20.0
     probe_interval_s: float = 5.0
-    probe_n_bytes: int = 65536
+    probe_n_bytes: int = 1048576
     uplink_window_n: int = 9
     replan_hysteresis_fraction: float = 0.2
     rtt_method: str = "auto"

@@ -16,8 +16,13 @@ bp = Blueprint("status", __name__, url_prefix="/api/v1")
 @bp.get("/status")
 @require_client
 def status() -> ResponseReturnValue:
-    """Uplink estimate, cloud health, models and their current strategies."""
-    return jsonify(get_node().views.status())
+    """Uplink estimate, cloud health, models, their current strategies and how far their predictions are off."""
+    node = get_node()
+    body = node.views.status()
+    for model in body["models"]:
+        model["edge_fixed_ms"] = node.planner.edge_fixed_ms(model["model_id"])
+        model["prediction_error"] = node.planner.prediction_errors.summary(model["model_id"])
+    return jsonify(body)
 
 
 def healthz() -> ResponseReturnValue:

@@ -319,6 +319,24 @@ def test_status_reports_uplink_cloud_and_models(client, cloud, registered):
     assert client.get("/healthz").json == {"status": "ok", "n_models": 1}
 
 
+def test_status_shows_each_models_fixed_cost_and_prediction_error(app, client, registered):
+    assert client.get("/api/v1/status").json["models"][0]["prediction_error"]["n_requests"] == 0
+    for seed in range(4):
+        response = client.post(f"/api/v1/classify?model={registered}&deadline_ms=1000", data=_png(seed=seed),
+                               content_type="image/png")
+        assert response.status_code == 200, response.json
+    node = get_node(app)
+    assert node.planner.drain()
+    (model,) = client.get("/api/v1/status").json["models"]
+    error = model["prediction_error"]
+    assert error["n_requests"] == 4 and error["mean_measured_ms"] > 0 and error["mean_predicted_ms"] > 0
+    assert error["mean_error_fraction"] == pytest.approx(error["mean_measured_ms"] / error["mean_predicted_ms"] - 1)
+    # the fixed cost (decode, preprocessing) is this model's own, measured, and in its plan's predictions
+    assert model["edge_fixed_ms"] > 0 and node.planner.edge_fixed_by_model[registered].n_samples == 4
+    assert node.plans.get(registered).profile.edge_fixed_ms == model["edge_fixed_ms"] or \
+        abs(node.plans.get(registered).profile.edge_fixed_ms - model["edge_fixed_ms"]) <= 0.5  # inside the band
+
+
 @pytest.mark.parametrize("policy, split", [("edge-only", 3), ("cloud-only", 0)])
 def test_baseline_policies_share_the_runtime(shared, policy, split):
     response = shared["client"].post(f"/api/v1/classify?policy={policy}&deadline_ms=1000", data=_png(),

@@ -118,8 +118,9 @@ def test_a_change_beyond_the_band_replans_once(tmp_path):
     rtt_ms = monitor.estimate().rtt_ms
     monitor.add_passive_sample(100_000, rtt_ms + 8.0 * 100_000 / (1000.0 * 9.0))  # +12 %: inside the band
     assert len(links) == 2
-    monitor.add_passive_sample(100_000, rtt_ms + 8.0 * 100_000 / (1000.0 * 4.0))  # -50 %: outside
-    assert len(links) == 3 and links[-1].uplink_mbps == pytest.approx(4.0)
+    # -50 %: the probe (8) and this offload (4), of one size, are weighed alike: outside the band
+    monitor.add_passive_sample(100_000, rtt_ms + 8.0 * 100_000 / (1000.0 * 4.0))
+    assert len(links) == 3 and 4.0 < links[-1].uplink_mbps < 8.0 * (1 - 0.2)
     assert monitor.n_replans == 3
 
 

@@ -3,7 +3,12 @@
 Rule: among the rows whose latency (mean objective: E[T]; tail objective:
 worst case) is <= the deadline, the most accurate; ties go to the lower
 latency, then to the lower row index. If no row is feasible, the fastest
-row (ties: lowest index), marked infeasible.
+row among those within ``infeasible_accuracy_margin`` (default 0.05: five
+points) of the most accurate row (ties: lowest index), marked infeasible:
+the fastest row of all can be one that answers 12% right, and a requirement
+that cannot be met is better answered a little late than mostly wrong. The
+decision says how fast the fastest row of all would be
+(``fastest_latency_ms``), so that a client sees what is achievable.
 
 The public entries (:func:`decide`, :meth:`DecisionIndex.lookup`) check
 their arguments with :mod:`popex.checks`; a requirement must be finite
@@ -20,15 +25,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from popex.checks import check_deadline_ms, check_objective
+from popex.checks import check_deadline_ms, check_finite, check_objective
 from popex.decision.table import StrategyTable, _front_order
 from popex.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_INFEASIBLE_ACCURACY_MARGIN",
     "Decision",
     "DecisionIndex",
     "decide",
 ]
+
+
+#: Accuracy (a fraction) an infeasible decision may give up for speed, at most.
+DEFAULT_INFEASIBLE_ACCURACY_MARGIN = 0.05
+
+
+def _check_margin(margin: object) -> float:
+    return check_finite(margin, name="infeasible_accuracy_margin", low=0.0, high=1.0, allow_text=False)
+
+
+def _infeasible_row(table: StrategyTable, latency_ms: np.ndarray, margin: float) -> int:
+    """The fastest row within ``margin`` of the best accuracy (argmin: lowest index among equal minima)."""
+    close = table.accuracy >= table.accuracy.max() - margin - 1e-12
+    candidates = np.flatnonzero(close)
+    return int(candidates[np.argmin(latency_ms[candidates])])
 
 
 def _check_table(table: object) -> StrategyTable:
@@ -53,12 +74,15 @@ class Decision:
         "mean" or "tail".
     deadline_ms : float
         The latency requirement D, ms.
+    fastest_latency_ms : float or None
+        The fastest row's latency (this objective) when infeasible: the best achievable, ms.
     """
 
     row: int
     feasible: bool
     objective: str
     deadline_ms: float
+    fastest_latency_ms: float | None = None
 
     def as_dict(self, table: StrategyTable) -> dict:
         """The table row as a JSON-ready dict plus ``"feasible"``.
@@ -87,11 +111,14 @@ class DecisionIndex:
     table : StrategyTable
         Non-empty strategy table.
     objective : {"mean", "tail"}, default "mean"
+    infeasible_accuracy_margin : float, default 0.05
+        When no row meets the requirement: the fastest row within this much
+        accuracy of the best.
 
     Raises
     ------
     ConfigError
-        On an unknown objective or an empty table.
+        On an unknown objective, an empty table or a margin outside [0, 1].
 
     Examples
     --------
@@ -109,15 +136,18 @@ class DecisionIndex:
     (2, 1, False)
     """
 
-    def __init__(self, table: StrategyTable, *, objective: str = "mean") -> None:
+    def __init__(self, table: StrategyTable, *, objective: str = "mean",
+                 infeasible_accuracy_margin: float = DEFAULT_INFEASIBLE_ACCURACY_MARGIN) -> None:
         self.objective = check_objective(objective)
         self.table = _check_table(table)
+        margin = _check_margin(infeasible_accuracy_margin)
         latency_ms = table.latency_ms(self.objective)
         order, _, best = _front_order(latency_ms, table.n_correct)
         # Python lists: bisect on a list is far faster than on an ndarray.
         self._sorted_latency_ms: list[float] = latency_ms[order].tolist()
         self._best_row: list[int] = best.tolist()
-        self._fastest_row = int(order[0])
+        self._infeasible_row = _infeasible_row(table, latency_ms, margin)
+        self._fastest_ms = float(latency_ms[order[0]])
 
     def lookup(self, deadline_ms: float) -> Decision:
         """Decision for ``deadline_ms``; identical to :func:`decide`.
@@ -143,11 +173,12 @@ class DecisionIndex:
         """:meth:`lookup` for a checked ``deadline_ms`` (the policies check it once, then call this)."""
         n_feasible = bisect.bisect_right(self._sorted_latency_ms, deadline_ms)
         if n_feasible == 0:
-            return Decision(self._fastest_row, False, self.objective, deadline_ms)
+            return Decision(self._infeasible_row, False, self.objective, deadline_ms, self._fastest_ms)
         return Decision(self._best_row[n_feasible - 1], True, self.objective, deadline_ms)
 
 
-def decide(table: StrategyTable, *, deadline_ms: float, objective: str = "mean") -> Decision:
+def decide(table: StrategyTable, *, deadline_ms: float, objective: str = "mean",
+           infeasible_accuracy_margin: float = DEFAULT_INFEASIBLE_ACCURACY_MARGIN) -> Decision:
     """Choose the most accurate strategy that meets ``deadline_ms`` by a full scan.
 
     Parameters
@@ -159,6 +190,8 @@ def decide(table: StrategyTable, *, deadline_ms: float, objective: str = "mean")
         (the most accurate row: a deadline of ``MAX_DEADLINE_MS``).
     objective : {"mean", "tail"}, default "mean"
         Compare D with the expected ("mean") or worst-case ("tail") latency.
+    infeasible_accuracy_margin : float, default 0.05
+        When no row meets D: the fastest row within this much accuracy of the best.
 
     Returns
     -------
@@ -177,11 +210,12 @@ def decide(table: StrategyTable, *, deadline_ms: float, objective: str = "mean")
     objective = check_objective(objective)
     deadline_ms = check_deadline_ms(deadline_ms)
     table = _check_table(table)
+    margin = _check_margin(infeasible_accuracy_margin)
     latency_ms = table.latency_ms(objective)
     feasible = np.flatnonzero(latency_ms <= deadline_ms)
     if feasible.size == 0:
-        # argmin returns the first (lowest) index among equal minima.
-        return Decision(int(np.argmin(latency_ms)), False, objective, deadline_ms)
+        return Decision(_infeasible_row(table, latency_ms, margin), False, objective, deadline_ms,
+                        float(latency_ms.min()))
     counts = table.n_correct[feasible]
     candidates = feasible[counts == counts.max()]
     row = candidates[np.argmin(latency_ms[candidates])]

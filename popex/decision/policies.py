@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from popex.checks import OBJECTIVES, check_choice, check_deadline_ms, check_finite, check_objective
-from popex.decision.decide import Decision, DecisionIndex
+from popex.decision.decide import DEFAULT_INFEASIBLE_ACCURACY_MARGIN, Decision, DecisionIndex
 from popex.decision.sweep import DEFAULT_THRESHOLDS
 from popex.decision.table import StrategyTable
 from popex.errors import ConfigError
@@ -119,7 +119,8 @@ class PolicyBook:
 
     @classmethod
     def build(cls, table: StrategyTable, *, headroom_fraction: float = 0.0,
-              precision_aware: tuple[tuple[float | None, ...], tuple[int, ...]] | None = None) -> PolicyBook:
+              precision_aware: tuple[tuple[float | None, ...], tuple[int, ...]] | None = None,
+              infeasible_accuracy_margin: float = DEFAULT_INFEASIBLE_ACCURACY_MARGIN) -> PolicyBook:
         """Index ``table`` for every policy and objective.
 
         Parameters
@@ -133,6 +134,8 @@ class PolicyBook:
             PAME's thresholds (:func:`popex.decision.precision_aware.precision_aware_thresholds`,
             on the table's grid) and the branch positions; without them the
             ``precision-aware`` policy is refused.
+        infeasible_accuracy_margin : float, default 0.05
+            The adaptive policy's answer when nothing fits (:class:`~popex.decision.decide.DecisionIndex`).
 
         Returns
         -------
@@ -158,7 +161,9 @@ class PolicyBook:
                 else _rows_holding(table, *precision_aware)
             if holding.size:
                 fixed_rows["precision-aware", objective] = int(holding[np.argmin(latency_ms[holding])])
-        indices = {objective: DecisionIndex(table, objective=objective) for objective in OBJECTIVES}
+        indices = {objective: DecisionIndex(table, objective=objective,
+                                            infeasible_accuracy_margin=infeasible_accuracy_margin)
+                   for objective in OBJECTIVES}
         return cls(table=table, indices=indices, fixed_rows=fixed_rows, edgent_rows=edgent_rows,
                    headroom_fraction=headroom_fraction)
 

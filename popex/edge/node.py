@@ -125,7 +125,9 @@ class EdgeNode:
                                  max_store_bytes=config.max_store_bytes,
                                  check_stored=lambda files: check_model_cost(files_cost(files), **caps))
         _log.info("edge registry on %s with %d stored models", config.state_dir, len(registry))
-        plans = PlanBook(link=_initial_link(config, client), headroom_fraction=config.plan_headroom_fraction)
+        plans = PlanBook(link=_initial_link(config, client), headroom_fraction=config.plan_headroom_fraction,
+                         infeasible_accuracy_margin=config.infeasible_accuracy_margin,
+                         strategy_hysteresis_accuracy=config.strategy_hysteresis_accuracy)
         monitor = UplinkMonitor(
             client, cloud_url=config.cloud_url, initial_link=plans.link, probe_interval_s=config.probe_interval_s,
             probe_n_bytes=config.probe_n_bytes, window_n=config.uplink_window_n,

@@ -271,6 +271,8 @@ class EdgeRunner:
             else:
                 result = self.batcher.submit(batch_key(prepared), prepared, budget_ms=prepared.run.remaining_ms())
             outcome = result.outcome
+            self.planner.submit_answer(result.model_id, predicted_ms=result.predicted_latency_ms,
+                                       measured_ms=result.latency.total_ms)
             return result
         finally:
             self.count(outcome)  # each request is counted once, whatever happened
@@ -295,7 +297,7 @@ class EdgeRunner:
         image = decode_image(image_bytes, max_pixels=self.max_image_pixels)
         choice = choose_head(model.classifier, model.loaded.net, image) if aware else None
         x = preprocess(image, model.preprocessing)
-        self.planner.submit_edge_fixed((time.perf_counter() - arrival_s) * 1000.0)  # the classifier's included
+        self.planner.submit_edge_fixed((time.perf_counter() - arrival_s) * 1000.0, model_id=model.model_id)
         if choice is not None and choice.head is not None:
             strategy = plan.strategy(deadline_ms, objective, policy, head=choice.head)
         run = RequestRun(arrival_s=arrival_s, deadline_ms=deadline_ms,

@@ -25,6 +25,7 @@ from typing import Any
 from popex.checks import check_finite
 from popex.decision.latency import Link
 from popex.edge.overhead import OverheadTracker
+from popex.edge.prediction_error import PredictionErrors
 from popex.errors import PopexError
 
 __all__ = ["BackgroundPlanner"]
@@ -76,6 +77,11 @@ class BackgroundPlanner:
         #: profile's edge_fixed_ms): reading, decoding, the distortion
         #: classifier (distortion-aware requests), preprocessing.
         self.edge_fixed = OverheadTracker(initial_ms=0.0)
+        #: The same per model (decoding and the distortion classifier differ by model), planned per model.
+        self.edge_fixed_by_model: dict[str, OverheadTracker] = {}
+        self._planned_by_model: dict[str, float] = {}
+        #: Predicted vs measured latency of each model's recent requests (the status shows them).
+        self.prediction_errors = PredictionErrors()
         self._planned = {"offload_overhead_ms": self.overhead.current_ms, "edge_fixed_ms": 0.0, "wire_ratio": 1.0}
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._run_lock = threading.Lock()  # one job at a time, whichever thread runs it
@@ -174,14 +180,45 @@ class BackgroundPlanner:
         self.submit(lambda: self._offloaded(n_bytes, encode_ms=encode_ms, round_trip_ms=round_trip_ms,
                                             cloud_ms=cloud_ms, payload_n_bytes=payload_n_bytes))
 
-    def submit_edge_fixed(self, fixed_ms: float) -> None:
+    def submit_edge_fixed(self, fixed_ms: float, *, model_id: str | None = None) -> None:
         """Queue one measurement of a request's fixed edge time (arrival to preprocessed input), ms.
+
+        With ``model_id`` it is that model's fixed time, and re-plans that model
+        alone (the global median stays the first guess for a new model).
 
         Parameters
         ----------
         fixed_ms : float
+        model_id : str, optional
         """
-        self.submit(lambda: self._track(self.edge_fixed, "edge_fixed_ms", fixed_ms))
+        if model_id is None:
+            self.submit(lambda: self._track(self.edge_fixed, "edge_fixed_ms", fixed_ms))
+        else:
+            self.submit(lambda: self._track_model_fixed(model_id, fixed_ms))
+
+    def submit_answer(self, model_id: str, *, predicted_ms: float, measured_ms: float) -> None:
+        """Queue one answered request's predicted and measured latency (for the status).
+
+        Parameters
+        ----------
+        model_id : str
+        predicted_ms, measured_ms : float
+        """
+        self.submit(lambda: self.prediction_errors.add(model_id, predicted_ms=predicted_ms, measured_ms=measured_ms))
+
+    def edge_fixed_ms(self, model_id: str) -> float:
+        """The fixed edge time of ``model_id``: its own median, else the median over all models, ms.
+
+        Parameters
+        ----------
+        model_id : str
+
+        Returns
+        -------
+        float
+        """
+        tracker = self.edge_fixed_by_model.get(model_id)
+        return self.edge_fixed.current_ms if tracker is None else tracker.current_ms
 
     def submit_link(self, link: Link) -> None:
         """Queue a re-plan of every model for a new uplink estimate (the monitor's ``on_change``).
@@ -262,6 +299,23 @@ class BackgroundPlanner:
             self._track(self.wire_ratio, "wire_ratio", n_bytes / payload_n_bytes, slack=_WIRE_RATIO_SLACK)
             for listener in self.offload_listeners:
                 listener(n_bytes, payload_n_bytes)
+
+    def _track_model_fixed(self, model_id: str, fixed_ms: float) -> None:
+        self.edge_fixed.add(fixed_ms)
+        tracker = self.edge_fixed_by_model.setdefault(model_id, OverheadTracker(initial_ms=0.0))
+        tracker.add(fixed_ms)
+        current = tracker.current_ms
+        planned = self._planned_by_model.get(model_id, 0.0)
+        if model_id not in self.plans or \
+                abs(current - planned) <= max(self.replan_hysteresis_fraction * planned, _OVERHEAD_SLACK_MS):
+            return
+        self._planned_by_model[model_id] = current
+        try:
+            self.plans.get(model_id).update_profile(edge_fixed_ms=current)
+        except PopexError:
+            _log.exception("re-plan of %s with edge_fixed_ms = %.3f failed", model_id, current)
+        else:
+            self._replanned(f"{model_id[:12]} edge_fixed_ms {planned:.3g} -> {current:.3g}")
 
     def _track(self, tracker: OverheadTracker, field: str, value: float, *, slack: float = _OVERHEAD_SLACK_MS) -> None:
         tracker.add(value)

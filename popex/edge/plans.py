@@ -2,12 +2,10 @@
 
 Exit statistics (and the precision-aware thresholds) are found once per model from the
 calibration; a :class:`~popex.decision.Planner` is built once per profile; a new link
-estimate only rebuilds the table and one :class:`~popex.decision.DecisionIndex` per
-objective, which takes milliseconds. The result is swapped in by one reference
-assignment, so a request thread sees either the whole old plan or the whole new one,
-never a mix. Decisions are cached per ``(deadline_ms, objective)`` inside the plan object
-they were made on, so the swap invalidates the cache and a request reads its strategy
-from a dict in O(1).
+estimate only rebuilds the table and one :class:`~popex.decision.DecisionIndex` per objective
+(milliseconds), swapped in by one reference assignment: a request thread sees the whole old
+plan or the whole new one. Decisions are cached per requirement inside the plan they were
+made on (a dict read, O(1)); a new plan keeps the old decisions unless better by the hysteresis.
 
 A model with expert head sets (see :mod:`popex.nets.experts`) gets one strategy table per
 head set: the same profile, each head's own calibration swept once. The experts' plans hang
@@ -24,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from popex.checks import check_deadline_ms, check_objective
+from popex.decision.decide import DEFAULT_INFEASIBLE_ACCURACY_MARGIN
 from popex.decision.calibration import Calibration
 from popex.decision.precision_aware import precision_aware_thresholds
 from popex.decision.policies import PolicyBook, check_headroom, check_policy, edge_threshold_grids
 from popex.decision.latency import Link, Profile
 from popex.decision.sweep import ExitStats, sweep_exit_stats
 from popex.decision.table import Planner, StrategyTable
-from popex.edge.strategy import Strategy, strategy_from_row
+from popex.edge.strategy import Strategy, keep_unless_better, strategy_from_row
 from popex.errors import ConfigError
 from popex.runtime.onnx_model import PRISTINE_HEAD, UnknownHeadError
 
@@ -58,6 +57,7 @@ class _Plan:
     policies: PolicyBook
     cache: dict[tuple[float, str, str], Strategy]
     experts: dict[str, _Plan] = dataclasses.field(default_factory=dict)  # expert head set -> its plan
+    previous: dict[tuple[float, str, str], Strategy] = dataclasses.field(default_factory=dict)  # the replaced cache
 
 
 def _hashable(key: tuple[object, ...]) -> bool:
@@ -65,17 +65,18 @@ def _hashable(key: tuple[object, ...]) -> bool:
     return all(isinstance(part, (str, int, float)) and not isinstance(part, bool) for part in key)
 
 
-def _head_plan(planner: Planner, link: Link, headroom_fraction: float, precision_aware: tuple) -> _Plan:
+def _head_plan(planner: Planner, link: Link, options: dict, precision_aware: tuple) -> _Plan:
     table = planner.table(link)
-    return _Plan(profile=planner.profile, link=link, table=table, cache={}, policies=PolicyBook.build(
-        table, headroom_fraction=headroom_fraction, precision_aware=precision_aware))
+    return _Plan(profile=planner.profile, link=link, table=table, cache={},
+                 policies=PolicyBook.build(table, precision_aware=precision_aware, **options))
 
 
 def _strategy(plan: _Plan, deadline_ms: float, objective: str, policy: str) -> Strategy:
     decision = plan.policies.decide(policy, deadline_ms=deadline_ms, objective=objective)
     return strategy_from_row(plan.table.row(decision.row), row_index=decision.row, feasible=decision.feasible,
                              objective=objective, deadline_ms=deadline_ms, policy=policy,
-                             branch_after_stage=plan.profile.branch_after_stage)
+                             branch_after_stage=plan.profile.branch_after_stage,
+                             fastest_latency_ms=decision.fastest_latency_ms)
 
 
 class ModelPlan:
@@ -90,14 +91,16 @@ class ModelPlan:
     link : Link
         Initial link estimate.
     thresholds : sequence of sequences of float, optional
-        Per-branch threshold grids (default: :func:`~popex.decision.policies.edge_threshold_grids`,
-        the sweep's default grid plus 0.0, the rows Edgent's policy needs).
+        Per-branch threshold grids (default: :func:`~popex.decision.policies.edge_threshold_grids`).
     expert_calibrations : mapping of str to Calibration, optional
-        One calibration per expert head set; each gets its own strategy
-        table on the same profile (``strategy(..., head=...)``).
+        One per expert head set; each its own table on the same profile (``strategy(..., head=...)``).
     headroom_fraction : float, default 0
         Rows count as meeting a requirement D when predicted within
         ``D · (1 - headroom_fraction)`` (see :mod:`popex.decision.policies`).
+    infeasible_accuracy_margin : float, default 0.05
+        When nothing fits: the fastest row this close to the best accuracy (:mod:`popex.decision.decide`).
+    strategy_hysteresis_accuracy : float, optional
+        A re-plan keeps a requirement's strategy unless :func:`~popex.edge.strategy.keep_unless_better`.
 
     Raises
     ------
@@ -107,8 +110,11 @@ class ModelPlan:
 
     def __init__(self, calibration: Calibration, *, profile: Profile, link: Link,
                  thresholds: Sequence[Sequence[float]] | None = None,
-                 expert_calibrations: Mapping[str, Calibration] | None = None, headroom_fraction: float = 0.0) -> None:
-        self.headroom_fraction = headroom_fraction  # PolicyBook.build checks it
+                 expert_calibrations: Mapping[str, Calibration] | None = None, headroom_fraction: float = 0.0,
+                 infeasible_accuracy_margin: float = DEFAULT_INFEASIBLE_ACCURACY_MARGIN,
+                 strategy_hysteresis_accuracy: float | None = None) -> None:
+        self.headroom_fraction, self._hysteresis = headroom_fraction, strategy_hysteresis_accuracy
+        self._options = {"headroom_fraction": headroom_fraction, "infeasible_accuracy_margin": infeasible_accuracy_margin}
         if thresholds is None:
             thresholds = edge_threshold_grids(len(profile.branch_after_stage))
         positions = profile.branch_after_stage
@@ -130,10 +136,10 @@ class ModelPlan:
         self._plan = self._build(link)
 
     def _build(self, link: Link) -> _Plan:
-        experts = {head: _head_plan(planner, link, self.headroom_fraction, self._precision[head])
+        experts = {head: _head_plan(planner, link, self._options, self._precision[head])
                    for head, planner in self._expert_planners.items()}
-        return dataclasses.replace(_head_plan(self._planner, link, self.headroom_fraction,
-                                              self._precision[PRISTINE_HEAD]), experts=experts)
+        return dataclasses.replace(_head_plan(self._planner, link, self._options, self._precision[PRISTINE_HEAD]),
+                                   experts=experts, previous=self._plan.cache if hasattr(self, "_plan") else {})
 
     @property
     def head_names(self) -> tuple[str, ...]:
@@ -252,10 +258,8 @@ class ModelPlan:
 
         Raises
         ------
-        ConfigError
-            On a bad deadline, objective or policy.
-        UnknownHeadError
-            If the model has no head set ``head``.
+        ConfigError, UnknownHeadError
+            On a bad deadline, objective or policy; if the model has no head set ``head``.
         """
         plan = self._head(self._plan, head)  # one read: the whole request uses this plan
         # Only checked arguments are ever cached, so a hit needs no check.
@@ -266,6 +270,9 @@ class ModelPlan:
         deadline_ms = check_deadline_ms(deadline_ms)
         strategy = _strategy(plan, deadline_ms, check_objective(objective), check_policy(policy))
         key = (deadline_ms, strategy.objective, strategy.policy)
+        if (previous := plan.previous.get(key)) is not None:
+            strategy = keep_unless_better(previous, strategy, plan.table.row(previous.row), hysteresis_accuracy=self
+                                          ._hysteresis, held_to_ms=deadline_ms * (1.0 - self.headroom_fraction))
         if len(plan.cache) >= _MAX_CACHED_DECISIONS:
             plan.cache.clear()
         plan.cache[key] = strategy
@@ -278,11 +285,9 @@ class ModelPlan:
         -------
         str
         """
-        table = self._plan.table
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "strategies.csv"
-            table.to_csv(path)
-            return path.read_text(encoding="utf-8")
+            self._plan.table.to_csv(Path(tmp) / "strategies.csv")
+            return (Path(tmp) / "strategies.csv").read_text(encoding="utf-8")
 
 
 class PlanBook:
@@ -292,8 +297,8 @@ class PlanBook:
     ----------
     link : Link
         Initial link estimate (configured or emulated).
-    headroom_fraction : float
-        Passed to each :class:`ModelPlan` (the config's ``plan_headroom_fraction``).
+    headroom_fraction, infeasible_accuracy_margin, strategy_hysteresis_accuracy : float
+        Passed to each :class:`ModelPlan` (the config's keys of these names; the first is ``plan_headroom_fraction``).
     thresholds : sequence of sequences of float, optional
         Passed to each :class:`ModelPlan`.
 
@@ -309,13 +314,14 @@ class PlanBook:
     []
     """
 
-    def __init__(self, *, link: Link, headroom_fraction: float,
-                 thresholds: Sequence[Sequence[float]] | None = None) -> None:
-        if not isinstance(link, Link):
-            raise ConfigError(f"expected a Link, got {type(link).__name__}")
-        self._link = link
+    def __init__(self, *, link: Link, headroom_fraction: float, thresholds: Sequence[Sequence[float]] | None = None,
+                 infeasible_accuracy_margin: float = DEFAULT_INFEASIBLE_ACCURACY_MARGIN,
+                 strategy_hysteresis_accuracy: float | None = None) -> None:
+        self._link = _checked_link(link)
         self._thresholds = thresholds
         self.headroom_fraction = check_headroom(headroom_fraction)
+        self.infeasible_accuracy_margin, self.strategy_hysteresis_accuracy = (infeasible_accuracy_margin,
+                                                                              strategy_hysteresis_accuracy)
         self._plans: dict[str, ModelPlan] = {}
         self._lock = threading.Lock()
 
@@ -384,7 +390,9 @@ class PlanBook:
                 existing.set_profile(profile, link=self._link)
                 return existing
             plan = ModelPlan(calibration, profile=profile, link=self._link, thresholds=self._thresholds,
-                             expert_calibrations=expert_calibrations, headroom_fraction=self.headroom_fraction)
+                             expert_calibrations=expert_calibrations, headroom_fraction=self.headroom_fraction,
+                             infeasible_accuracy_margin=self.infeasible_accuracy_margin,
+                             strategy_hysteresis_accuracy=self.strategy_hysteresis_accuracy)
             self._plans[model_id] = plan
             return plan
 
@@ -433,18 +441,10 @@ class PlanBook:
                  policy: str = "adaptive", head: str | None = PRISTINE_HEAD) -> Strategy:
         """Shortcut for ``get(model_id).strategy(deadline_ms, objective, policy, head)``.
 
-        Parameters
-        ----------
-        model_id : str
-        deadline_ms, objective, policy, head
-            As for :meth:`ModelPlan.strategy`.
+        Parameters and errors as :meth:`ModelPlan.strategy` (and ConfigError for a model without a plan).
 
         Returns
         -------
         Strategy
-
-        Raises
-        ------
-        ConfigError, UnknownHeadError
         """
         return self.get(model_id).strategy(deadline_ms, objective, policy, head)

@@ -1,14 +1,17 @@
 """The uplink monitor (DESIGN.md §7): one estimate of the uplink from three signals.
 
 The RTT (an ICMP echo, or a zero-byte probe where ICMP is refused or would
-miss an emulated link), active probes (a timed upload, measured against a
-zero-byte probe just before so that the HTTP cost cancels out), and passive
-samples (every offload's bytes and transfer time), measured by
-:class:`~popex.edge.uplink_probe.UplinkProber`. Each signal enters a sliding
-window whose median is the estimate; when it leaves a hysteresis band around
-the estimate last planned with, ``on_change`` re-plans
-(:class:`~popex.edge.uplink_window.UplinkWindow`). Every sample is appended
-to a CSV file for plots (:class:`~popex.edge.uplink_history.UplinkHistory`).
+miss an emulated link), active probes (a timed upload, sized from the RTT
+and the last estimate, measured against a zero-byte probe just before so that
+the HTTP cost cancels out), and passive samples (every offload's bytes and
+transfer time, the cloud's compute removed), measured by
+:class:`~popex.edge.uplink_probe.UplinkProber`. The RTT is the median of a
+sliding window; the rate is one fit over both kinds of transfer, each with
+its own fixed cost (:mod:`popex.edge.uplink_fit`), so that probes and
+offloads are reconciled rather than outvoted; when the estimate leaves a
+hysteresis band around the estimate last planned with, ``on_change``
+re-plans (:class:`~popex.edge.uplink_window.UplinkWindow`). Every sample is
+appended to a CSV file for plots (:class:`~popex.edge.uplink_history.UplinkHistory`).
 
 The lock guards the window only: the CSV is written and ``on_change`` is
 called outside it, so a slow disk or a slow callback never holds up a
@@ -23,6 +26,7 @@ constructor.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -49,9 +53,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-# A passive sample with less serialisation time is timer and HTTP jitter, not rate.
-_MIN_PASSIVE_SERIALISATION_MS = 1.0
-# The same for a probe (its size chosen by the operator): only a round trip at the RTT.
+# A probe with less time beyond the zero-byte round trip measured a round trip, not bytes.
 _MIN_PROBE_SERIALISATION_MS = 0.05
 # Rows waiting for a stalled disk, bounded so that memory cannot grow without end.
 _N_UNWRITTEN_KEPT = 10_000
@@ -75,7 +77,7 @@ class UplinkMonitor:
     probe_interval_s : float
         Seconds between two measurement rounds of the background thread.
     probe_n_bytes : int
-        Bytes uploaded by one active probe.
+        The most bytes one active probe uploads (each is sized from the RTT and the estimate).
     window_n : int
         Samples of each kind kept for the median.
     hysteresis_fraction : float
@@ -215,7 +217,14 @@ class UplinkMonitor:
         return base_ms
 
     def probe(self, *, base_ms: float | None = None) -> float | None:
-        """Upload ``probe_n_bytes`` to the cloud once and add the rate sample.
+        """Upload a probe sized from the RTT and the last estimate to the cloud once and add the sample.
+
+        The size (:meth:`UplinkWindow.probe_n_bytes
+        <popex.edge.uplink_window.UplinkWindow.probe_n_bytes>`, at most
+        ``probe_n_bytes``) keeps the bytes' time well above the RTT jitter,
+        where a fixed size would be lost in it on a fast, long link (16 KB at
+        73 Mbit/s and 180 ms gave 0.9 to 608 Mbit/s), and well below the link's
+        time on a slow one.
 
         Parameters
         ----------
@@ -226,24 +235,32 @@ class UplinkMonitor:
         Returns
         -------
         float or None
-            Mbit/s, or None if the probe failed or carried no information.
+            This probe's Mbit/s, or None if the probe failed or carried no information.
         """
         base_ms = self._base_ms() if base_ms is None else base_ms
-        result = self._prober.upload()
+        with self._lock:
+            n_bytes = self._window.probe_n_bytes(probe_interval_s=self.probe_interval_s,
+                                                 max_n_bytes=self._prober.probe_n_bytes)
+        result = self._prober.upload(n_bytes)
         if result is None:
             return None
         round_trip_ms = float(result.round_trip_ms)
         if round_trip_ms - base_ms < _MIN_PROBE_SERIALISATION_MS:
             return None
         uplink_mbps = uplink_mbps_from_timing(int(result.n_bytes), round_trip_ms, base_ms)
-        self._add(UplinkSample(time.time(), "probe", uplink_mbps, base_ms))
+        self._add(UplinkSample(time.time(), "probe", uplink_mbps, base_ms, n_bytes=int(result.n_bytes),
+                               excess_ms=round_trip_ms - base_ms))
         return uplink_mbps
 
     def add_passive_sample(self, n_bytes: int, transfer_ms: float) -> float | None:
         """Add a sample from a real offload.
 
         The round trip of a zero-byte request (median of the recent probes, or
-        the RTT estimate before any) is taken off ``transfer_ms``: the rest is the bytes' time.
+        the RTT estimate before any) is taken off ``transfer_ms``; of the rest,
+        the offloads' fixed cost (what the rate fit finds beyond the bytes'
+        time, :mod:`popex.edge.uplink_fit`) is the part that is not the link.
+        Every finite sample enters the fit (a small one pins that fixed cost),
+        but only one whose bytes' time is beyond the RTT jitter carries the rate.
 
         Parameters
         ----------
@@ -255,14 +272,18 @@ class UplinkMonitor:
         Returns
         -------
         float or None
-            The rate in Mbit/s, or None if the sample carried no information
-            (the serialisation part was below timer noise).
+            This sample's rate in Mbit/s, or None if it carried no rate (within
+            the jitter, or not a finite time).
         """
-        base_ms = self._base_ms()
-        if not math.isfinite(transfer_ms) or transfer_ms - base_ms < _MIN_PASSIVE_SERIALISATION_MS:
+        if not math.isfinite(transfer_ms) or n_bytes <= 0:
             return None
-        uplink_mbps = uplink_mbps_from_timing(int(n_bytes), float(transfer_ms), base_ms)
-        self._add(UplinkSample(time.time(), "passive", uplink_mbps, base_ms))
+        base_ms = self._base_ms()
+        sample = UplinkSample(time.time(), "passive", None, base_ms, n_bytes=int(n_bytes),
+                              excess_ms=float(transfer_ms) - base_ms)
+        with self._lock:
+            serialisation_ms = self._window.serialisation_ms(sample)
+        uplink_mbps = None if serialisation_ms is None else 8.0 * n_bytes / (1000.0 * serialisation_ms)
+        self._add(dataclasses.replace(sample, uplink_mbps=uplink_mbps))
         return uplink_mbps
 
     # -- the estimate -------------------------------------------------------------
@@ -331,6 +352,8 @@ class UplinkMonitor:
             "rtt_note": self._prober.rtt_note,
             "n_samples": estimate.n_samples,
             "n_rtt_samples": estimate.n_rtt_samples,
+            "jitter_ms": estimate.jitter_ms,
+            "fixed_ms": estimate.fixed_ms,
             "planned": {"uplink_mbps": planned.uplink_mbps, "rtt_ms": planned.rtt_ms},
             "n_replans": self._n_replans,
             "monitor_running": self.running,

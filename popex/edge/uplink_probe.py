@@ -58,7 +58,7 @@ class UplinkProber:
     cloud_url : str
         The cloud's base URL; its host is pinged.
     probe_n_bytes : int
-        Bytes uploaded by one active probe.
+        The most bytes one active probe uploads.
     rtt_method : {"auto", "icmp", "http"}
         How the RTT is measured (see :data:`RTT_METHODS`).
     timeout_s : float
@@ -123,8 +123,13 @@ class UplinkProber:
             self._warm = False
             return None
 
-    def upload(self) -> ProbeResult | None:
-        """Upload ``probe_n_bytes`` to the cloud once, timed (the active probe).
+    def upload(self, n_bytes: int | None = None) -> ProbeResult | None:
+        """Upload ``n_bytes`` (default ``probe_n_bytes``) to the cloud once, timed (the active probe).
+
+        Parameters
+        ----------
+        n_bytes : int, optional
+            The monitor's size for this probe.
 
         Returns
         -------
@@ -132,7 +137,8 @@ class UplinkProber:
             The timings, or None when the cloud was unreachable or late (no sample this round).
         """
         try:
-            return self.client.probe(self.probe_n_bytes, timeout_s=self.timeout_s)
+            return self.client.probe(self.probe_n_bytes if n_bytes is None else int(n_bytes),
+                                     timeout_s=self.timeout_s)
         except Exception as err:  # unreachable or late cloud: no sample this round
             _log.debug("uplink probe failed: %s", err)
             self._warm = False

@@ -81,7 +81,7 @@ class TestbedConfig:
     probe_interval_s : float
         Seconds between two rounds of the edge's uplink monitor.
     probe_n_bytes : int
-        Bytes of one active probe.
+        The most bytes of one active probe (the edge sizes each from the RTT and its estimate).
     uplink_window_n : int
         Samples in the monitor's sliding median.
     mode : {"netns", "emulation"} or None
@@ -109,7 +109,7 @@ class TestbedConfig:
     objective: str = "mean"
     default_deadline_ms: float = 100.0
     probe_interval_s: float = 1.0
-    probe_n_bytes: int = 16384
+    probe_n_bytes: int = 1048576
     uplink_window_n: int = 5
     mode: str | None = None
     model_dir: Path = REPO_ROOT / "models" / "b-alexnet"
