@@ -395,7 +395,7 @@ class ModelPreparation:
         model that runs it by default (requests then measure it as part of the fixed time)."""
         tracker = self.planner.edge_fixed
         if tracker.n_samples or model.classifier is None or not self.distortion_aware_default:
-            return tracker.current_ms
+            return self.planner.edge_fixed_ms(model.model_id)  # the model's own, once it has any
         return max(tracker.current_ms, model.classifier.time_one_image_ms(n_repeats=_CLASSIFIER_N_REPEATS,
                                                                           n_warmup=1))
 
