@@ -403,6 +403,7 @@ def test_the_classifier_runs_inside_the_measured_fixed_edge_time(served, images,
     monkeypatch.setattr(classifier, "predict", slow_predict)
     assert runner.planner.drain()  # earlier requests' measurements go to the old tracker
     monkeypatch.setattr(runner.planner, "edge_fixed", OverheadTracker(initial_ms=0.0))
+    monkeypatch.setitem(runner.planner.edge_fixed_by_model, served["model_id"], OverheadTracker(initial_ms=0.0))
     for image in images["noise"][:3]:
         assert _classify(served["client"], image, deadline_ms=1000).status_code == 200
     assert runner.planner.drain()  # the measurements re-plan on the planner, not on the request

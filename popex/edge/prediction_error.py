@@ -27,7 +27,7 @@ class PredictionErrors:
     --------
     >>> errors = PredictionErrors()
     >>> errors.add("m", predicted_ms=10.0, measured_ms=12.0)
-    >>> errors.summary("m")["mean_error_fraction"]
+    >>> round(errors.summary("m")["mean_error_fraction"], 6)
     0.2
     """
 

@@ -134,7 +134,7 @@ def jitter_ms(round_trips_ms: Iterable[float]) -> float:
     Examples
     --------
     >>> round(jitter_ms([10.0, 10.5, 9.5, 10.0, 10.2]), 3)
-    1.483
+    0.593
     >>> jitter_ms([])
     0.1
     """
