@@ -404,8 +404,13 @@ def expected_latency_ms(
     return float(total)
 
 
-def worst_latency_ms(profile: Profile, link: Link, active: object, split: int) -> float:
+def worst_latency_ms(profile: Profile, link: Link, active: object, split: int, *,
+                     thresholds: object = None) -> float:
     """Per-sample worst-case latency of (θ, s): pass every active branch, then offload.
+
+    An active branch at threshold 0 lets every sample leave (no confidence is
+    below 0): the worst path then ends at the first such branch and sends
+    nothing, which is how a tail requirement is met with an Edgent-style exit.
 
     Parameters
     ----------
@@ -415,6 +420,8 @@ def worst_latency_ms(profile: Profile, link: Link, active: object, split: int) -
         Whether branch b is on; branches with k_b > split are ignored.
     split : int
         Number of stages run on the edge, 0..N.
+    thresholds : array-like of float or None, shape (B,), optional
+        θ_b of each branch (None or NaN: off); only θ_b <= 0 matters here.
 
     Returns
     -------
@@ -434,16 +441,22 @@ def worst_latency_ms(profile: Profile, link: Link, active: object, split: int) -
     ...             offload_overhead_ms=1.0)
     >>> worst_latency_ms(p, Link(uplink_mbps=8.0, rtt_ms=10.0), [True], 2)
     3.5
+    >>> worst_latency_ms(p, Link(uplink_mbps=8.0, rtt_ms=10.0), [True], 0)
+    12.5
+    >>> worst_latency_ms(p, Link(uplink_mbps=8.0, rtt_ms=10.0), [True], 2, thresholds=[0.0])
+    1.5
     """
     _, flags = _exit_config(profile, np.zeros(profile.n_branches), active)
     split = _checked_split(profile, split)
-    n_stages = profile.n_stages
-    total = profile.edge_fixed_ms
-    for stage in range(1, split + 1):
-        total += profile.stage_edge_ms[stage - 1]
-    for b, k in enumerate(profile.branch_after_stage):
-        if flags[b] and k <= split:
-            total += profile.branch_edge_ms[b]
-    if split < n_stages:
+    theta = np.full(profile.n_branches, np.nan) if thresholds is None else np.array(
+        [np.nan if t is None else float(t) for t in thresholds], dtype=np.float64)
+    if theta.shape != (profile.n_branches,):
+        raise ConfigError(f"thresholds must have shape ({profile.n_branches},), got {theta.shape}")
+    on = [b for b, k in enumerate(profile.branch_after_stage) if flags[b] and k <= split]
+    stop = next((b for b in on if theta[b] <= 0.0), None)  # every sample leaves there
+    last_stage = split if stop is None else profile.branch_after_stage[stop]
+    total = profile.edge_fixed_ms + float(np.sum(profile.stage_edge_ms[:last_stage]))
+    total += sum(profile.branch_edge_ms[b] for b in on if stop is None or b <= stop)
+    if stop is None and split < profile.n_stages:
         total += _offload_ms(profile, link, split)
     return float(total)
