@@ -278,3 +278,26 @@ def test_sweep_and_planner_reject_mismatches():
                       offload_overhead_ms=1.0)
     with pytest.raises(ProfileError, match=r"\(2,\)"):
         Planner(stats, profile)
+
+
+def test_a_zero_threshold_branch_ends_the_worst_path():
+    """Tail requirement below the full edge path: a branch every sample leaves at meets it (it did not before)."""
+    from popex.decision import DecisionIndex
+
+    calibration = Calibration(confidence=np.array([[0.9, 0.8, 1.0], [0.3, 0.6, 1.0]]),
+                              predicted=np.array([[0, 0, 0], [1, 1, 1]]),
+                              correct=np.ones((2, 3), dtype=bool), labels=np.array([0, 1]),
+                              temperature=np.ones(3))
+    profile = Profile(stage_names=("a", "b", "c"), stage_edge_ms=[10.0, 10.0, 30.0],
+                      stage_cloud_ms=[1.0, 1.0, 1.0], branch_after_stage=(1, 2), branch_edge_ms=[2.0, 2.0],
+                      split_bytes=[1000, 1000, 1000, 4], offload_overhead_ms=1.0)
+    stats = sweep_exit_stats(calibration, branch_after_stage=(1, 2), thresholds=[[0.0, 0.5], [0.0, 0.5]])
+    table = Planner(stats, profile).table(Link(uplink_mbps=0.01, rtt_ms=500.0))  # offloading never fits
+    rows = {(tuple(r["thresholds"]), r["split"]): r for r in table.to_rows()}
+    assert rows[((None, 0.0), 3)]["worst_latency_ms"] == pytest.approx(10 + 10 + 2)
+    assert rows[((0.5, 0.0), 3)]["worst_latency_ms"] == pytest.approx(10 + 10 + 2 + 2)
+    assert rows[((0.0, None), 3)]["worst_latency_ms"] == pytest.approx(10 + 2)
+    assert rows[((0.5, None), 3)]["worst_latency_ms"] == pytest.approx(50 + 2)  # may still reach the end
+    assert ((0.0, None), 1) not in rows and ((0.0, None), 2) not in rows  # the same strategy as at split 3
+    decision = DecisionIndex(table, objective="tail").lookup(30.0)
+    assert decision.feasible and table.row(decision.row)["worst_latency_ms"] <= 30.0
