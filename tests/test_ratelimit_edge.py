@@ -51,7 +51,8 @@ def test_a_bad_rate_or_policy_is_refused_at_the_config(make_config, tmp_path):
 def test_offloads_never_exceed_r_t_plus_b_and_every_request_is_answered(app, client, model_actions, images, policy):
     runner = get_node(app).runner
     model_id = runner.default_model_id
-    model_actions.force(model_id, split=2, thresholds=(1.01, 1.01))  # branches run, none exits: all would offload
+    # an offload takes 50 ms (the strategy's worst case); a refused request is answered at its branch
+    model_actions.force(model_id, split=2, thresholds=(1.01, 1.01), latency_ms=50.0, worst_latency_ms=50.0)
     clock = _Clock()
     limiter = RateLimiter(rate_per_s=5.0, depth=2.0, policy=policy, clock=clock)
     runner.rate_limiter = limiter
@@ -84,6 +85,12 @@ def test_offloads_never_exceed_r_t_plus_b_and_every_request_is_answered(app, cli
     assert corrected["accuracy_without_bucket"] == 0.5 and corrected["offload_prob"] == pytest.approx(1.0 - refused)
     assert corrected["accuracy"] == pytest.approx(
         0.5 - refused * (expected["accuracy_offloaded"] - expected["accuracy_refused"]))
+    # ... and its latency: the refused share pays only the edge part (stages 1-2, both branches), not 50 ms
+    profile = runner.plans.get(model_id).profile
+    local_ms = profile.edge_fixed_ms + float(np.sum(profile.stage_edge_ms[:2]) + np.sum(profile.branch_edge_ms))
+    assert local_ms < 50.0 and corrected["latency_ms_without_bucket"] == 50.0
+    assert corrected["latency_ms"] == pytest.approx(50.0 - refused * (50.0 - local_ms))
+    assert corrected["latency_ms"] < 50.0 - 0.6 * (50.0 - local_ms)
 
 
 def test_the_limiter_maps_its_level_onto_the_mdp_thresholds():
