@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from conftest import DEFAULT_MODEL_DIR
 from edge_api import get_node
 from popex.data.images import encode_png
 from popex.data.subset import load_fashion_mnist, SHIPPED_SUBSET_ROOT
@@ -171,3 +172,22 @@ def test_the_limiter_thread_re_solves_when_the_arrival_rate_moves(app, client, m
         assert solved_for() == pytest.approx(1.0, rel=0.15)
     finally:
         limiter.close()
+
+
+@pytest.mark.parametrize("policy", ["mdp", "baseline"])
+def test_a_strategy_without_branches_is_predicted_to_take_every_token_it_finds(policy):
+    """Cloud-only requests have no metric (+inf: any token will do); the prediction must say so, not 'all refused'."""
+    from popex.decision.calibration import load_calibration
+
+    calibration = load_calibration(DEFAULT_MODEL_DIR / "calibration.npz")
+    clock = _Clock()
+    limiter = RateLimiter(rate_per_s=4.0, depth=2.0, policy=policy, clock=clock)
+    n_granted = 0
+    for i in range(600):
+        clock.now_s = i / 12.0  # 3x the token rate
+        if i == 30:
+            limiter.resolve()
+        n_granted += limiter.consult("m", calibration, None, 0.0).granted
+    (expected,) = limiter.status()["expected"]
+    assert n_granted <= 4.0 * clock.now_s + 2.0
+    assert expected["expected_refused_fraction"] == pytest.approx(1.0 - n_granted / 600, abs=0.02)

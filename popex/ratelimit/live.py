@@ -103,8 +103,10 @@ def _fit_tables(calibration: object, gate: tuple[tuple[int, float], ...]) -> _Mo
     tables = tuple(KernelTable.fit(confidence[:, b], correct[:, -1] - correct[:, b])
                    for b in range(correct.shape[1] - 1))
     if not gate:  # refused, it runs the rest of the network on the edge: the final exit either way
+        # no branch ran, so its requests' metric is +inf (they take any token): the policies and the expected
+        # refused fraction are solved for arrivals that all want one (a zero metric would predict all refused)
         final = float(correct[:, -1].mean())
-        return _ModelTables(tables=tables, metric_tr=np.zeros(1), accuracy_offloaded=final, accuracy_refused=final)
+        return _ModelTables(tables=tables, metric_tr=np.ones(1), accuracy_offloaded=final, accuracy_refused=final)
     branches = [b for b, _ in gate]
     reaches = np.all([confidence[:, b] < t for b, t in gate], axis=0)  # no active branch let it exit
     if not np.any(reaches):
