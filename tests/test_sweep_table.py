@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from popex.decision.calibration import Calibration
-from popex.decision.latency import Link, Profile, expected_latency_ms, worst_latency_ms
+from popex.decision.formulas import expected_latency_ms, worst_latency_ms
+from popex.decision.latency import Link, Profile
 from popex.decision.sweep import DEFAULT_THRESHOLDS, sweep_exit_stats
 from popex.decision.table import Planner
 from popex.errors import CalibrationError, ConfigError, ProfileError
