@@ -42,7 +42,7 @@ import numpy as np
 import requests
 
 from popex.checks import check_deadline_ms, check_finite, check_int
-from popex.device.local import LocalExit, LocalModel
+from popex.device.local import DeviceTimings, LocalExit, LocalModel
 from popex.device.plan import DevicePlanView, LinkMeter, parse_plan
 from popex.errors import DataError, PopexError
 from popex.wire import compress_payload, encode_offload
@@ -89,6 +89,8 @@ class DeviceAnswer:
         Per tier that computed, the first and last stage (1-based) it ran.
     reason : str, optional
         Why a fallback.
+    input_ms : float
+        Of ``latency_ms``, the time decoding and preprocessing the image (before stage 1, outside the plan's E[T]).
     """
 
     label: int
@@ -100,6 +102,7 @@ class DeviceAnswer:
     fallback: bool
     ran: dict[str, tuple[int, int]] = field(default_factory=dict)
     reason: str | None = None
+    input_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON line of ``popex device classify --json``.
@@ -110,7 +113,7 @@ class DeviceAnswer:
         """
         body = {"label": self.label, "class_name": self.class_name, "exit": self.exit, "where": self.where,
                 "cuts": list(self.cuts), "latency_ms": self.latency_ms, "fallback": self.fallback,
-                "ran": {tier: list(stages) for tier, stages in self.ran.items()}}
+                "ran": {tier: list(stages) for tier, stages in self.ran.items()}, "input_ms": self.input_ms}
         if self.reason:
             body["reason"] = self.reason
         return body
@@ -167,7 +170,7 @@ class DeviceClient:
         self.n_refreshes = 0
         self.refresh_error: str | None = None  # why the last refresh failed (None: it did not)
         self.meter = LinkMeter()
-        self._timings = None
+        self._timings: DeviceTimings | None = None
         self._plan_key: tuple[Any, ...] | None = None
         self._plan_age = (0, 0.0, math.nan)  # images since, monotonic time of, and the rate at the last refresh
         self._session = requests.Session()
@@ -223,8 +226,7 @@ class DeviceClient:
             return None
         self.n_refreshes += 1
         try:
-            if self._timings is None:
-                self._timings = self.local.measure_timings()
+            self._timings = self.local.measure_timings()  # again each time: the device's load changes too
             for _ in range(_MAX_REPORT_ROUNDS):  # until the edge's (robust, windowed) estimate agrees with ours
                 self._probe()
                 report = {"model": self.model_id, "stage_ms": list(self._timings.stage_ms),
@@ -268,7 +270,7 @@ class DeviceClient:
                 class_name: str | None = None) -> DeviceAnswer:
         return DeviceAnswer(label=label, class_name=self.local.class_name(label) if class_name is None else class_name,
                             exit=exit_, where=where, cuts=cuts, latency_ms=(time.perf_counter() - started_s) * 1000.0,
-                            fallback=fallback, ran=ran, reason=reason)
+                            fallback=fallback, ran=ran, reason=reason, input_ms=self._input_ms)
 
     def _finish_locally(self, h: np.ndarray, x: int, started_s: float, cuts: tuple[int, int],
                         reason: str) -> DeviceAnswer:
@@ -382,6 +384,7 @@ class DeviceClient:
         n_since, at_s, planned_mbps = self._plan_age
         self._plan_age = (n_since + 1, at_s, planned_mbps)
         started_s = time.perf_counter()
+        self._input_ms = 0.0
         plan = self.plan
         if plan is None and self.device_token is None:
             return self._classify_image(image_bytes, started_s, deadline_ms)
@@ -389,6 +392,7 @@ class DeviceClient:
         x = n if plan is None else plan.x  # no plan from a three-tier edge: the device runs everything
         cuts = (x, n if plan is None else plan.y)
         h, done = self.local.input_tensor(image_bytes), 0
+        self._input_ms = (time.perf_counter() - started_s) * 1000.0
         branches = [] if plan is None else [(b, t) for b, t in enumerate(plan.thresholds)
                                             if t is not None and self.net.branch_after_stage[b] <= x]
         for b, threshold in sorted(branches, key=lambda item: self.net.branch_after_stage[item[0]]):
