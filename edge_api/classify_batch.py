@@ -21,6 +21,7 @@ from edge_api.auth import require_client
 from edge_api.node import get_node
 from popex.edge.batch_run import run_prepared
 from popex.errors import DataError
+from popex.ratelimit.streams import request_stream
 
 __all__ = ["bp"]
 
@@ -63,10 +64,11 @@ def classify_batch() -> ResponseReturnValue:
     options = {"model_id": _model(), "deadline_ms": _deadline_ms(), "policy": _parameter("policy") or "adaptive",
                "distortion_aware": _distortion_aware()}
     prepared = []
-    for index, image in enumerate(images):
-        try:
-            prepared.append(runner.prepare(image, arrival_s=arrival_s, **options))
-        except DataError as err:
-            runner.count("rejected")
-            raise DataError(f"image {index} of the batch: {err}") from err
+    with request_stream(request.headers.get("X-Popex-Stream") or _parameter("stream")):  # each keeps its stream
+        for index, image in enumerate(images):
+            try:
+                prepared.append(runner.prepare(image, arrival_s=arrival_s, **options))
+            except DataError as err:
+                runner.count("rejected")
+                raise DataError(f"image {index} of the batch: {err}") from err
     return jsonify({"results": [result.to_dict() for result in run_prepared(runner, prepared)]})

@@ -199,7 +199,7 @@ class DemoConfig:
     profiles: tuple[str, ...] = ("3g", "lte", "wifi")
     policies: tuple[str, ...] = _POLICIES
     n_images: int = 200
-    deadline_ms: float = 45.0
+    deadline_ms: float = 30.0
     objective: str = "tail"
     edge_slowdown: float = 40.0
     model_dir: Path = REPO_ROOT / "models" / "default"

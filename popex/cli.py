@@ -228,7 +228,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                             offload_overhead_ms=args.offload_overhead_ms)
         assumptions.append(f"no profile file: {note}")
     calibration = load_calibration(Path(args.model) / CALIBRATION_FILE)
-    thresholds = None
+    from popex.decision.policies import edge_threshold_grids
+
+    thresholds = edge_threshold_grids(profile.n_branches)  # the grid the edge service sweeps
     if args.thresholds:
         grid = [float(v) for v in args.thresholds.split(",")]
         thresholds = [grid] * profile.n_branches
@@ -277,7 +279,8 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--deadline-ms", type=float, required=True, help="latency requirement D")
     p.add_argument("--objective", choices=("mean", "tail"), default="mean")
     p.add_argument("--profile", help="profile.json (default: MODEL/profile.json, else measured here)")
-    p.add_argument("--thresholds", help="comma-separated threshold grid for every branch (default 0.50..0.95)")
+    p.add_argument("--thresholds", help="comma-separated threshold grid for every branch (default: the edge's, 0 "
+                                                "(every sample leaves) and 0.50..0.95)")
     p.add_argument("--cloud-speedup", type=float, default=OFFLINE_CLOUD_SPEEDUP,
                    help=_CLOUD_SPEEDUP_HELP.replace("while no cloud profile exists", "when no profile file exists"))
     p.add_argument("--offload-overhead-ms", type=float, default=DEFAULT_OFFLOAD_OVERHEAD_MS,

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from popex.decision.graph import build_graph, shortest_split
 from popex.decision.calibration import Calibration
-from popex.decision.latency import Link, Profile, expected_latency_ms, worst_latency_ms
+from popex.decision.formulas import expected_latency_ms, worst_latency_ms
+from popex.decision.latency import Link, Profile
 from popex.decision.sweep import sweep_exit_stats
 from popex.errors import ConfigError, ProfileError
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from popex.decision.calibration import Calibration
-from popex.decision.latency import Link, Profile, expected_latency_ms, worst_latency_ms
+from popex.decision.formulas import expected_latency_ms, worst_latency_ms
+from popex.decision.latency import Link, Profile
 from popex.decision.sweep import DEFAULT_THRESHOLDS, sweep_exit_stats
 from popex.decision.table import Planner
 from popex.errors import CalibrationError, ConfigError, ProfileError
@@ -112,7 +113,10 @@ def test_rows_are_every_distinct_strategy_once(instance):
             ([None] + sorted(set(grid))) if k <= split else [None]
             for grid, k in zip(grids, profile.branch_after_stage)
         ]
-        expected_keys |= {(tuple(combo), split) for combo in itertools.product(*options)}
+        expected_keys |= {(tuple(combo), split) for combo in itertools.product(*options)
+                          # threshold 0 lets every sample leave: such a row offloads nothing and is
+                          # listed once, at split N (where nothing is offloaded either)
+                          if split == profile.n_stages or not any(t is not None and t <= 0 for t in combo)}
     keys = [(tuple(row["thresholds"]), row["split"]) for row in table.to_rows()]
     assert len(keys) == len(set(keys)) == len(table)
     assert set(keys) == expected_keys
@@ -153,7 +157,8 @@ def test_latencies_match_reference_formulas(instance):
         split = row["split"]
         assert _close(row["expected_latency_ms"],
                       expected_latency_ms(profile, link, row["exit_probs"], active, split))
-        assert _close(row["worst_latency_ms"], worst_latency_ms(profile, link, active, split))
+        assert _close(row["worst_latency_ms"], worst_latency_ms(profile, link, active, split,
+                                                             thresholds=row["thresholds"]))
 
 
 @settings(max_examples=30, deadline=None)
@@ -274,3 +279,26 @@ def test_sweep_and_planner_reject_mismatches():
                       offload_overhead_ms=1.0)
     with pytest.raises(ProfileError, match=r"\(2,\)"):
         Planner(stats, profile)
+
+
+def test_a_zero_threshold_branch_ends_the_worst_path():
+    """Tail requirement below the full edge path: a branch every sample leaves at meets it (it did not before)."""
+    from popex.decision import DecisionIndex
+
+    calibration = Calibration(confidence=np.array([[0.9, 0.8, 1.0], [0.3, 0.6, 1.0]]),
+                              predicted=np.array([[0, 0, 0], [1, 1, 1]]),
+                              correct=np.ones((2, 3), dtype=bool), labels=np.array([0, 1]),
+                              temperature=np.ones(3))
+    profile = Profile(stage_names=("a", "b", "c"), stage_edge_ms=[10.0, 10.0, 30.0],
+                      stage_cloud_ms=[1.0, 1.0, 1.0], branch_after_stage=(1, 2), branch_edge_ms=[2.0, 2.0],
+                      split_bytes=[1000, 1000, 1000, 4], offload_overhead_ms=1.0)
+    stats = sweep_exit_stats(calibration, branch_after_stage=(1, 2), thresholds=[[0.0, 0.5], [0.0, 0.5]])
+    table = Planner(stats, profile).table(Link(uplink_mbps=0.01, rtt_ms=500.0))  # offloading never fits
+    rows = {(tuple(r["thresholds"]), r["split"]): r for r in table.to_rows()}
+    assert rows[((None, 0.0), 3)]["worst_latency_ms"] == pytest.approx(10 + 10 + 2)
+    assert rows[((0.5, 0.0), 3)]["worst_latency_ms"] == pytest.approx(10 + 10 + 2 + 2)
+    assert rows[((0.0, None), 3)]["worst_latency_ms"] == pytest.approx(10 + 2)
+    assert rows[((0.5, None), 3)]["worst_latency_ms"] == pytest.approx(50 + 2)  # may still reach the end
+    assert ((0.0, None), 1) not in rows and ((0.0, None), 2) not in rows  # the same strategy as at split 3
+    decision = DecisionIndex(table, objective="tail").lookup(30.0)
+    assert decision.feasible and table.row(decision.row)["worst_latency_ms"] <= 30.0

@@ -15,7 +15,8 @@ from popex.decision.calibration import (
     save_calibration,
 )
 from popex.decision.decide import Decision, DecisionIndex, decide
-from popex.decision.latency import Link, Profile, expected_latency_ms, worst_latency_ms
+from popex.decision.formulas import expected_latency_ms, worst_latency_ms
+from popex.decision.latency import Link, Profile
 from popex.decision.sweep import DEFAULT_THRESHOLDS, ExitLevel, ExitStats, sweep_exit_stats
 from popex.decision.table import OBJECTIVES, Planner, StrategyTable
 

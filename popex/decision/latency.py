@@ -1,9 +1,4 @@
-"""Latency model of DESIGN.md §3: profile, link and the reference formulas.
-
-The two formula functions here are deliberately plain loops: they are the
-reference that the vectorised strategy table and the shortest-path graph are
-tested against.
-"""
+"""Latency model of DESIGN.md §3: the profile and the link (the reference formulas: :mod:`popex.decision.formulas`)."""
 
 from __future__ import annotations
 
@@ -16,12 +11,7 @@ import numpy as np
 from popex.checks import check_finite
 from popex.errors import ConfigError, ProfileError
 
-__all__ = [
-    "Profile",
-    "Link",
-    "expected_latency_ms",
-    "worst_latency_ms",
-]
+__all__ = ["Profile", "Link"]
 
 # Tolerance on "sum of exit probabilities <= 1", which are ratios of counts.
 _PROB_TOLERANCE = 1e-9
@@ -345,105 +335,3 @@ class Link:
         float
         """
         return 8.0 * n_bytes / (1000.0 * self.uplink_mbps)
-
-
-def expected_latency_ms(
-    profile: Profile, link: Link, exit_probs: object, active: object, split: int
-) -> float:
-    """Expected latency E[T(θ, s)] of DESIGN.md §3, evaluated term by term.
-
-    A branch attached after the split (k_b > s) is never evaluated, so it is
-    treated as off whatever ``active`` says.
-
-    Parameters
-    ----------
-    profile : Profile
-    link : Link
-    exit_probs : array-like, shape (B,)
-        q_b, fraction of all samples exiting at branch b (ignored where inactive).
-    active : array-like of bool, shape (B,)
-        Whether branch b has a threshold (is not off).
-    split : int
-        Number of stages run on the edge, 0..N.
-
-    Returns
-    -------
-    float
-        Expected latency in ms.
-
-    Raises
-    ------
-    ConfigError
-        On a bad split, wrong shapes, or probabilities outside [0, 1] or summing above 1.
-
-    Examples
-    --------
-    >>> p = Profile(stage_names=("a", "b"), stage_edge_ms=[1.0, 2.0],
-    ...             stage_cloud_ms=[0.0, 0.5], branch_after_stage=(1,),
-    ...             branch_edge_ms=[0.5], split_bytes=[1000, 1000, 4],
-    ...             offload_overhead_ms=1.0)
-    >>> link = Link(uplink_mbps=8.0, rtt_ms=10.0)
-    >>> expected_latency_ms(p, link, [0.5], [True], 1)  # 1 + 0.5 + 0.5 * (1 + 1 + 10 + 0.5)
-    7.75
-    """
-    probs, flags = _exit_config(profile, exit_probs, active)
-    split = _checked_split(profile, split)
-    n_stages = profile.n_stages
-    on = [b for b, k in enumerate(profile.branch_after_stage) if flags[b] and k <= split]
-
-    def reach(stage: int) -> float:
-        return 1.0 - sum(probs[b] for b in on if profile.branch_after_stage[b] < stage)
-
-    total = profile.edge_fixed_ms
-    for stage in range(1, split + 1):
-        total += reach(stage) * profile.stage_edge_ms[stage - 1]
-    for b in on:
-        total += reach(profile.branch_after_stage[b]) * profile.branch_edge_ms[b]
-    if split < n_stages:
-        total += (1.0 - sum(probs[b] for b in on)) * _offload_ms(profile, link, split)
-    return float(total)
-
-
-def worst_latency_ms(profile: Profile, link: Link, active: object, split: int) -> float:
-    """Per-sample worst-case latency of (θ, s): pass every active branch, then offload.
-
-    Parameters
-    ----------
-    profile : Profile
-    link : Link
-    active : array-like of bool, shape (B,)
-        Whether branch b is on; branches with k_b > split are ignored.
-    split : int
-        Number of stages run on the edge, 0..N.
-
-    Returns
-    -------
-    float
-        Latency in ms of a sample that no active branch lets exit.
-
-    Raises
-    ------
-    ConfigError
-        On a bad split or a wrongly shaped ``active``.
-
-    Examples
-    --------
-    >>> p = Profile(stage_names=("a", "b"), stage_edge_ms=[1.0, 2.0],
-    ...             stage_cloud_ms=[0.0, 0.5], branch_after_stage=(1,),
-    ...             branch_edge_ms=[0.5], split_bytes=[1000, 1000, 4],
-    ...             offload_overhead_ms=1.0)
-    >>> worst_latency_ms(p, Link(uplink_mbps=8.0, rtt_ms=10.0), [True], 2)
-    3.5
-    """
-    _, flags = _exit_config(profile, np.zeros(profile.n_branches), active)
-    split = _checked_split(profile, split)
-    n_stages = profile.n_stages
-    total = profile.edge_fixed_ms
-    for stage in range(1, split + 1):
-        total += profile.stage_edge_ms[stage - 1]
-    for b, k in enumerate(profile.branch_after_stage):
-        if flags[b] and k <= split:
-            total += profile.branch_edge_ms[b]
-    if split < n_stages:
-        total += _offload_ms(profile, link, split)
-    return float(total)

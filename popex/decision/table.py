@@ -38,6 +38,26 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _worst_path(thresholds: np.ndarray, active: np.ndarray, positions: np.ndarray, stage_edge_ms: np.ndarray,
+                branch_edge_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edge time of each configuration's longest path, and whether that path goes past every branch.
+
+    A branch at threshold 0 lets every sample leave (a confidence is never
+    below 0), so no sample goes past it: the worst path ends there and sends
+    nothing. Without such a branch it passes every active branch and offloads.
+    """
+    n_configs = active.shape[0]
+    if positions.size == 0:
+        return np.full(n_configs, float(stage_edge_ms.sum())), np.ones(n_configs, dtype=bool)
+    always_exit = active & (np.nan_to_num(thresholds, nan=1.0) <= 0.0)
+    stops = always_exit.any(axis=1)
+    first = np.argmax(always_exit, axis=1)  # the first such branch (0 where none: masked by stops)
+    cum_stage_ms = np.concatenate([[0.0], np.cumsum(stage_edge_ms)])
+    stage_ms = np.where(stops, cum_stage_ms[np.minimum(positions[first], stage_edge_ms.size)], cum_stage_ms[-1])
+    reached = active & (~stops[:, None] | (np.arange(positions.size)[None, :] <= first[:, None]))
+    return stage_ms + reached @ branch_edge_ms, ~stops
+
+
 def _front_order(
     latency_ms: np.ndarray, n_correct: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -303,25 +323,30 @@ class Planner:
         }
         for split in range(n_stages + 1):
             level = stats.levels[int(np.sum(positions <= split))]
-            probs = level.exit_probs
             active = ~np.isnan(level.thresholds)
+            worst_edge_ms, offloads = _worst_path(level.thresholds, active, positions, stage_edge_ms[:split],
+                                                  profile.branch_edge_ms)
+            # Before the last stage, a configuration that lets every sample leave at a branch
+            # (threshold 0) offloads nothing: it is the split-N row with the same thresholds.
+            keep = offloads if split < n_stages else np.ones(level.n_configs, dtype=bool)
+            probs = level.exit_probs[keep]
+            active = active[keep]
             reach = 1.0 - probs @ before  # (n_configs, N): r_i of stage i
             edge_ms = reach[:, :split] @ stage_edge_ms[:split]
             if positions.size:
                 edge_ms = edge_ms + (active * reach[:, positions - 1]) @ profile.branch_edge_ms
-            worst_edge_ms = stage_edge_ms[:split].sum() + active @ profile.branch_edge_ms
             if split < n_stages:
                 offload_prob = 1.0 - probs.sum(axis=1)
             else:
-                offload_prob = np.zeros(level.n_configs)
-            columns["thresholds"].append(level.thresholds)
-            columns["split"].append(np.full(level.n_configs, split, dtype=np.int64))
-            columns["n_correct"].append(level.n_correct)
-            columns["accuracy"].append(level.accuracy)
+                offload_prob = np.zeros(probs.shape[0])
+            columns["thresholds"].append(level.thresholds[keep])
+            columns["split"].append(np.full(probs.shape[0], split, dtype=np.int64))
+            columns["n_correct"].append(level.n_correct[keep])
+            columns["accuracy"].append(level.accuracy[keep])
             columns["exit_probs"].append(probs)
             columns["offload_prob"].append(offload_prob)
-            columns["edge_ms"].append(np.broadcast_to(edge_ms, (level.n_configs,)))
-            columns["worst_edge_ms"].append(np.broadcast_to(worst_edge_ms, (level.n_configs,)))
+            columns["edge_ms"].append(np.broadcast_to(edge_ms, (probs.shape[0],)))
+            columns["worst_edge_ms"].append(worst_edge_ms[keep])
         merged = {key: _frozen(np.concatenate(parts)) for key, parts in columns.items()}
         self._thresholds = merged["thresholds"]
         self._split = merged["split"]

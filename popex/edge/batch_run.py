@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from popex.edge.rate_limit import refused_offload
 from popex.edge.store import StoredModel
 from popex.edge.strategy import Strategy
 from popex.errors import PopexError
+from popex.ratelimit.streams import current_stream, request_stream
 from popex.runtime.compaction import run_compacted
 from popex.wire import compress_payload, encode_offload
 
@@ -54,6 +55,9 @@ class PreparedRequest:
     strategy: Strategy
     run: RequestRun
     request_id: str
+    #: Its request-stream id (per-stream buckets), taken where it is prepared: the request's own thread,
+    #: since a micro-batch runs on its leader's, whose stream may be another's.
+    stream: str | None = field(default_factory=current_stream)
 
 
 def batch_key(request: PreparedRequest) -> Hashable:
@@ -90,7 +94,8 @@ def run_batch(runner: Any, requests: list[PreparedRequest]) -> list[Classificati
     if runner.batch_exits is not None:  # the batch-aware plan: the branches worth running at this batch size
         strategy = runner.batch_exits.strategy_for(first.model, first.plan, strategy, first.run.head, len(requests))
     if len(requests) == 1:  # alone: exactly the one-request path
-        return [runner._run(first.model, first.plan, strategy, first.run, request_id=first.request_id)]
+        with request_stream(first.stream):
+            return [runner._run(first.model, first.plan, strategy, first.run, request_id=first.request_id)]
     model, head = first.model, first.run.head
     net, compute = model.loaded.net, runner.compute
     runs = [request.run for request in requests]
@@ -176,8 +181,9 @@ def _through_bucket(runner: Any, requests: list[PreparedRequest], rest: list[int
     offloading = []
     for j in rest:
         request = requests[j]
-        local = refused_offload(runner.rate_limiter, runner.compute, request.model, request.plan, strategy,
-                                request.run)
+        with request_stream(request.stream):  # its own stream's bucket, whoever leads the batch
+            local = refused_offload(runner.rate_limiter, runner.compute, request.model, request.plan, strategy,
+                                    request.run)
         if local is None:
             offloading.append(j)
         else:

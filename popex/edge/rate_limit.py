@@ -18,9 +18,37 @@ from popex.edge.fallback import LocalExit, fallback_exit
 from popex.edge.plans import ModelPlan
 from popex.edge.store import StoredModel
 from popex.edge.strategy import Strategy
+from popex.ratelimit.live import StrategyPrediction
 from popex.ratelimit.streams import StreamLimiters
 
-__all__ = ["refused_offload"]
+__all__ = ["refused_offload", "strategy_prediction"]
+
+
+def strategy_prediction(plan: ModelPlan, strategy: Strategy) -> StrategyPrediction:
+    """The strategy's predictions and the latency of its offload and refused paths, ms (from the plan's profile).
+
+    An offloaded request passed every active branch, then the uplink and the
+    cloud: the strategy's worst case. A refused one pays the same edge part
+    and is answered at its best evaluated branch; with no active branch it
+    runs the rest of the network on the edge (what ``fallback_exit`` does
+    when that fits).
+
+    Parameters
+    ----------
+    plan : ModelPlan
+    strategy : Strategy
+
+    Returns
+    -------
+    StrategyPrediction
+    """
+    profile, split = plan.profile, strategy.split
+    edge_ms = profile.edge_fixed_ms + float(sum(profile.stage_edge_ms[:split])) + sum(
+        float(profile.branch_edge_ms[b]) for b in strategy.active_branches)
+    refused_ms = edge_ms if strategy.active_branches else edge_ms + float(sum(profile.stage_edge_ms[split:]))
+    return StrategyPrediction(accuracy=float(strategy.accuracy), offload_prob=float(strategy.offload_prob),
+                              latency_ms=float(strategy.latency_ms), offload_path_ms=float(strategy.worst_latency_ms),
+                              refused_path_ms=refused_ms)
 
 
 def refused_offload(limiter: Any, compute: EdgeCompute, model: StoredModel, plan: ModelPlan, strategy: Strategy,
@@ -52,7 +80,7 @@ def refused_offload(limiter: Any, compute: EdgeCompute, model: StoredModel, plan
         branch, confidence = None, 0.0
     gate = tuple((b, float(strategy.thresholds[b])) for b in strategy.active_branches)
     decision = limiter.consult(model.model_id, model.calibration_of(run.head), branch, float(confidence), gate=gate,
-                               strategy_prediction=(float(strategy.accuracy), float(strategy.offload_prob)))
+                               strategy_prediction=strategy_prediction(plan, strategy))
     if decision.granted:
         return None
     return fallback_exit(compute, model, plan, strategy.split, run)

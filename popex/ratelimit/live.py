@@ -38,7 +38,7 @@ from popex.ratelimit.mdp import solve_mdp
 from popex.ratelimit.metric import KernelTable
 from popex.ratelimit.policies import baseline_threshold
 
-__all__ = ["LIVE_POLICIES", "LiveDecision", "RateLimiter"]
+__all__ = ["LIVE_POLICIES", "LiveDecision", "RateLimiter", "StrategyPrediction"]
 
 LIVE_POLICIES = ("mdp", "baseline")
 #: Slots per token: the live bucket's p.
@@ -53,6 +53,23 @@ class LiveDecision(NamedTuple):
     granted: bool
     metric: float
     tokens: float
+
+
+class StrategyPrediction(NamedTuple):
+    """The Decision Maker's prediction for a request's strategy and the latency of its two paths, ms.
+
+    A refused offload is answered on the edge, so under the bucket the
+    expected latency mixes the two paths by the refused fraction, as the
+    accuracy mixes the final exit and the local one.
+    """
+
+    accuracy: float
+    offload_prob: float
+    latency_ms: float = 0.0
+    #: An offloaded request's latency: past every active branch, then the cloud (the strategy's worst case).
+    offload_path_ms: float = 0.0
+    #: A refused one's: the same edge part, answered at its best evaluated branch (or the rest run on the edge).
+    refused_path_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -86,8 +103,10 @@ def _fit_tables(calibration: object, gate: tuple[tuple[int, float], ...]) -> _Mo
     tables = tuple(KernelTable.fit(confidence[:, b], correct[:, -1] - correct[:, b])
                    for b in range(correct.shape[1] - 1))
     if not gate:  # refused, it runs the rest of the network on the edge: the final exit either way
+        # no branch ran, so its requests' metric is +inf (they take any token): the policies and the expected
+        # refused fraction are solved for arrivals that all want one (a zero metric would predict all refused)
         final = float(correct[:, -1].mean())
-        return _ModelTables(tables=tables, metric_tr=np.zeros(1), accuracy_offloaded=final, accuracy_refused=final)
+        return _ModelTables(tables=tables, metric_tr=np.ones(1), accuracy_offloaded=final, accuracy_refused=final)
     branches = [b for b, _ in gate]
     reaches = np.all([confidence[:, b] < t for b, t in gate], axis=0)  # no active branch let it exit
     if not np.any(reaches):
@@ -152,7 +171,7 @@ class RateLimiter:
         self._tables: dict[str, _ModelTables] = {}
         self._thresholds: dict[str, _Thresholds] = {}
         self._calibrations: dict[str, object] = {}
-        self._strategy_predictions: dict[object, tuple[float, float]] = {}
+        self._strategy_predictions: dict[object, StrategyPrediction] = {}
         self._n_granted = self._n_refused = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -169,7 +188,7 @@ class RateLimiter:
 
     def consult(self, model_id: str, calibration: object, branch: int | None, confidence: float, *,
                 gate: tuple[tuple[int, float], ...] = (),
-                strategy_prediction: tuple[float, float] | None = None) -> LiveDecision:
+                strategy_prediction: StrategyPrediction | None = None) -> LiveDecision:
         """One request would offload: may it? Spends the token when granted.
 
         Parameters
@@ -183,7 +202,7 @@ class RateLimiter:
             Its confidence.
         gate : tuple of (branch, threshold)
             The strategy's active branches and thresholds: which samples reach the bucket.
-        strategy_prediction : (accuracy, offload_prob), optional
+        strategy_prediction : StrategyPrediction, optional
             The Decision Maker's for the request's strategy, kept for the status's corrected prediction.
 
         Returns
@@ -259,24 +278,43 @@ class RateLimiter:
             new = _Thresholds(new.rate_per_arrival, new.mdp_p, new.values, refused)
             self._thresholds[key] = new  # one reference swap: a request reads old or new, whole
 
-    def predicted(self, model_id: str, gate: tuple[tuple[int, float], ...], *, accuracy: float,
-                  offload_prob: float) -> dict[str, float] | None:
-        """A strategy's predicted accuracy once the bucket refuses its share of the offloads (None: not solved yet).
+    def predicted(self, model_id: str, gate: tuple[tuple[int, float], ...],
+                  prediction: StrategyPrediction) -> dict[str, float] | None:
+        """A strategy's predicted accuracy and latency once the bucket refuses its share of the offloads.
 
         Of the ``offload_prob`` of requests that reach the bucket, the expected
         refused fraction (at the measured rate) is answered at the most
         confident active branch instead of the final exit: accuracy falls by
         offload_prob x refused x (accuracy offloaded - accuracy refused), both
-        measured on the calibration samples that reach the bucket.
+        measured on the calibration samples that reach the bucket, and the
+        expected latency by offload_prob x refused x (offload path - refused
+        path): a refused request skips the uplink and the cloud.
+
+        Parameters
+        ----------
+        model_id : str
+        gate : tuple of (branch, threshold)
+        prediction : StrategyPrediction
+            The Decision Maker's, without the bucket.
+
+        Returns
+        -------
+        dict or None
+            ``expected_refused_fraction``, ``accuracy``, ``offload_prob``, ``latency_ms`` and the
+            uncorrected ``accuracy_without_bucket``, ``latency_ms_without_bucket``; None until the
+            limiter's thread has solved this strategy.
         """
         key = (model_id, tuple(gate))
         tables, thresholds = self._tables.get(key), self._thresholds.get(key)
         if tables is None or thresholds is None:
             return None
         refused = thresholds.refused_fraction
+        accuracy, offload_prob, latency_ms = prediction.accuracy, prediction.offload_prob, prediction.latency_ms
         drop = offload_prob * refused * (tables.accuracy_offloaded - tables.accuracy_refused)
+        saved_ms = offload_prob * refused * (prediction.offload_path_ms - prediction.refused_path_ms)
         return {"expected_refused_fraction": refused, "accuracy": accuracy - drop,
-                "offload_prob": offload_prob * (1.0 - refused), "accuracy_without_bucket": accuracy}
+                "offload_prob": offload_prob * (1.0 - refused), "accuracy_without_bucket": accuracy,
+                "latency_ms": latency_ms - saved_ms, "latency_ms_without_bucket": latency_ms}
 
     def start(self) -> None:
         """Start the limiter's thread (fits tables, re-solves)."""
@@ -318,4 +356,4 @@ class RateLimiter:
 
     def _corrected(self, model_id: str, gate: tuple[tuple[int, float], ...]) -> dict[str, float] | None:
         last = self._strategy_predictions.get((model_id, gate))
-        return None if last is None else self.predicted(model_id, gate, accuracy=last[0], offload_prob=last[1])
+        return None if last is None else self.predicted(model_id, gate, last)
