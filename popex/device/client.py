@@ -169,6 +169,7 @@ class DeviceClient:
         self.plan: DevicePlanView | None = None
         self.n_refreshes = 0
         self.refresh_error: str | None = None  # why the last refresh failed (None: it did not)
+        self._image_mode = False  # the edge has no device routes (403): send images
         self.meter = LinkMeter()
         self._timings: DeviceTimings | None = None
         self._plan_key: tuple[Any, ...] | None = None
@@ -243,15 +244,21 @@ class DeviceClient:
                                          params={k: v for k, v in params.items() if v is not None},
                                          timeout=_CONTROL_TIMEOUT_S)
             if response.status_code == 403:  # no device routes on this edge: the two-tier way
-                self.plan = None
+                self.plan, self._image_mode = None, True
                 return None
             response.raise_for_status()
             self.plan = parse_plan(response.json(), model_id=self.model_id, n_stages=self.local.n_stages,
                                    n_branches=len(self.net.branch_after_stage))
+        except requests.HTTPError as err:
+            if err.response is not None and err.response.status_code == 403:  # no device routes: the two-tier way
+                self.plan, self._image_mode = None, True
+                return None
+            self.refresh_error = f"{type(err).__name__}: {str(err)[:300]}"
+            return None
         except (requests.RequestException, ValueError, KeyError, TypeError, DataError) as err:
             self.refresh_error = f"{type(err).__name__}: {str(err)[:300]}"
             return None  # the edge is down or confused: keep the plan there was (or none: answer locally)
-        self.refresh_error = None
+        self.refresh_error, self._image_mode = None, False
         self._plan_age = (0, time.monotonic(), self.meter.uplink_mbps())
         return self.plan
 
@@ -386,7 +393,7 @@ class DeviceClient:
         started_s = time.perf_counter()
         self._input_ms = 0.0
         plan = self.plan
-        if plan is None and self.device_token is None:
+        if plan is None and (self.device_token is None or self._image_mode):
             return self._classify_image(image_bytes, started_s, deadline_ms)
         n = self.local.n_stages
         x = n if plan is None else plan.x  # no plan from a three-tier edge: the device runs everything
