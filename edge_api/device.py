@@ -6,7 +6,7 @@
   (:func:`popex.edge.device_link.parse_device_report`);
 - ``POST /api/v1/device/probe``: reads and drops the body, says how long the
   edge took, so the device can time its uploads;
-- ``POST /api/v1/classify/tensor?deadline_ms=&objective=&policy=``: a wire
+- ``POST /api/v1/classify/tensor?deadline_ms=&objective=&policy=&y=``: a wire
   payload at the device's cut (:func:`popex.edge.tensor_run.classify_tensor`);
   the answer carries ``cuts`` and ``server_ms`` (the edge's time after the
   body was read: the device's round trip less it is its upload's time).
@@ -40,6 +40,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _REALM = "popex-device"
 _CHUNK_BYTES = 256 * 1024
 _MAX_PROBE_BYTES = 16 * 2**20
+_MAX_CUT = 10_000  # a tensor's pinned y before its model is known; the planner checks it against N
 
 _JSON = {"description": "JSON (edge_api.device; docs/tiers.md)", "content": {"application/json": {
     "schema": {"type": "object"}}}}
@@ -53,7 +54,9 @@ OPERATIONS = {
                              "responses": {"200": _JSON}},
     ("device.device_report", "POST"): {"responses": {"200": _JSON}},
     ("device.device_probe", "POST"): {"responses": {"200": _JSON}},
-    ("device.classify_device_tensor", "POST"): {"parameters": _QUERY[1:], "responses": {"200": _JSON}},
+    ("device.classify_device_tensor", "POST"): {"parameters": [*_QUERY[1:], {"name": "y", "in": "query", "required": False,
+                                                                          "schema": {"type": "integer"}}],
+                                                 "responses": {"200": _JSON}},
 }
 
 bp = Blueprint("device", __name__, url_prefix="/api/v1")
@@ -84,6 +87,12 @@ def _number(name: str, check: Callable[[str], Any]) -> Any:
         raise BadRequest(f"{name}: {err}") from err
 
 
+def _cut(raw: str, name: str, n_stages: int) -> int:
+    if not raw.strip().isdigit():
+        raise ConfigError(f"must be an int in 0..{n_stages}, got {raw[:20]!r}")
+    return check_int(int(raw), name=name, low=0, high=n_stages)
+
+
 @bp.before_request
 def _mark_arrival() -> None:
     g.arrival_s = time.perf_counter()  # the budget counts from here
@@ -98,16 +107,11 @@ def plan() -> ResponseReturnValue:
     model = runner.resolve_model(request.args.get("model"))
     deadline_ms = _number("deadline_ms", check_deadline_ms)
     n_stages = model.loaded.net.n_stages
-    def cut(raw: str, name: str) -> int:
-        if not raw.strip().isdigit():
-            raise ConfigError(f"must be an int in 0..{n_stages}, got {raw[:20]!r}")
-        return check_int(int(raw), name=name, low=0, high=n_stages)
-
     decided = node.device_planner.plan(
         model, runner.plan_of(model), deadline_ms=runner.default_deadline_ms if deadline_ms is None else deadline_ms,
         objective=request.args.get("objective") or runner.objective,
         policy=request.args.get("policy") or DEFAULT_THREE_TIER_POLICY,
-        x=_number("x", lambda raw: cut(raw, name="x")), y=_number("y", lambda raw: cut(raw, name="y")))
+        x=_number("x", lambda raw: _cut(raw, "x", n_stages)), y=_number("y", lambda raw: _cut(raw, "y", n_stages)))
     return jsonify(decided.to_dict())
 
 
@@ -151,6 +155,7 @@ def classify_device_tensor() -> ResponseReturnValue:
                              deadline_ms=_number("deadline_ms", check_deadline_ms),
                              objective=request.args.get("objective") or None, arrival_s=g.arrival_s,
                              policy=request.args.get("policy") or DEFAULT_THREE_TIER_POLICY,
-                             max_bytes=node.config.max_image_bytes)
+                             max_bytes=node.config.max_image_bytes,
+                             y=_number("y", lambda raw: _cut(raw, "y", _MAX_CUT)))
     setattr(g, CLASSIFICATION_KEY, answer.classification)  # counted and logged like an image's
     return jsonify({**answer.to_dict(), "server_ms": (time.perf_counter() - read_s) * 1000.0})

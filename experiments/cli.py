@@ -66,6 +66,7 @@ EXPERIMENTS: dict[str, ExperimentEntry] = {
     "adaptation": ExperimentEntry(
         "experiments.adaptation", "AdaptationConfig", "run_adaptation",
         "a bandwidth trace replayed on the shaped link: uplink estimate, split and latency over time"),
+    "three-tier": ExperimentEntry("experiments.three_tier", "ThreeTierConfig", "run_three_tier", "device -> edge -> cloud plans run for real per device link rate and policy, predicted vs measured", uses_services=False),
 }
 
 

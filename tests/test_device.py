@@ -84,6 +84,13 @@ def test_answers_come_from_the_edge_and_cloud_then_from_the_device_when_the_edge
     assert len(answers) == len(images)
     assert all(a["fallback"] is False and a["where"] in ("edge", "cloud") for a in answers), answers
     assert all(set(a) >= {"label", "exit", "where", "cuts", "latency_ms", "fallback"} for a in answers)
+    # A device with a token, at an edge without the three-tier routes (403): the two-tier way, the image sent.
+    tokened = DeviceClient(edge_url=edge.url, model_dir=MODEL_DIR, device_token="a-token-this-edge-lacks")
+    try:
+        sent = tokened.classify(images[0].read_bytes(), deadline_ms=5000)
+    finally:
+        tokened.close()
+    assert not sent.fallback and sent.where in ("edge", "cloud") and sent.cuts[0] == 0, sent
     # The same images through the library, the edge killed after the third: every image still answered.
     client = DeviceClient(edge_url=edge.url, model_dir=MODEL_DIR)
     streamed = []

@@ -1,15 +1,19 @@
 """``popex device classify --edge URL --model DIR IMAGES... [--deadline-ms D] [--json]``.
 
 One line per image (``--json``: one JSON object per line with ``label``,
-``exit``, ``where`` in {device, edge, cloud}, ``cuts``, ``latency_ms``,
-``fallback``). The device answers itself when the edge is late or
-unreachable (:mod:`popex.device.client`).
+``exit``, ``where`` in {device, edge, cloud}, ``cuts``, ``ran`` (the stages
+each tier ran), ``latency_ms``, ``fallback``). With the edge's device token
+(``--device-token`` or POPEX_DEVICE_TOKEN) the device pulls its part of the
+three-tier plan and runs stages 1..x itself; without it, it sends the images.
+The device answers itself when the edge is late or unreachable
+(:mod:`popex.device.client`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 __all__ = ["DEVICE_HELP", "add_device_parser"]
@@ -21,7 +25,10 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from popex.device.client import DeviceClient
     from popex.errors import DataError
 
-    client = DeviceClient(edge_url=args.edge, model_dir=args.model, slowdown=args.emulate_slowdown)
+    client = DeviceClient(edge_url=args.edge, model_dir=args.model, slowdown=args.emulate_slowdown,
+                          device_token=args.device_token or os.environ.get("POPEX_DEVICE_TOKEN") or None,
+                          objective=args.objective, policy=args.policy, pin_x=args.x, pin_y=args.y,
+                          refresh_every_n=args.refresh_every)
     try:
         for name in args.images:
             try:
@@ -57,7 +64,15 @@ def add_device_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     c.add_argument("--model", required=True, help="the model directory (the files the edge registered)")
     c.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or BMP files")
     c.add_argument("--deadline-ms", type=float, help="latency requirement, also the edge's timeout")
-    c.add_argument("--emulate-slowdown", type=float, default=1.0, help="local compute F times slower (>= 1)")
+    c.add_argument("--emulate-slowdown", type=float, default=1.0, help="local compute F times slower (>= 1), "
+                                                                       "e.g. 5.45 for raspi4 (configs/devices.yaml)")
     c.add_argument("--json", action="store_true", help="one JSON object per image")
+    c.add_argument("--device-token", help="the edge's device token (default: POPEX_DEVICE_TOKEN): run the "
+                                          "three-tier plan")
+    c.add_argument("--objective", choices=("mean", "tail"), help="plan for the mean or the worst case")
+    c.add_argument("--policy", help="a three-tier policy (default: the adaptive three-tier)")
+    c.add_argument("--x", type=int, help="pin the device's cut (stages 1..x on the device)")
+    c.add_argument("--y", type=int, help="pin the edge's cut (stages x+1..y on the edge)")
+    c.add_argument("--refresh-every", type=int, default=50, help="re-plan every K images (default 50)")
     c.set_defaults(run=_cmd_classify)
     return p

@@ -184,7 +184,11 @@ class DeviceLinks:
                 if not math.isfinite(uplink_mbps):
                     continue
                 n_rates += 1
-                if self._window.add(UplinkSample(now_s, "device", uplink_mbps, base_ms)) is not None:
+                # a device's timed upload is a probe of the device link: bytes and their excess over a zero-byte
+                # round trip, fitted with the others (popex.edge.uplink_fit)
+                sample = UplinkSample(now_s, "probe", uplink_mbps, base_ms, n_bytes=n_bytes,
+                                      excess_ms=transfer_ms - base_ms)
+                if self._window.add(sample) is not None:
                     self._version += 1
         return n_rates
 

@@ -8,11 +8,11 @@ about the payload is checked before any compute: the format
 0..N-1 and the tensor's shape at x; any of these wrong is a 4xx.
 
 The edge's part comes from the current three-tier plan for the request's
-requirement (:class:`~popex.edge.three_tier_plan.DevicePlanner`): its y and
-the thresholds of the edge's branches. A device whose plan is older than
-the edge's may send a tensor at another x; the edge then runs from that x
-(y at least x) with the current thresholds, so a re-plan never turns a
-request away. From there the request is the edge's ordinary pipeline
+requirement (:class:`~popex.edge.three_tier_plan.DevicePlanner`) with the
+tensor's x pinned (and the device's pinned y, if it asked for one): its y and
+the thresholds of the edge's branches. For a device on the current plan
+that is the same plan; one whose plan is older than the edge's gets the best
+plan for the x it sent, so a re-plan never turns a request away. From there the request is the edge's ordinary pipeline
 (``EdgeRunner._run`` from stage x+1, :mod:`popex.edge.pipeline`): the same
 branch evaluation, offload, circuit breaker and fallback to the edge's
 best local exit, counted once.
@@ -61,7 +61,8 @@ def _strategy(plan: DevicePlan, x: int, y: int) -> Strategy:
 
 def classify_tensor(runner, planner: DevicePlanner, body: bytes, *, content_encoding: str | None,
                     deadline_ms: float | None, objective: str | None, arrival_s: float,
-                    policy: str = DEFAULT_THREE_TIER_POLICY, max_bytes: int = MAX_WIRE_BYTES) -> TensorAnswer:
+                    policy: str = DEFAULT_THREE_TIER_POLICY, max_bytes: int = MAX_WIRE_BYTES,
+                    y: int | None = None) -> TensorAnswer:
     """Run a device's tensor from its cut through the edge's part of the three-tier plan.
 
     Parameters
@@ -83,6 +84,8 @@ def classify_tensor(runner, planner: DevicePlanner, body: bytes, *, content_enco
         A three-tier policy (its y and thresholds are used).
     max_bytes : int
         Largest payload taken, after inflating.
+    y : int, optional
+        The device's pinned edge cut (its plan query's ``y``); default: the plan's best y for this x.
 
     Returns
     -------
@@ -116,8 +119,8 @@ def classify_tensor(runner, planner: DevicePlanner, body: bytes, *, content_enco
         model_plan = runner.plan_of(model)
         deadline_ms = runner.default_deadline_ms if deadline_ms is None else deadline_ms
         plan = planner.plan(model, model_plan, deadline_ms=deadline_ms,
-                            objective=runner.objective if objective is None else objective, policy=policy)
-        y = max(plan.y, x)
+                            objective=runner.objective if objective is None else objective, policy=policy, x=x, y=y)
+        y = plan.y
         strategy = _strategy(plan, x, y)
         budget_ms = offload_budget_ms(plan.deadline_ms, plan.objective, strategy)
         if request.budget_ms is not None:  # what the device has left, counted from this arrival

@@ -270,7 +270,7 @@ def start_cloud(*, token: str, state_dir: Path, log_path: Path, host: str = "127
 def start_edge(*, token: str, cloud_url: str, state_dir: Path, log_path: Path, host: str = "127.0.0.1",
                port: int | None = None, emulate_link: str | None = None, edge_slowdown: float = 1.0,
                config: Mapping[str, Any] | None = None, n_threads: int = 4,
-               admin_token: str | None = None) -> ServiceProcess:
+               admin_token: str | None = None, prefix: Sequence[str] = ()) -> ServiceProcess:
     """Start ``run_edge.sh`` with ``configs/edge.yaml`` overlaid by ``config``; call ``wait_ready()``.
 
     The config is written next to the log as YAML and passed as
@@ -300,6 +300,8 @@ def start_edge(*, token: str, cloud_url: str, state_dir: Path, log_path: Path, h
     admin_token : str, optional
         ``POPEX_ADMIN_TOKEN``; default: a fresh random one. Either way it is
         the returned process's ``admin_token``.
+    prefix : sequence of str
+        Runs it under another command (``ip netns exec NAME``: an edge behind a shaped device link).
 
     Returns
     -------
@@ -311,7 +313,7 @@ def start_edge(*, token: str, cloud_url: str, state_dir: Path, log_path: Path, h
     ConfigError
         On an unknown config key.
     """
-    port = free_port(host) if port is None else port
+    port = free_port(host if not prefix else "127.0.0.1") if port is None else port
     admin_token = secrets.token_hex(16) if admin_token is None else admin_token
     config = {"default_model_dir": str(TESTBED_MODEL_DIR), **(config or {})}
     config_path = write_service_config(_EDGE_DEFAULTS, config, log_path.with_suffix(".yaml"))
@@ -321,4 +323,4 @@ def start_edge(*, token: str, cloud_url: str, state_dir: Path, log_path: Path, h
     if emulate_link:
         argv += ["--emulate-link", emulate_link]
     env = {"POPEX_TOKEN": token, "POPEX_ADMIN_TOKEN": admin_token, "POPEX_EDGE_CONFIG": str(config_path)}
-    return _start("edge", argv, env, f"http://{host}:{port}", log_path, admin_token=admin_token)
+    return _start("edge", argv, env, f"http://{host}:{port}", log_path, prefix, admin_token=admin_token)
