@@ -238,7 +238,7 @@ class EdgeConfig(Settings):
         "max_model_flops": Integer(1, 10**15),
         "max_activation_bytes": Integer(1024, 2**40),
         "registration_memory_bytes": Integer(256 * 2**20, 2**44),
-        "registration_timeout_s": Number(low=1.0, high=3600.0),
+        "registration_timeout_s": Number(low=0.1, high=3600.0),
         "breaker_n_failures": Integer(1, 10**6),
         "breaker_open_s": Number(low=0.0, high=3600.0),
         "max_store_bytes": Integer(1024, 2**50),

@@ -225,7 +225,7 @@ class ModelVetting:
         except subprocess.TimeoutExpired as err:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
-            raise CostError(f"validating, exporting and planning the model took over {timeout_s:.0f} s "
+            raise CostError(f"validating, exporting and planning the model took over {timeout_s:g} s "
                             "(registration_timeout_s); refused") from err
         lines = [line for line in stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
         if not lines:
